@@ -1,0 +1,1 @@
+"""Config: dataclass schemas for Hydra and the frozen RunSpec they resolve into."""

@@ -1,0 +1,109 @@
+"""Composed Hydra config → frozen RunSpec, with the cross-field checks done once, naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from sdbatch.config.schema import RunSpec
+from sdbatch.errors import ConfigError
+from sdbatch.samplers import effective_schedule
+
+_MISSING_HINTS = {
+    "model.checkpoint": "give the model file with model.checkpoint=PATH (or model=tiny for the built-in demo)",
+}
+_CHOICES = {
+    "model.v2": ("auto", "true", "false"),
+    "model.v_parameterization": ("auto", "true", "false"),
+    "model.precision": ("auto", "fp32", "fp16", "bf16"),
+    "perf.attention": ("sdpa", "xformers", "eager"),
+    "output.naming": ("default", "sequential"),
+    "on_error": ("stop", "skip"),
+}
+_POSITIVE = ("width", "height", "images_per_prompt", "n_iter", "batch_size", "sampler.steps", "model.clip_skip")
+
+
+def resolve(cfg: DictConfig) -> RunSpec:
+    """Validate a composed config and freeze it into a RunSpec; raises ConfigError naming the key."""
+    _reject_added_keys(cfg, RunSpec, "")
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as ex:
+        key = ex.full_key
+        raise ConfigError(f"{key} is not set: {_MISSING_HINTS.get(key, f'set {key}=VALUE')}") from None
+    spec = _freeze(obj, RunSpec)
+    _check(spec)
+    return spec
+
+
+def to_plain(spec: RunSpec) -> dict:
+    """The run spec as plain, YAML-able values (for config.yaml and the manifest)."""
+    return dataclasses.asdict(spec)
+
+
+def _reject_added_keys(node: DictConfig, cls: type, prefix: str) -> None:
+    """`+key=value` escapes the schema and OmegaConf.to_object drops it silently; make it an error."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    hints = typing.get_type_hints(cls)
+    for key in node.keys():
+        if key == "hydra":
+            continue
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown key {full} (added with '+'); valid keys: {', '.join(names)}")
+        value = node._get_node(key)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, DictConfig) and not value._is_missing():
+            _reject_added_keys(value, hints[key], f"{full}.")
+
+
+def _freeze(obj: object, cls: type) -> object:
+    """Copy a composed (mutable) schema object into its frozen twin, recursively."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            value = _freeze(value, hints[f.name])
+        values[f.name] = value
+    return cls(**values)
+
+
+def _get(spec: RunSpec, key: str) -> object:
+    value: object = spec
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _check(spec: RunSpec) -> None:
+    for key, choices in _CHOICES.items():
+        value = _get(spec, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+    for key in _POSITIVE:
+        if _get(spec, key) <= 0:
+            raise ConfigError(f"{key} must be a positive number, got {_get(spec, key)}")
+    for key in ("width", "height"):
+        if _get(spec, key) % 8:
+            raise ConfigError(f"{key} must be a multiple of 8, got {_get(spec, key)}; try {_get(spec, key) // 8 * 8}")
+    if spec.sampler.cfg_scale < 0:
+        raise ConfigError(f"sampler.cfg_scale must be >= 0, got {spec.sampler.cfg_scale}")
+    if spec.perf.vae_batch_size < 0:
+        raise ConfigError(f"perf.vae_batch_size must be >= 0 (0 = whole batch), got {spec.perf.vae_batch_size}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", spec.perf.device):
+        raise ConfigError(f"perf.device={spec.perf.device!r} is not valid; use auto, cpu, cuda or cuda:N")
+    effective_schedule(spec.sampler.name, spec.sampler.schedule)
+    _check_prompt(spec)
+
+
+def _check_prompt(spec: RunSpec) -> None:
+    prompt = spec.prompt
+    if prompt is not None and not isinstance(prompt, str):
+        if not isinstance(prompt, list) or not all(isinstance(p, str) for p in prompt):
+            raise ConfigError(f"prompt must be a string or a list of strings, got {prompt!r}")
+    if prompt in (None, []) and spec.prompt_file is None:
+        raise ConfigError("no prompt: set prompt='...' or prompt_file=PATH")

@@ -1,0 +1,131 @@
+"""Config schema: one frozen dataclass per group (the RunSpec) and the Hydra ConfigStore registration.
+
+The frozen classes are the run spec the rest of sdbatch reads. Hydra needs mutable classes to
+compose into, so `register_configs` registers mutable twins generated from the frozen ones: one
+definition, typos and wrong types still fail at compose time with the full key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+_SPEC = dict(frozen=True, slots=True)
+
+
+@dataclass(**_SPEC)
+class ModelConfig:
+    checkpoint: str = MISSING  # .safetensors/.ckpt file, diffusers folder, cached hub id, or builtin:tiny
+    vae: str | None = None  # separate VAE: single file or diffusers folder
+    v2: str = "auto"  # auto | true | false: SD2 layout (auto = read from the weights)
+    v_parameterization: str = "auto"  # auto | true | false: v-prediction (auto = false; sd21 sets true)
+    clip_skip: int = 1  # 1 = last text-encoder layer, 2 = penultimate, ...
+    textual_inversion: list[str] = field(default_factory=list)  # embedding files (prompt issue)
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16 (auto = fp16 on CUDA, fp32 on CPU)
+    no_half_vae: bool = False  # keep the VAE in fp32 when precision is fp16/bf16
+
+
+@dataclass(**_SPEC)
+class SamplerConfig:
+    name: str = MISSING  # registry name, see sdbatch/samplers.py
+    steps: int = 50  # denoising steps
+    cfg_scale: float = 7.5  # classifier-free guidance scale; <= 1 disables CFG
+    eta: float = 0.0  # DDIM eta (0 = deterministic)
+    schedule: str = "default"  # default | karras | exponential
+    negative_scale: float | None = None  # separate negative-prompt scale (later issue)
+
+
+@dataclass(**_SPEC)
+class NetworkConfig:
+    name: str = "none"  # none (LoRA options come with the networks issue)
+
+
+@dataclass(**_SPEC)
+class GuidanceConfig:
+    name: str = "none"  # none (ControlNet and guided generation come later)
+
+
+@dataclass(**_SPEC)
+class HighresConfig:
+    name: str = "off"  # off (Highres. fix comes with the img2img issue)
+
+
+@dataclass(**_SPEC)
+class PerfConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    attention: str = "sdpa"  # sdpa | xformers | eager
+    vae_batch_size: int = 0  # images per VAE decode call; 0 = the whole batch
+    vae_slices: int = 0  # reserved for sliced VAE decode (0 = off)
+    channels_last: bool = False  # channels_last memory format for UNet and VAE (GPU)
+    compile: bool = False  # torch.compile the UNet (GPU; first batch is slow)
+    progress: bool = True  # tqdm bars for images and steps
+
+
+@dataclass(**_SPEC)
+class OutputConfig:
+    naming: str = "default"  # default ("00007-1234.png") | sequential ("im_000008.png")
+    grid: bool = False  # also write grid.png with all images of the run
+    resume: bool = True  # skip images already listed in manifest.jsonl
+
+
+@dataclass(**_SPEC)
+class RunSpec:
+    model: ModelConfig = MISSING
+    sampler: SamplerConfig = MISSING
+    network: NetworkConfig = MISSING
+    guidance: GuidanceConfig = MISSING
+    highres: HighresConfig = MISSING
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    prompt: Any = None  # a string or a list of strings
+    negative_prompt: str = ""
+    prompt_file: str | None = None  # UTF-8, one prompt per line; blank lines and '#' comments skipped
+    width: int = 512  # pixels, multiple of 8
+    height: int = 512  # pixels, multiple of 8
+    seed: int | None = None  # image k gets seed + k; null = random (recorded)
+    images_per_prompt: int = 1
+    n_iter: int = 1  # repeat the whole prompt list this many times
+    batch_size: int = 1  # images per UNet call
+    on_error: str = "stop"  # stop | skip: what a bad prompt line does
+
+
+GROUPS = {"model": ModelConfig, "sampler": SamplerConfig, "network": NetworkConfig,
+          "guidance": GuidanceConfig, "highres": HighresConfig}
+
+
+@functools.cache
+def schema_of(cls: type) -> type:
+    """A mutable dataclass with the same name, fields and defaults as the frozen `cls` (for Hydra)."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            tp = schema_of(tp)
+        if f.default_factory is dataclasses.MISSING:
+            spec = field(default=f.default)
+        elif dataclasses.is_dataclass(f.default_factory):
+            spec = field(default_factory=tp)  # nested group with defaults: use the mutable twin
+        else:
+            spec = field(default_factory=f.default_factory)
+        fields.append((f.name, tp, spec))
+    twin = dataclasses.make_dataclass(cls.__name__, fields)
+    twin.__module__ = cls.__module__
+    return twin
+
+
+def register_configs() -> None:
+    """Store the schemas: `base_config` for the root, `schema/<group>/base` for each group's options.
+
+    Group schemas live outside their group so that `sampler=glob(*)` sweeps only real options.
+    """
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=schema_of(RunSpec))
+    for group, cls in GROUPS.items():
+        cs.store(group=f"schema/{group}", name="base", node=schema_of(cls))

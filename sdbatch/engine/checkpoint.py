@@ -1,0 +1,120 @@
+"""Read a model file into a plain state dict without running code from it, and hash it like A1111."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from sdbatch.errors import ModelError
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SAFETENSORS_SUFFIX = ".safetensors"
+
+_HASH_CHUNK = 1 << 20
+_hash_cache: dict[tuple[str, int, int], str] = {}
+_np_multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # numpy 2 renamed it
+
+
+class _InertObject:
+    """Stand-in for harmless classes pickled into old Lightning checkpoints; it has no behaviour at all."""
+
+
+# Original SD1 .ckpt files carry Lightning's ModelCheckpoint class (as a dict key) and numpy scalars in their
+# training metadata. weights_only=True rejects them; these aliases only build plain values and never run
+# the original classes' code, so such a file still loads (A1111's safe unpickler allows the same names).
+_LEGACY_SAFE_GLOBALS = [
+    (_InertObject, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    (np.dtype, "numpy.dtype"),
+    (_np_multiarray.scalar, "numpy.core.multiarray.scalar"),
+    (_np_multiarray.scalar, "numpy._core.multiarray.scalar"),
+    # Unpickling a dtype ends in a BUILD step, which weights_only allows only for listed classes.
+    *{type(np.dtype(code)) for code in "?bhilqBHILQefdgFDG"},
+]
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors or torch file, on the CPU; a nested ``state_dict`` is unwrapped."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model file {path} does not exist; check the path")
+    if path.is_dir():
+        raise ModelError(f"{path} is a folder, not a model file; give a .safetensors or .ckpt file")
+    suffix = path.suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        return _read_safetensors(path)
+    if suffix in PICKLE_SUFFIXES:
+        return _tensors_only(path, _read_pickle(path))
+    raise ModelError(
+        f"{path} has an unknown extension {suffix!r}; use .safetensors, .ckpt, .pt, .pth or .bin"
+    )
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises several unrelated types for a damaged header or body
+        raise ModelError(f"{path} is not a valid safetensors file (truncated or corrupt?): {exc}") from exc
+
+
+def _read_pickle(path: Path) -> object:
+    try:
+        with torch.serialization.safe_globals(_LEGACY_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = _unpickler_reason(exc)
+        if reason.startswith("Unsupported operand"):  # a damaged pickle stream, not a forbidden callable
+            raise ModelError(f"{path} is not a valid PyTorch checkpoint (truncated or corrupt?)") from exc
+        raise ModelError(
+            f"refusing to load {path}: it contains code, not just tensors ({_unsafe_globals(path, reason)}); "
+            "convert it to .safetensors with a tool you trust"
+        ) from exc
+    except Exception as exc:  # zip and storage readers raise RuntimeError, EOFError, ValueError, ...
+        raise ModelError(f"{path} is not a valid PyTorch checkpoint (truncated or corrupt?): {exc}") from exc
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The line of torch's weights_only error that says what was refused."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # Skip torch's generic intro ("Weights only load failed...") and its advice lines around the reason.
+    reasons = [line for line in lines[1:] if not line.startswith(("Please file an issue", "Check the doc"))]
+    return reasons[0] if reasons else ""
+
+
+def _unsafe_globals(path: Path, reason: str) -> str:
+    """Names of the callables the pickle would import, read without unpickling; for the error message."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # an old non-zip pickle cannot be scanned; torch's own reason names the callable
+        names = []
+    return ", ".join(sorted(names)[:5]) or reason[:120] or "unknown callables"
+
+
+def _tensors_only(path: Path, obj: object) -> dict[str, torch.Tensor]:
+    # Lightning checkpoints hold the weights under "state_dict" beside training metadata.
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ModelError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ModelError(f"{path} holds no tensors; is it a model file?")
+    return tensors
+
+
+def file_sha256_short(path: str | Path) -> str:
+    """First 10 hex digits of the whole file's sha256 (A1111 "Model hash"), cached per (path, size, mtime)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _hash_cache:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                digest.update(chunk)
+        _hash_cache[key] = digest.hexdigest()[:10]
+    return _hash_cache[key]

@@ -1,0 +1,56 @@
+"""The model call inside each denoising step, built as wrappers that all keep one signature.
+
+A model function maps (x, t, cond) → the UNet's prediction (eps or v) for the batch x. The sampling
+loop only ever calls one; classifier-free guidance — and later ControlNet residuals, regional prompts,
+Deep Shrink — are wrappers around it, so the loop never changes when a feature is added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What a batch is conditioned on; wrappers read their own fields and pass the rest on."""
+
+    embeddings: torch.Tensor  # (B, 77·k, D) prompt embeddings
+    negative: torch.Tensor | None = None  # (B, 77·k, D) negative-prompt embeddings (CFG)
+    cfg_scales: torch.Tensor | None = None  # (B,) per-image guidance scale
+    unet_kwargs: dict = field(default_factory=dict)  # extra UNet arguments a wrapper adds (residuals, ...)
+
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
+
+
+def unet_model(unet: torch.nn.Module) -> ModelFn:
+    """The innermost model function: one UNet forward pass."""
+
+    def model(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        emb = cond.embeddings.to(unet.dtype)
+        return unet(x.to(unet.dtype), t, encoder_hidden_states=emb, return_dict=False, **cond.unet_kwargs)[0]
+
+    return model
+
+
+def with_cfg(inner: ModelFn) -> ModelFn:
+    """Classifier-free guidance: unconditional and conditional halves in one call, per-image scales.
+
+    Images whose scale is ≤ 1 use the conditional prediction alone (as diffusers and the reference do),
+    and a batch where every scale is ≤ 1 skips the unconditional half entirely.
+    """
+
+    def model(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        scales = cond.cfg_scales
+        if cond.negative is None or scales is None or not bool((scales > 1).any()):
+            return inner(x, t, cond)
+        both = replace(cond, embeddings=torch.cat([cond.negative, cond.embeddings]))
+        uncond, text = inner(torch.cat([x, x]), t, both).chunk(2)
+        s = scales.to(device=text.device, dtype=text.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        guided = uncond + s * (text - uncond)
+        return torch.where(s > 1, guided, text)
+
+    return model

@@ -1,0 +1,109 @@
+"""Run one batch of ImageJobs on the loaded models: encode → noise → denoise → decode."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+
+from sdbatch.batching import Batch
+from sdbatch.config.schema import ModelConfig, PerfConfig
+from sdbatch.engine import noise, vae
+from sdbatch.engine.denoiser import Conditioning, ModelFn, unet_model, with_cfg
+from sdbatch.engine.device import Placement, pick_placement
+from sdbatch.engine.loading import ModelBundle, load_models, set_attention
+from sdbatch.engine.sampling import StepCallback, sample
+from sdbatch.engine.schedulers import make_scheduler
+from sdbatch.engine.text import TextEncoder
+from sdbatch.jobs import ModelInfo
+
+log = logging.getLogger(__name__)
+
+# Wrappers applied around the UNet call, innermost first. Later features (ControlNet, regional
+# prompts, Deep Shrink) add theirs here; the sampling loop stays as it is.
+ModelWrapper = Callable[[ModelFn], ModelFn]
+
+
+class Engine:
+    """Loaded models plus the per-process caches that belong to them (text encodings)."""
+
+    def __init__(self, bundle: ModelBundle, placement: Placement, model: ModelConfig, perf: PerfConfig) -> None:
+        self.bundle = bundle
+        self.placement = placement
+        self.clip_skip = model.clip_skip
+        self.v_prediction = _v_prediction(model.v_parameterization, bundle.family)
+        self.vae_batch_size = perf.vae_batch_size
+        self.text = TextEncoder(bundle.tokenizer, bundle.text_encoder)
+        self.wrappers: list[ModelWrapper] = [with_cfg]
+        self.latent_channels = bundle.vae.config.latent_channels
+        self.latent_factor = 2 ** (len(bundle.vae.config.block_out_channels) - 1)  # 8 for SD
+        self.info = ModelInfo(
+            name=bundle.model_name, hash=bundle.model_hash, family=bundle.family,
+            v_prediction=self.v_prediction, clip_skip=model.clip_skip, precision=placement.precision,
+            vae_name=bundle.vae_name, vae_hash=bundle.vae_hash,
+        )
+
+    def run_batch(self, batch: Batch, on_step: StepCallback | None = None) -> list[Image.Image]:
+        """Generate the batch's images, in the order of batch.jobs."""
+        jobs, key = batch.jobs, batch.key
+        device = self.placement.device
+        # 1. Encode prompts (cached per prompt and clip skip)
+        cond = Conditioning(
+            embeddings=self.text.encode([j.prompt for j in jobs], self.clip_skip),
+            negative=self.text.encode([j.negative_prompt for j in jobs], self.clip_skip),
+            cfg_scales=torch.tensor([j.cfg_scale for j in jobs], dtype=torch.float32, device=device),
+        )
+        # 2. Prepare timesteps and start latents, one generator per image
+        scheduler = make_scheduler(key.sampler, key.schedule, self.v_prediction)
+        scheduler.set_timesteps(key.steps, device=device)
+        gens = noise.generators([j.seed for j in jobs])
+        factor = self.latent_factor
+        latents = noise.initial_noise(gens, self.latent_channels, key.height // factor, key.width // factor)
+        latents = latents.to(device=device, dtype=self.placement.dtype) * scheduler.init_noise_sigma
+        # 3. Denoise
+        model = self.model_fn()
+        latents = sample(model, scheduler, latents, cond, gens, eta=key.eta, callback=on_step)
+        # 4. Decode
+        return vae.decode(self.bundle.vae, latents, self.vae_batch_size)
+
+    def model_fn(self) -> ModelFn:
+        """The UNet call wrapped by every active wrapper."""
+        model = unet_model(self.bundle.unet)
+        for wrap in self.wrappers:
+            model = wrap(model)
+        return model
+
+
+def _v_prediction(setting: str, family: str) -> bool:
+    if setting != "auto":
+        return setting == "true"
+    if family == "sd2":
+        log.warning("SD2 checkpoint: assuming epsilon prediction (512 base). For 768-v models use model=sd21 "
+                    "or model.v_parameterization=true <model.v_parameterization=auto>")
+    return False
+
+
+_ENGINES: dict[tuple, Engine] = {}
+
+
+def get_engine(model: ModelConfig, perf: PerfConfig) -> Engine:
+    """The engine for these settings; models load once per process and are reused across runs."""
+    placement = pick_placement(perf.device, model.precision, model.no_half_vae)
+    bundle = load_models(model.checkpoint, vae=model.vae, v2=model.v2, device=placement.device,
+                         dtype=placement.dtype, vae_dtype=placement.vae_dtype)
+    key = (id(bundle), model.clip_skip, model.v_parameterization, perf.vae_batch_size, perf.attention)
+    if key not in _ENGINES:
+        set_attention(bundle, perf.attention)
+        _apply_perf(bundle, perf)
+        _ENGINES[key] = Engine(bundle, placement, model, perf)
+    return _ENGINES[key]
+
+
+def _apply_perf(bundle: ModelBundle, perf: PerfConfig) -> None:
+    if perf.channels_last:
+        bundle.unet.to(memory_format=torch.channels_last)
+        bundle.vae.to(memory_format=torch.channels_last)
+    if perf.compile:
+        bundle.unet.forward = torch.compile(bundle.unet.forward)

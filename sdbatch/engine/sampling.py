@@ -1,0 +1,33 @@
+"""The denoising loop: a diffusers scheduler driving one model function, one callback per step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from sdbatch.engine.denoiser import Conditioning, ModelFn
+from sdbatch.engine.schedulers import step_kwargs
+
+StepCallback = Callable[[dict], None]
+
+
+@torch.no_grad()
+def sample(
+    model: ModelFn,
+    scheduler,
+    latents: torch.Tensor,  # (B, C, h, w), already scaled to the scheduler's first noise level
+    cond: Conditioning,
+    generators: list[torch.Generator],
+    eta: float = 0.0,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Run the scheduler's timesteps; ancestral/SDE noise comes from each image's own generator."""
+    extra = step_kwargs(scheduler, eta, generators)
+    for i, t in enumerate(scheduler.timesteps):
+        x_in = scheduler.scale_model_input(latents, t)
+        pred = model(x_in, t, cond)
+        latents = scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
+        if callback is not None:
+            callback({"i": i, "t": t, "x": latents, "pred": pred, "total": len(scheduler.timesteps)})
+    return latents

@@ -1,0 +1,38 @@
+"""Plain value records that travel from planning to outputs: one ImageJob per image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ImageJob:
+    """Everything that decides one image, plus where it goes."""
+
+    index: int  # position of the image in the run (0-based); stable whatever the batching
+    file_name: str  # e.g. "00003-1237.png", deterministic, no timestamps
+    prompt: str
+    negative_prompt: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    sampler: str  # sdbatch sampler name, e.g. "euler_a", "dpmpp_2m"
+    schedule: str  # default | karras | exponential
+    cfg_scale: float
+    eta: float
+    origin: str  # where the prompt came from: "prompt", "prompt[2]", "prompts.txt:14"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the outputs need to know about the loaded model (names and short hashes)."""
+
+    name: str  # checkpoint file stem (A1111 "Model")
+    hash: str  # first 10 hex digits of the file's sha256 (A1111 "AutoV2" / "Model hash")
+    family: str  # "sd1" | "sd2"
+    v_prediction: bool
+    clip_skip: int  # 1 = last text-encoder layer
+    precision: str  # fp32 | fp16 | bf16 (as actually used)
+    vae_name: str | None = None
+    vae_hash: str | None = None

@@ -1,0 +1,76 @@
+"""Shared helpers for engine tests: run sdbatch in-process and run the matching diffusers pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from transformers import CLIPTokenizer
+
+from sdbatch.batching import Batch, BatchKey
+from sdbatch.config.schema import (
+    GuidanceConfig,
+    HighresConfig,
+    ModelConfig,
+    NetworkConfig,
+    RunSpec,
+    SamplerConfig,
+)
+from sdbatch.engine.engine import get_engine
+from sdbatch.engine.schedulers import make_scheduler
+from sdbatch.engine.tokenizer import write_hf_tokenizer_files
+from sdbatch.planning import plan
+from sdbatch.prompts.sources import PromptLine
+
+SIZE = 64  # pixels; latents 8×8 keep the tiny models fast on one CPU thread
+
+
+def spec(checkpoint: str | Path, *, sampler: str = "ddim", steps: int = 6, cfg: float = 7.5, family: str = "sd1",
+         v_pred: bool = False, **top) -> RunSpec:
+    model = ModelConfig(checkpoint=str(checkpoint), v2="true" if family == "sd2" else "false",
+                        v_parameterization="true" if v_pred else "false", precision="fp32")
+    sampler_cfg = SamplerConfig(name=sampler, steps=steps, cfg_scale=cfg)
+    base = RunSpec(model=model, sampler=sampler_cfg, network=NetworkConfig(), guidance=GuidanceConfig(),
+                   highres=HighresConfig(), prompt="x", width=SIZE, height=SIZE)
+    return dataclasses.replace(base, **top)
+
+
+def ours(run_spec: RunSpec, prompts: list[str], seeds: list[int], negative: str = "") -> list[np.ndarray]:
+    """Images from sdbatch's engine for one (prompt, seed) pair each, in one batch."""
+    lines = [PromptLine(p, negative, "test") for p in prompts]
+    jobs = [dataclasses.replace(job, seed=seed) for job, seed in
+            zip(plan(run_spec, lines, base_seed=0), seeds, strict=True)]
+    engine = get_engine(run_spec.model, run_spec.perf)
+    images = engine.run_batch(Batch(BatchKey.of(jobs[0]), tuple(jobs)))
+    return [np.asarray(im) for im in images]
+
+
+def pipeline(components: tuple, tmp: Path, family: str, sampler: str, v_pred: bool) -> StableDiffusionPipeline:
+    """diffusers' own StableDiffusionPipeline on the same weights and scheduler configuration."""
+    unet, vae, text_encoder = components
+    pad = "!" if family == "sd2" else "<|endoftext|>"
+    tokenizer = CLIPTokenizer.from_pretrained(write_hf_tokenizer_files(tmp / f"tok-{family}", pad))
+    scheduler = make_scheduler(sampler, "default", v_pred)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def reference(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], steps: int, cfg: float,
+              negative: str = "") -> list[np.ndarray]:
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    out = pipe(prompts, negative_prompt=[negative] * len(prompts), num_inference_steps=steps, guidance_scale=cfg,
+               height=SIZE, width=SIZE, generator=gens, output_type="pil")
+    return [np.asarray(im) for im in out.images]
+
+
+def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> int:
+    return max(int(np.abs(x.astype(int) - y.astype(int)).max()) for x, y in zip(a, b, strict=True))
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))

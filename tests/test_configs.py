@@ -1,0 +1,112 @@
+"""Every option of every config group composes and resolves; typos, wrong types and bad values fail clearly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from sdbatch.cli import describe_config_error
+from sdbatch.config.resolve import resolve
+from sdbatch.config.schema import GROUPS, RunSpec, register_configs
+from sdbatch.errors import ConfigError
+from sdbatch.samplers import SAMPLERS
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+register_configs()
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def _spec(*overrides: str) -> RunSpec:
+    return resolve(_compose("model=tiny", "prompt=a cat", *overrides))
+
+
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_resolves(group: str, option: str) -> None:
+    overrides = [f"{group}={option}"]
+    if group == "model" and option != "tiny":
+        overrides.append("model.checkpoint=/models/x.safetensors")
+    spec = resolve(_compose("model=tiny", "prompt=a cat", *overrides))
+    assert isinstance(spec, RunSpec)
+    assert getattr(spec, group).__class__ is GROUPS[group]
+
+
+def test_every_registered_sampler_is_a_config_option() -> None:
+    assert {p.stem for p in (CONF / "sampler").glob("*.yaml")} == set(SAMPLERS)
+
+
+def test_spec_is_frozen_and_typed() -> None:
+    spec = _spec("sampler=euler_a", "sampler.steps=12", "width=256", "seed=5")
+    assert (spec.sampler.name, spec.sampler.steps, spec.width, spec.seed) == ("euler_a", 12, 256, 5)
+    with pytest.raises(AttributeError):
+        spec.width = 3  # type: ignore[misc]
+
+
+def test_prompt_may_be_a_list() -> None:
+    assert _spec("prompt=[a cat,a dog]").prompt == ["a cat", "a dog"]
+
+
+def test_model_defaults_per_option() -> None:
+    sd21 = resolve(_compose("model=sd21", "model.checkpoint=x.safetensors", "prompt=x"))
+    assert (sd21.model.v2, sd21.model.v_parameterization) == ("true", "true")
+    assert _spec().model.checkpoint == "builtin:tiny"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["sampler.stpes=3"], "sampler.stpes"),
+        (["width=abc"], "key: width"),
+        (["sampler=nope"], "available options in 'sampler': ddim"),
+    ],
+)
+def test_compose_errors_are_one_line_with_the_key(overrides: list[str], needle: str) -> None:
+    with pytest.raises((HydraException, OmegaConfBaseException)) as info:
+        _compose("model=tiny", "prompt=x", *overrides)
+    message = describe_config_error(info.value)
+    assert needle in message and "\n" not in message
+
+
+def test_prompt_with_commas_gets_a_quoting_hint() -> None:
+    with pytest.raises(HydraException) as info:
+        _compose("prompt=a, b")
+    assert "must be quoted" in describe_config_error(info.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["+sampler.stpes=3"], "unknown key sampler.stpes (added with '+'); valid keys: name, steps"),
+        (["+colour=red"], "unknown key colour"),
+        (["width=100"], "width must be a multiple of 8, got 100"),
+        (["height=0"], "height must be a positive number"),
+        (["sampler.steps=0"], "sampler.steps must be a positive number"),
+        (["sampler.name=nope"], "unknown sampler 'nope'"),
+        (["sampler=euler_a", "sampler.schedule=karras"], "does not support schedule 'karras'"),
+        (["model.precision=fp8"], "model.precision='fp8' is not valid"),
+        (["perf.device=gpu"], "perf.device='gpu' is not valid"),
+        (["perf.attention=flash"], "perf.attention='flash' is not valid"),
+        (["prompt=null"], "no prompt"),
+    ],
+)
+def test_resolve_errors_name_the_key(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        _spec(*overrides)
+    assert needle in str(info.value)
+
+
+def test_missing_checkpoint_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"model\.checkpoint is not set"):
+        resolve(_compose("prompt=x"))
