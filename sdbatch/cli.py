@@ -54,6 +54,13 @@ def guarded(main: Callable[[], None]) -> int:
     except (HydraException, OmegaConfBaseException) as ex:
         print(f"sdbatch: config error: {describe_config_error(ex)}", file=sys.stderr)
         return 2
+    except OSError as ex:
+        if ex.filename is None:
+            raise
+        # Hydra creates the run directory itself, before our task can turn this into an OutputError.
+        print(f"sdbatch: error: cannot write {ex.filename}: {ex.strerror}; set hydra.run.dir "
+              "(or hydra.sweep.dir) to a writable folder", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -19,6 +20,7 @@ from sdbatch.samplers import a1111_name, a1111_schedule, effective_schedule
 
 MANIFEST = "manifest.jsonl"
 CONFIG = "config.yaml"
+GRID = "grid.png"
 
 # A1111 modules/infotext_utils.py: one `key: value` pair of the parameters line, and an image size value.
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -270,11 +272,26 @@ class RunDir:
         self._done.add(params["file"])
         return target
 
-    def _write_png(self, image: Image.Image, params: Mapping[str, Any], target: Path) -> None:
+    def save_grid(self, files: list[str], cols: int) -> Path:
+        """grid.png: the given images in order, `cols` per row, each cell as large as the largest image."""
+        images = [Image.open(self.path / name).convert("RGB") for name in files]
+        cell_w, cell_h = max(im.width for im in images), max(im.height for im in images)
+        cols = max(1, min(cols, len(images)))
+        grid = Image.new("RGB", (cols * cell_w, math.ceil(len(images) / cols) * cell_h))
+        for i, im in enumerate(images):
+            grid.paste(im, ((i % cols) * cell_w, (i // cols) * cell_h))
+        target = self.path / GRID
+        try:
+            self._write_png(grid, None, target)
+        except OSError as exc:
+            raise _write_error(target, exc) from None
+        return target
+
+    def _write_png(self, image: Image.Image, params: Mapping[str, Any] | None, target: Path) -> None:
         tmp = target.with_name(f".{target.name}.tmp")
         try:
             with open(tmp, "wb") as fh:
-                image.save(fh, format="PNG", pnginfo=_pnginfo(params))
+                image.save(fh, format="PNG", pnginfo=_pnginfo(params) if params is not None else None)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, target)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,9 @@ def run(spec: RunSpec, run_dir: Path) -> RunResult:
     if len(todo) < len(jobs):
         log.info("resuming: %d of %d images already in %s <output.resume>", len(jobs) - len(todo), len(jobs), run_dir)
     written = _generate(engine, out, todo, spec, len(jobs))
+    if spec.output.grid:
+        cols = spec.images_per_prompt if spec.images_per_prompt > 1 else math.ceil(math.sqrt(len(jobs)))
+        out.save_grid([job.file_name for job in jobs], cols)
     return RunResult(run_dir, written, len(jobs) - len(todo))
 
 

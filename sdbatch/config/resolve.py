@@ -22,7 +22,6 @@ _CHOICES = {
     "model.precision": ("auto", "fp32", "fp16", "bf16"),
     "perf.attention": ("sdpa", "xformers", "eager"),
     "output.naming": ("default", "sequential"),
-    "on_error": ("stop", "skip"),
 }
 _POSITIVE = ("width", "height", "images_per_prompt", "n_iter", "batch_size", "sampler.steps", "model.clip_skip")
 

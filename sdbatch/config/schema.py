@@ -26,7 +26,6 @@ class ModelConfig:
     v2: str = "auto"  # auto | true | false: SD2 layout (auto = read from the weights)
     v_parameterization: str = "auto"  # auto | true | false: v-prediction (auto = false; sd21 sets true)
     clip_skip: int = 1  # 1 = last text-encoder layer, 2 = penultimate, ...
-    textual_inversion: list[str] = field(default_factory=list)  # embedding files (prompt issue)
     precision: str = "auto"  # auto | fp32 | fp16 | bf16 (auto = fp16 on CUDA, fp32 on CPU)
     no_half_vae: bool = False  # keep the VAE in fp32 when precision is fp16/bf16
 
@@ -38,7 +37,6 @@ class SamplerConfig:
     cfg_scale: float = 7.5  # classifier-free guidance scale; <= 1 disables CFG
     eta: float = 0.0  # DDIM eta (0 = deterministic)
     schedule: str = "default"  # default | karras | exponential
-    negative_scale: float | None = None  # separate negative-prompt scale (later issue)
 
 
 @dataclass(**_SPEC)
@@ -61,7 +59,6 @@ class PerfConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     attention: str = "sdpa"  # sdpa | xformers | eager
     vae_batch_size: int = 0  # images per VAE decode call; 0 = the whole batch
-    vae_slices: int = 0  # reserved for sliced VAE decode (0 = off)
     channels_last: bool = False  # channels_last memory format for UNet and VAE (GPU)
     compile: bool = False  # torch.compile the UNet (GPU; first batch is slow)
     progress: bool = True  # tqdm bars for images and steps
@@ -92,7 +89,6 @@ class RunSpec:
     images_per_prompt: int = 1
     n_iter: int = 1  # repeat the whole prompt list this many times
     batch_size: int = 1  # images per UNet call
-    on_error: str = "stop"  # stop | skip: what a bad prompt line does
 
 
 GROUPS = {"model": ModelConfig, "sampler": SamplerConfig, "network": NetworkConfig,

@@ -86,6 +86,7 @@ def _v_prediction(setting: str, family: str) -> bool:
 
 
 _ENGINES: dict[tuple, Engine] = {}
+_COMPILED: set[int] = set()
 
 
 def get_engine(model: ModelConfig, perf: PerfConfig) -> Engine:
@@ -93,17 +94,20 @@ def get_engine(model: ModelConfig, perf: PerfConfig) -> Engine:
     placement = pick_placement(perf.device, model.precision, model.no_half_vae)
     bundle = load_models(model.checkpoint, vae=model.vae, v2=model.v2, device=placement.device,
                          dtype=placement.dtype, vae_dtype=placement.vae_dtype)
-    key = (id(bundle), model.clip_skip, model.v_parameterization, perf.vae_batch_size, perf.attention)
+    # Engines that share a bundle share its modules: set the per-run module options every time.
+    set_attention(bundle, perf.attention)
+    _apply_perf(bundle, perf)
+    key = (id(bundle), model.clip_skip, model.v_parameterization, perf.vae_batch_size)
     if key not in _ENGINES:
-        set_attention(bundle, perf.attention)
-        _apply_perf(bundle, perf)
         _ENGINES[key] = Engine(bundle, placement, model, perf)
     return _ENGINES[key]
 
 
 def _apply_perf(bundle: ModelBundle, perf: PerfConfig) -> None:
-    if perf.channels_last:
-        bundle.unet.to(memory_format=torch.channels_last)
-        bundle.vae.to(memory_format=torch.channels_last)
-    if perf.compile:
+    fmt = torch.channels_last if perf.channels_last else torch.contiguous_format
+    bundle.unet.to(memory_format=fmt)
+    bundle.vae.to(memory_format=fmt)
+    if perf.compile and id(bundle) not in _COMPILED:
+        # Compiled once per loaded model; later runs reuse the compiled graph.
         bundle.unet.forward = torch.compile(bundle.unet.forward)
+        _COMPILED.add(id(bundle))

@@ -1,0 +1,501 @@
+"""Benchmark txt2img: the same 8 images through sdbatch's engine and diffusers' StableDiffusionPipeline.
+
+One process, alternating rounds (sdbatch, diffusers, ...), on a random SD1-architecture model at half the
+SD1.5 widths (``--full``: full widths) built here and saved as a single-file checkpoint in a temp dir.
+Prints wall times and their ratio, the share of time outside the UNet / VAE-decode / text-encoder forward
+passes, "single file → ready" load times, peak memory per phase and the pixel difference between the two.
+
+    python bench/txt2img.py                      # CPU, fp32, half widths (about 5 minutes on 2 cores)
+    python bench/txt2img.py --full --device cuda # GPU, fp16, full SD1.5 widths
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers/transformers read it: nothing is downloaded
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import diffusers  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from sdbatch import __version__  # noqa: E402
+from sdbatch.batching import Batch, make_batches  # noqa: E402
+from sdbatch.config.resolve import to_plain  # noqa: E402
+from sdbatch.config.schema import (  # noqa: E402
+    GuidanceConfig,
+    HighresConfig,
+    ModelConfig,
+    NetworkConfig,
+    PerfConfig,
+    RunSpec,
+    SamplerConfig,
+)
+from sdbatch.engine.device import Placement, pick_placement  # noqa: E402
+from sdbatch.engine.engine import Engine, get_engine  # noqa: E402
+from sdbatch.engine.export import save_single_file  # noqa: E402
+from sdbatch.engine.loading import clear_model_cache, load_count, load_models  # noqa: E402
+from sdbatch.engine.schedulers import make_scheduler  # noqa: E402
+from sdbatch.engine.tiny import build_tiny_components  # noqa: E402
+from sdbatch.engine.tokenizer import EOS_TOKEN, write_hf_tokenizer_files  # noqa: E402
+from sdbatch.outputs import RunDir, image_params  # noqa: E402
+from sdbatch.planning import plan  # noqa: E402
+from sdbatch.prompts.sources import read_prompts  # noqa: E402
+
+START = time.perf_counter()
+SIZE, STEPS, CFG, BATCH, BASE_SEED = 256, 10, 7.5, 4, 1000
+PROMPTS = [
+    "a lighthouse at dusk, oil painting",
+    "a red cube on a wooden table",
+    "a fox in the snow, photograph",
+    "a castle on a hill under a stormy sky",
+    "a bowl of ramen, studio lighting",
+    "an astronaut riding a horse",
+    "a watercolor of a mountain lake",
+    "a robot reading a book in a library",
+]
+NEGATIVE = "blurry, low quality"
+WARMUP_PROMPTS = ["warm-up one", "warm-up two", "warm-up three", "warm-up four"]  # not the timed prompts
+MiB = 1 << 20
+
+
+# ---------------------------------------------------------------- the model
+
+
+def model_overrides(full: bool) -> dict[str, dict[str, Any]]:
+    """Config overrides for build_tiny_components: SD1.5's layout at full or half widths."""
+    k = 1 if full else 2
+    text_width = 768 // k
+    return {
+        "unet": {
+            "block_out_channels": tuple(c // k for c in (320, 640, 1280, 1280)),
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            "layers_per_block": 2,
+            "attention_head_dim": 8,
+            "cross_attention_dim": text_width,
+        },
+        "vae": {"block_out_channels": tuple(c // k for c in (128, 256, 512, 512)), "layers_per_block": 2},
+        "text": {
+            "hidden_size": text_width,
+            "intermediate_size": 4 * text_width,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12 // k,
+        },
+    }
+
+
+def model_label(full: bool) -> str:
+    o = model_overrides(full)
+    unet = "/".join(map(str, o["unet"]["block_out_channels"]))
+    vae = "/".join(map(str, o["vae"]["block_out_channels"]))
+    text = o["text"]
+    return (f"{'full' if full else 'half'}-width SD1 (UNet {unet}, text {text['hidden_size']}x"
+            f"{text['num_hidden_layers']} layers, VAE {vae}), random weights")
+
+
+def build_checkpoint(folder: Path, full: bool, seed: int) -> tuple[Path, Path, int]:
+    """(single file, diffusers config folder, parameter count) of a freshly built random model."""
+    overrides = model_overrides(full)
+    unet, vae, text_encoder = build_tiny_components("sd1", seed, **overrides)
+    params = sum(p.numel() for m in (unet, vae, text_encoder) for p in m.parameters())
+    path = save_single_file(folder / "bench-sd1.safetensors", unet, vae, text_encoder, "sd1")
+    config = write_config_folder(folder / "bench-sd1-config", unet, vae, text_encoder)
+    return path, config, params
+
+
+def write_config_folder(root: Path, unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: Any) -> Path:
+    """A diffusers folder with configs and tokenizer only (no weights), for from_single_file(config=...)."""
+    unet.save_config(root / "unet")
+    vae.save_config(root / "vae")
+    text_encoder.config.save_pretrained(root / "text_encoder")
+    write_hf_tokenizer_files(root / "tokenizer", EOS_TOKEN)
+    make_scheduler("ddim", "default", False).save_config(root / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return root
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timers:
+    """Accumulated seconds per wrapped call (module forward, vae.decode), synchronized on CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, obj: Any, attr: str, key: str) -> None:
+        inner = getattr(obj, attr)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            sync(self.device)
+            start = time.perf_counter()
+            out = inner(*args, **kwargs)
+            sync(self.device)
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+            return out
+
+        setattr(obj, attr, timed)  # an instance attribute: nn.Module.__call__ and callers find it first
+
+    def wrap_models(self, unet: Any, vae: Any, text_encoder: Any) -> None:
+        self.wrap(unet, "forward", "unet")
+        self.wrap(vae, "decode", "vae")
+        self.wrap(text_encoder, "forward", "text")
+
+    def take(self) -> dict[str, float]:
+        """The totals so far, and start again from zero."""
+        out = {k: self.seconds.get(k, 0.0) for k in ("unet", "vae", "text")}
+        self.seconds = {}
+        return out
+
+
+def _proc_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)[1])
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def hwm_reset_works() -> bool:
+    """Whether writing 5 to /proc/self/clear_refs resets VmHWM here (checked with a 256 MiB block)."""
+    if not Path("/proc/self/status").exists():
+        return False
+    block = b"\x01" * (256 * MiB)  # written, so its pages count
+    del block
+    before = _proc_kib("VmHWM")
+    return _reset_hwm() and _proc_kib("VmHWM") < before - 128 * 1024
+
+
+class Memory:
+    """Peak memory per phase: CPU VmHWM (or RSS deltas where it cannot be reset), CUDA max allocated."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.hwm = hwm_reset_works()
+        self.peaks: dict[str, dict[str, float]] = {}
+
+    def method(self) -> str:
+        cpu = ("CPU: VmHWM after resetting it (/proc/self/clear_refs)" if self.hwm
+               else "CPU: VmHWM cannot be reset here; RSS after minus before each phase")
+        return cpu + ("; GPU: torch.cuda.max_memory_allocated after reset_peak_memory_stats" if self.cuda else "")
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Measure the block; a phase measured again keeps its largest values."""
+        if self.hwm:
+            _reset_hwm()
+        rss_start = _proc_kib("VmRSS") / 1024
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            gpu_start = torch.cuda.memory_allocated() / MiB
+        yield
+        rss_end = _proc_kib("VmRSS") / 1024
+        peak = {"cpu": _proc_kib("VmHWM") / 1024 if self.hwm else rss_end, "cpu_start": rss_start}
+        if not self.hwm:
+            peak["cpu_delta"] = rss_end - rss_start
+        if self.cuda:
+            peak.update(gpu=torch.cuda.max_memory_allocated() / MiB, gpu_start=gpu_start)
+        old = self.peaks.get(name, {})
+        self.peaks[name] = {k: max(v, old.get(k, v)) for k, v in peak.items()}
+
+
+# ---------------------------------------------------------------- the two systems
+
+
+def make_spec(path: Path, device: str, precision: str) -> RunSpec:
+    model = ModelConfig(checkpoint=str(path), v2="false", v_parameterization="false", precision=precision)
+    return RunSpec(
+        model=model, sampler=SamplerConfig(name="ddim", steps=STEPS, cfg_scale=CFG), network=NetworkConfig(),
+        guidance=GuidanceConfig(), highres=HighresConfig(), perf=PerfConfig(device=device, progress=False),
+        prompt=PROMPTS, negative_prompt=NEGATIVE, width=SIZE, height=SIZE, seed=BASE_SEED, batch_size=BATCH,
+    )
+
+
+def batches_of(spec: RunSpec) -> list[Batch]:
+    """The run's batches, planned exactly as sdbatch's runner plans them."""
+    jobs = plan(spec, read_prompts(spec.prompt, spec.negative_prompt, spec.prompt_file), spec.seed)
+    return make_batches(jobs, spec.batch_size)
+
+
+def load_sdbatch(path: Path, placement: Placement) -> tuple[Any, float]:
+    clear_model_cache()
+    start = time.perf_counter()
+    bundle = load_models(str(path), v2="false", device=placement.device, dtype=placement.dtype,
+                         vae_dtype=placement.vae_dtype)
+    sync(placement.device)
+    return bundle, time.perf_counter() - start
+
+
+def load_diffusers(path: Path, config: Path, placement: Placement) -> tuple[Any, float]:
+    start = time.perf_counter()
+    pipe = diffusers.StableDiffusionPipeline.from_single_file(
+        str(path), config=str(config), local_files_only=True, torch_dtype=placement.dtype
+    )
+    pipe.to(placement.device)
+    sync(placement.device)
+    seconds = time.perf_counter() - start
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, seconds
+
+
+def run_sdbatch(engine: Engine, batches: list[Batch]) -> list[Image.Image]:
+    return [image for batch in batches for image in engine.run_batch(batch)]
+
+
+def run_diffusers(pipe: Any, batches: list[Batch]) -> list[Image.Image]:
+    """A plain StableDiffusionPipeline loop over the same batches: same prompts, seeds and settings."""
+    images = []
+    for batch in batches:
+        jobs, key = batch.jobs, batch.key
+        out = pipe(
+            [j.prompt for j in jobs], negative_prompt=[j.negative_prompt for j in jobs],
+            num_inference_steps=key.steps, guidance_scale=jobs[0].cfg_scale, eta=key.eta,
+            height=key.height, width=key.width, output_type="pil",
+            generator=[torch.Generator("cpu").manual_seed(j.seed) for j in jobs],
+        )
+        images.extend(out.images)
+    return images
+
+
+@dataclasses.dataclass
+class Round:
+    system: str
+    seconds: float
+    parts: dict[str, float]  # unet, vae, text seconds
+
+    @property
+    def outside(self) -> float:
+        return max(0.0, self.seconds - sum(self.parts.values())) / self.seconds
+
+
+def timed_round(system: str, fn: Callable[[], list[Image.Image]], timers: Timers,
+                memory: Memory, device: torch.device) -> tuple[Round, list[Image.Image]]:
+    timers.take()
+    with memory.phase(f"generate {system}"):
+        sync(device)
+        start = time.perf_counter()
+        images = fn()
+        sync(device)
+        seconds = time.perf_counter() - start
+    return Round(system, seconds, timers.take()), images
+
+
+def runner_outputs(engine: Engine, spec: RunSpec, batches: list[Batch], images: list[Image.Image],
+                   folder: Path) -> float:
+    """Seconds the runner adds after the engine: config.yaml, PNGs with metadata, manifest lines."""
+    start = time.perf_counter()
+    out = RunDir(folder, resume=False)
+    out.write_config({**to_plain(spec), "seed": spec.seed}, {engine.info.name: engine.info.hash})
+    jobs = [job for batch in batches for job in batch.jobs]
+    for job, image in zip(jobs, images, strict=True):
+        out.save(image, image_params(job, engine.info, __version__))
+    return time.perf_counter() - start
+
+
+def max_pixel_diff(a: list[Image.Image], b: list[Image.Image]) -> tuple[int, float]:
+    """(largest difference in 0-255 levels, share of differing channel values) over all images."""
+    pairs = [(np.asarray(x).astype(int), np.asarray(y).astype(int)) for x, y in zip(a, b, strict=True)]
+    return max(int(np.abs(x - y).max()) for x, y in pairs), float(np.mean([(x != y).mean() for x, y in pairs]))
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--full", action="store_true", help="full SD1.5 widths instead of half")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto = fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch.set_num_threads (default: all)")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="timed rounds per system; 0 = as many as fit in --budget (at least 1, at most 3)")
+    p.add_argument("--budget", type=float, default=290.0, help="seconds the whole script aims to stay under")
+    p.add_argument("--warmup-steps", type=int, default=1, help="steps of the untimed warm-up batch (0 = none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random model weights")
+    return p.parse_args(argv)
+
+
+def warm_up(engine: Engine, pipe: Any, spec: RunSpec, steps: int) -> None:
+    """One untimed batch through each system, other prompts than the timed ones (no text-cache head start)."""
+    warm = dataclasses.replace(spec, prompt=WARMUP_PROMPTS, sampler=dataclasses.replace(spec.sampler, steps=steps))
+    batch = batches_of(warm)[:1]
+    run_sdbatch(engine, batch)
+    run_diffusers(pipe, batch)
+
+
+def more_rounds(args: argparse.Namespace, done: int, last_pair: float) -> bool:
+    if args.rounds:
+        return done < args.rounds
+    return done < 3 and time.perf_counter() - START + 1.05 * last_pair + 5 < args.budget
+
+
+def alternate(args: argparse.Namespace, runs: dict[str, Callable[[], list[Image.Image]]], timers: Timers,
+              memory: Memory, device: torch.device) -> tuple[list[Round], dict[str, list[Image.Image]]]:
+    """Timed rounds: sdbatch, diffusers, sdbatch, ... while more_rounds says so."""
+    rounds: list[Round] = []
+    images: dict[str, list[Image.Image]] = {}
+    while not rounds or more_rounds(args, len(rounds) // 2, rounds[-1].seconds + rounds[-2].seconds):
+        for system, fn in runs.items():
+            result, images[system] = timed_round(system, fn, timers, memory, device)
+            rounds.append(result)
+            print(f"  round {(len(rounds) + 1) // 2} {system:9s} {result.seconds:7.2f} s", flush=True)
+    return rounds, images
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    placement = pick_placement(args.device, args.precision, no_half_vae=False)
+    device = placement.device
+    memory, timers = Memory(device), Timers(device)
+    with tempfile.TemporaryDirectory(prefix="sdbatch-bench-") as tmp:
+        folder = Path(tmp)
+        print(f"building {model_label(args.full)} ...", flush=True)
+        with memory.phase("build + save"):
+            start = time.perf_counter()
+            path, config, params = build_checkpoint(folder, args.full, args.seed)
+            build_s = time.perf_counter() - start
+        with memory.phase("load sdbatch"):
+            bundle, sd_load = load_sdbatch(path, placement)
+        with memory.phase("load diffusers"):
+            pipe, df_load = load_diffusers(path, config, placement)
+        spec = make_spec(path, args.device, placement.precision)
+        loads = load_count()
+        engine = get_engine(spec.model, spec.perf)
+        assert load_count() == loads and engine.bundle is bundle, "get_engine reloaded instead of using the cache"
+        timers.wrap_models(bundle.unet, bundle.vae, bundle.text_encoder)
+        timers.wrap_models(pipe.unet, pipe.vae, pipe.text_encoder)
+        batches = batches_of(spec)
+        if args.warmup_steps:
+            print(f"untimed warm-up: one batch of {BATCH} at {args.warmup_steps} step(s) through each ...", flush=True)
+            warm_up(engine, pipe, spec, args.warmup_steps)
+            timers.take()
+        runs = {"sdbatch": lambda: run_sdbatch(engine, batches), "diffusers": lambda: run_diffusers(pipe, batches)}
+        rounds, images = alternate(args, runs, timers, memory, device)
+        runner_s = runner_outputs(engine, spec, batches, images["sdbatch"], folder / "run")
+        info = {
+            "params": params, "build": build_s, "file_mib": path.stat().st_size / MiB,
+            "loads": (sd_load, df_load), "runner": runner_s, "same_scheduler": same_scheduler(pipe),
+        }
+        report(args, placement, rounds, images, memory, info)
+
+
+def same_scheduler(pipe: Any) -> bool:
+    ours = make_scheduler("ddim", "default", False)
+    public = {k: v for k, v in ours.config.items() if not k.startswith("_")}
+    return type(pipe.scheduler) is type(ours) and all(pipe.scheduler.config.get(k) == v for k, v in public.items())
+
+
+# ---------------------------------------------------------------- the report
+
+
+def best(rounds: list[Round], system: str) -> Round:
+    return min((r for r in rounds if r.system == system), key=lambda r: r.seconds)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def report(args: argparse.Namespace, placement: Placement, rounds: list[Round],
+           images: dict[str, list[Image.Image]], memory: Memory, info: dict[str, Any]) -> None:
+    n = len(rounds) // 2
+    s, d = best(rounds, "sdbatch"), best(rounds, "diffusers")
+    sd_load, df_load = info["loads"]
+    print()
+    print(f"model: {model_label(args.full)}, {info['params'] / 1e6:.0f}M parameters, "
+          f"single file {info['file_mib']:.0f} MiB (built and saved in {info['build']:.1f} s)")
+    print(f"device: {placement.device} ({placement.precision}), torch threads {torch.get_num_threads()}, "
+          f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}")
+    print(f"workload: {len(PROMPTS)} images {SIZE}x{SIZE}, {STEPS} DDIM steps, CFG {CFG}, batch {BATCH}, "
+          f"seeds {BASE_SEED}-{BASE_SEED + len(PROMPTS) - 1}, per-image CPU generators")
+    warm = f"untimed warm-up of each ({args.warmup_steps} step, batch {BATCH}), then " if args.warmup_steps else ""
+    print(f"schedule: {warm}{n} alternating round(s) (sdbatch, diffusers); best round of each reported")
+    print()
+    print("| | sdbatch | diffusers | sdbatch / diffusers |")
+    print("|---|---|---|---|")
+    print(f"| {len(PROMPTS)} images, wall | {s.seconds:.1f} s | {d.seconds:.1f} s | {s.seconds / d.seconds:.2f} |")
+    for key, label in (("unet", "UNet forward"), ("vae", "VAE decode"), ("text", "text-encoder forward")):
+        print(f"| of which {label} | {s.parts[key]:.2f} s | {d.parts[key]:.2f} s | |")
+    print(f"| outside those passes | {s.seconds * s.outside:.2f} s = {_pct(s.outside)} "
+          f"| {d.seconds * d.outside:.2f} s = {_pct(d.outside)} | |")
+    print(f"| load, single file → ready | {sd_load:.2f} s | {df_load:.2f} s | {sd_load / df_load:.2f} |")
+    for phase, label in (("load", "load"), ("generate", "generate")):
+        print(f"| peak memory, {label} | {_mem(memory, f'{phase} sdbatch')} | {_mem(memory, f'{phase} diffusers')} | |")
+    print()
+    print("rounds: " + ", ".join(f"{r.system} {r.seconds:.1f} s" for r in rounds))
+    print(f"runner's extra cost after the engine (config.yaml + {len(PROMPTS)} PNGs with metadata + manifest): "
+          f"{info['runner']:.2f} s ({_pct(info['runner'] / s.seconds)} of sdbatch's wall time)")
+    print(f"peak memory, build + save: {_mem(memory, 'build + save')}; {memory.method()}; "
+          "'+N' = above the memory in use when the phase began")
+    _print_check(images, info["same_scheduler"])
+    print("diffusers load: StableDiffusionPipeline.from_single_file(config=<local config-only folder>, "
+          "local_files_only=True); sdbatch load includes the file's sha256 (model hash)")
+    print(f"total script time: {time.perf_counter() - START:.0f} s")
+
+
+def _mem(memory: Memory, phase: str) -> str:
+    p = memory.peaks.get(phase)
+    if p is None:
+        return "n/a"
+    if "cpu_delta" in p:
+        text = f"RSS {p['cpu']:.0f} MiB (+{p['cpu_delta']:.0f})"
+    else:
+        text = f"{p['cpu']:.0f} MiB (+{p['cpu'] - p['cpu_start']:.0f})"
+    if "gpu" in p:
+        text += f", GPU {p['gpu']:.0f} MiB (+{p['gpu'] - p['gpu_start']:.0f})"
+    return text
+
+
+def _print_check(images: dict[str, list[Image.Image]], same_scheduler: bool) -> None:
+    a, b = images["sdbatch"], images["diffusers"]
+    sizes = {im.size for im in a + b}
+    size = "x".join(map(str, next(iter(sizes)))) if len(sizes) == 1 else f"MISMATCH {sorted(sizes)}"
+    diff, share = max_pixel_diff(a, b)
+    print(f"images: {len(a)} + {len(b)}, all {size}; max pixel difference sdbatch vs diffusers: {diff} levels "
+          f"({100 * share:.2f}% of values differ); scheduler config identical: {same_scheduler}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
