@@ -149,3 +149,9 @@ def test_grid_holds_every_image_of_the_run(sd1_single_file, tmp_path) -> None:
     assert grid.shape == (2 * 64, 3 * 64, 3)
     first_of_second_row = pixels(tmp_path / "00003-4.png")
     assert np.array_equal(grid[64:, :64], first_of_second_row)
+
+
+def test_model_cache_keeps_the_most_recent_models(sd1_single_file, sd1_ckpt, sd1_diffusers_dir) -> None:
+    engines = [get_engine(spec(src).model, PerfConfig()) for src in (sd1_single_file, sd1_ckpt, sd1_diffusers_dir)]
+    assert [loading.is_cached(e.bundle) for e in engines] == [False, True, True]
+    assert get_engine(spec(sd1_diffusers_dir).model, PerfConfig()) is engines[2]

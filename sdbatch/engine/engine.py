@@ -13,7 +13,7 @@ from sdbatch.config.schema import ModelConfig, PerfConfig
 from sdbatch.engine import noise, vae
 from sdbatch.engine.denoiser import Conditioning, ModelFn, unet_model, with_cfg
 from sdbatch.engine.device import Placement, pick_placement
-from sdbatch.engine.loading import ModelBundle, load_models, set_attention
+from sdbatch.engine.loading import ModelBundle, is_cached, load_models, set_attention
 from sdbatch.engine.sampling import StepCallback, sample
 from sdbatch.engine.schedulers import make_scheduler
 from sdbatch.engine.text import TextEncoder
@@ -97,6 +97,8 @@ def get_engine(model: ModelConfig, perf: PerfConfig) -> Engine:
     # Engines that share a bundle share its modules: set the per-run module options every time.
     set_attention(bundle, perf.attention)
     _apply_perf(bundle, perf)
+    for stale in [k for k, e in _ENGINES.items() if not is_cached(e.bundle)]:
+        del _ENGINES[stale]  # its model left the cache: let its memory go
     key = (id(bundle), model.clip_skip, model.v_parameterization, perf.vae_batch_size)
     if key not in _ENGINES:
         _ENGINES[key] = Engine(bundle, placement, model, perf)

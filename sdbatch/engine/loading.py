@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import time
+from collections import OrderedDict
 from functools import cache
 from pathlib import Path
 
@@ -53,7 +54,10 @@ class ModelBundle:
     source: str = ""  # the resolved file or folder
 
 
-_bundles: dict[tuple, ModelBundle] = {}
+# Loaded models stay on their device for reuse by later runs in this process (a multirun); the
+# least recently used is dropped past this many, so a sweep over checkpoints does not fill the GPU.
+MAX_CACHED_MODELS = 2
+_bundles: OrderedDict[tuple, ModelBundle] = OrderedDict()
 _loads = 0
 _warned_xformers = False
 
@@ -85,6 +89,8 @@ def load_models(
     vae_path = _resolve_vae(vae) if vae else None
     key = (_stamp(path), vae_path and _stamp(vae_path), v2, str(torch.device(device)), dtype, vae_dtype)
     if key not in _bundles:
+        while len(_bundles) >= MAX_CACHED_MODELS:
+            _bundles.popitem(last=False)
         start = time.perf_counter()
         bundle = _load(path, vae_path, v2)
         _bundles[key] = _place(bundle, torch.device(device), dtype, vae_dtype)
@@ -96,7 +102,13 @@ def load_models(
             time.perf_counter() - start,
             source,
         )
+    _bundles.move_to_end(key)
     return _bundles[key]
+
+
+def is_cached(bundle: ModelBundle) -> bool:
+    """Whether the model cache still holds this bundle (engines built on dropped bundles are dropped too)."""
+    return any(b is bundle for b in _bundles.values())
 
 
 def resolve_source(source: str) -> Path:
