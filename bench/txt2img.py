@@ -5,7 +5,7 @@ SD1.5 widths (``--full``: full widths) built here and saved as a single-file che
 Prints wall times and their ratio, the share of time outside the UNet / VAE-decode / text-encoder forward
 passes, "single file → ready" load times, peak memory per phase and the pixel difference between the two.
 
-    python bench/txt2img.py                      # CPU, fp32, half widths (about 5 minutes on 2 cores)
+    python bench/txt2img.py                      # CPU, fp32, half widths (about 3 minutes on 2 cores)
     python bench/txt2img.py --full --device cuda # GPU, fp16, full SD1.5 widths
 """
 
@@ -19,9 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers/transformers re
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import json  # noqa: E402
+import hashlib  # noqa: E402
 import re  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
@@ -48,11 +47,10 @@ from sdbatch.config.schema import (  # noqa: E402
 )
 from sdbatch.engine.device import Placement, pick_placement  # noqa: E402
 from sdbatch.engine.engine import Engine, get_engine  # noqa: E402
-from sdbatch.engine.export import save_single_file  # noqa: E402
-from sdbatch.engine.loading import clear_model_cache, load_count, load_models  # noqa: E402
+from sdbatch.engine.export import save_diffusers_folder, save_single_file  # noqa: E402
+from sdbatch.engine.loading import ModelBundle, clear_model_cache, load_count, load_models  # noqa: E402
 from sdbatch.engine.schedulers import make_scheduler  # noqa: E402
 from sdbatch.engine.tiny import build_tiny_components  # noqa: E402
-from sdbatch.engine.tokenizer import EOS_TOKEN, write_hf_tokenizer_files  # noqa: E402
 from sdbatch.outputs import RunDir, image_params  # noqa: E402
 from sdbatch.planning import plan  # noqa: E402
 from sdbatch.prompts.sources import read_prompts  # noqa: E402
@@ -71,6 +69,8 @@ PROMPTS = [
 NEGATIVE = "blurry, low quality"
 WARMUP_PROMPTS = ["warm-up one", "warm-up two", "warm-up three", "warm-up four"]  # not the timed prompts
 MiB = 1 << 20
+MAX_AUTO_ROUNDS = 3
+ROUND_MARGIN = 1.2  # a round can take 10-20% longer than the one before on a shared machine
 
 
 # ---------------------------------------------------------------- the model
@@ -114,31 +114,8 @@ def build_checkpoint(folder: Path, full: bool, seed: int) -> tuple[Path, Path, i
     unet, vae, text_encoder = build_tiny_components("sd1", seed, **overrides)
     params = sum(p.numel() for m in (unet, vae, text_encoder) for p in m.parameters())
     path = save_single_file(folder / "bench-sd1.safetensors", unet, vae, text_encoder, "sd1")
-    config = write_config_folder(folder / "bench-sd1-config", unet, vae, text_encoder)
+    config = save_diffusers_folder(folder / "bench-sd1-config", unet, vae, text_encoder, "sd1", weights=False)
     return path, config, params
-
-
-def write_config_folder(root: Path, unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: Any) -> Path:
-    """A diffusers folder with configs and tokenizer only (no weights), for from_single_file(config=...)."""
-    unet.save_config(root / "unet")
-    vae.save_config(root / "vae")
-    text_encoder.config.save_pretrained(root / "text_encoder")
-    write_hf_tokenizer_files(root / "tokenizer", EOS_TOKEN)
-    make_scheduler("ddim", "default", False).save_config(root / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    (root / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-    return root
 
 
 # ---------------------------------------------------------------- measuring
@@ -193,6 +170,20 @@ def _reset_hwm() -> bool:
         return False
 
 
+def file_rss_mib(path: Path) -> float | None:
+    """Resident MiB of this process's memory mappings of ``path`` (None where /proc/self/smaps is missing)."""
+    smaps = Path("/proc/self/smaps")
+    if not smaps.exists():
+        return None
+    name, total, inside = str(path.resolve()), 0, False
+    for line in smaps.read_text().splitlines():
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = line.endswith(name)
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total / 1024
+
+
 def hwm_reset_works() -> bool:
     """Whether writing 5 to /proc/self/clear_refs resets VmHWM here (checked with a 256 MiB block)."""
     if not Path("/proc/self/status").exists():
@@ -218,7 +209,7 @@ class Memory:
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Measure the block; a phase measured again keeps its largest values."""
+        """Measure the block; a phase measured again keeps its highest peak."""
         if self.hwm:
             _reset_hwm()
         rss_start = _proc_kib("VmRSS") / 1024
@@ -232,8 +223,9 @@ class Memory:
             peak["cpu_delta"] = rss_end - rss_start
         if self.cuda:
             peak.update(gpu=torch.cuda.max_memory_allocated() / MiB, gpu_start=gpu_start)
-        old = self.peaks.get(name, {})
-        self.peaks[name] = {k: max(v, old.get(k, v)) for k, v in peak.items()}
+        key = "gpu" if self.cuda else "cpu"
+        if name not in self.peaks or peak[key] > self.peaks[name][key]:
+            self.peaks[name] = peak
 
 
 # ---------------------------------------------------------------- the two systems
@@ -254,7 +246,7 @@ def batches_of(spec: RunSpec) -> list[Batch]:
     return make_batches(jobs, spec.batch_size)
 
 
-def load_sdbatch(path: Path, placement: Placement) -> tuple[Any, float]:
+def load_sdbatch(path: Path, placement: Placement) -> tuple[ModelBundle, float]:
     clear_model_cache()
     start = time.perf_counter()
     bundle = load_models(str(path), v2="false", device=placement.device, dtype=placement.dtype,
@@ -361,23 +353,55 @@ def warm_up(engine: Engine, pipe: Any, spec: RunSpec, steps: int) -> None:
     run_diffusers(pipe, batch)
 
 
-def more_rounds(args: argparse.Namespace, done: int, last_pair: float) -> bool:
+def stop_reason(args: argparse.Namespace, done: int, last_pair: float) -> str | None:
+    """Why no further round is run after ``done`` rounds, or None to run one more."""
     if args.rounds:
-        return done < args.rounds
-    return done < 3 and time.perf_counter() - START + 1.05 * last_pair + 5 < args.budget
+        return f"--rounds {args.rounds}" if done >= args.rounds else None
+    if done >= MAX_AUTO_ROUNDS:
+        return f"at most {MAX_AUTO_ROUNDS} automatic rounds"
+    end = time.perf_counter() - START + ROUND_MARGIN * last_pair + 5
+    if end > args.budget:
+        return (f"a further round would end at ~{end:.0f} s (last round +{ROUND_MARGIN - 1:.0%} margin), "
+                f"past the {args.budget:.0f} s budget")
+    return None
 
 
 def alternate(args: argparse.Namespace, runs: dict[str, Callable[[], list[Image.Image]]], timers: Timers,
-              memory: Memory, device: torch.device) -> tuple[list[Round], dict[str, list[Image.Image]]]:
-    """Timed rounds: sdbatch, diffusers, sdbatch, ... while more_rounds says so."""
+              memory: Memory, device: torch.device) -> tuple[list[Round], dict[str, list[Image.Image]], str]:
+    """Timed rounds (sdbatch, diffusers), (sdbatch, diffusers), ... until stop_reason gives a reason."""
     rounds: list[Round] = []
     images: dict[str, list[Image.Image]] = {}
-    while not rounds or more_rounds(args, len(rounds) // 2, rounds[-1].seconds + rounds[-2].seconds):
+    reason = None
+    while reason is None:
         for system, fn in runs.items():
             result, images[system] = timed_round(system, fn, timers, memory, device)
             rounds.append(result)
             print(f"  round {(len(rounds) + 1) // 2} {system:9s} {result.seconds:7.2f} s", flush=True)
-    return rounds, images
+        reason = stop_reason(args, len(rounds) // 2, rounds[-1].seconds + rounds[-2].seconds)
+    return rounds, images, reason
+
+
+def prepare(args: argparse.Namespace, placement: Placement, memory: Memory, folder: Path) -> tuple[Engine, Any, dict]:
+    """Build and save the model, then load it both ways, timed: (sdbatch engine, diffusers pipeline, facts)."""
+    print(f"building {model_label(args.full)} ...", flush=True)
+    with memory.phase("build + save"):
+        start = time.perf_counter()
+        path, config, params = build_checkpoint(folder, args.full, args.seed)
+        build_s = time.perf_counter() - start
+    with memory.phase("load sdbatch"):
+        bundle, sd_load = load_sdbatch(path, placement)
+    mapped_after_load = file_rss_mib(path)
+    with memory.phase("load diffusers"):
+        pipe, df_load = load_diffusers(path, config, placement)
+    spec = make_spec(path, args.device, placement.precision)
+    loads = load_count()
+    engine = get_engine(spec.model, spec.perf)
+    assert load_count() == loads and engine.bundle is bundle, "get_engine reloaded instead of using the cache"
+    facts = {
+        "path": path, "spec": spec, "params": params, "build": build_s, "file_mib": path.stat().st_size / MiB,
+        "loads": (sd_load, df_load), "sha256": sha256_seconds(path), "mapped_after_load": mapped_after_load,
+    }
+    return engine, pipe, facts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -387,38 +411,31 @@ def main(argv: list[str] | None = None) -> None:
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
     placement = pick_placement(args.device, args.precision, no_half_vae=False)
-    device = placement.device
-    memory, timers = Memory(device), Timers(device)
+    memory, timers = Memory(placement.device), Timers(placement.device)
     with tempfile.TemporaryDirectory(prefix="sdbatch-bench-") as tmp:
-        folder = Path(tmp)
-        print(f"building {model_label(args.full)} ...", flush=True)
-        with memory.phase("build + save"):
-            start = time.perf_counter()
-            path, config, params = build_checkpoint(folder, args.full, args.seed)
-            build_s = time.perf_counter() - start
-        with memory.phase("load sdbatch"):
-            bundle, sd_load = load_sdbatch(path, placement)
-        with memory.phase("load diffusers"):
-            pipe, df_load = load_diffusers(path, config, placement)
-        spec = make_spec(path, args.device, placement.precision)
-        loads = load_count()
-        engine = get_engine(spec.model, spec.perf)
-        assert load_count() == loads and engine.bundle is bundle, "get_engine reloaded instead of using the cache"
-        timers.wrap_models(bundle.unet, bundle.vae, bundle.text_encoder)
+        engine, pipe, facts = prepare(args, placement, memory, Path(tmp))
+        spec, batches = facts["spec"], batches_of(facts["spec"])
+        timers.wrap_models(engine.bundle.unet, engine.bundle.vae, engine.bundle.text_encoder)
         timers.wrap_models(pipe.unet, pipe.vae, pipe.text_encoder)
-        batches = batches_of(spec)
         if args.warmup_steps:
             print(f"untimed warm-up: one batch of {BATCH} at {args.warmup_steps} step(s) through each ...", flush=True)
             warm_up(engine, pipe, spec, args.warmup_steps)
-            timers.take()
         runs = {"sdbatch": lambda: run_sdbatch(engine, batches), "diffusers": lambda: run_diffusers(pipe, batches)}
-        rounds, images = alternate(args, runs, timers, memory, device)
-        runner_s = runner_outputs(engine, spec, batches, images["sdbatch"], folder / "run")
-        info = {
-            "params": params, "build": build_s, "file_mib": path.stat().st_size / MiB,
-            "loads": (sd_load, df_load), "runner": runner_s, "same_scheduler": same_scheduler(pipe),
-        }
-        report(args, placement, rounds, images, memory, info)
+        rounds, images, facts["stopped"] = alternate(args, runs, timers, memory, placement.device)
+        facts["runner"] = runner_outputs(engine, spec, batches, images["sdbatch"], Path(tmp) / "run")
+        facts["same_scheduler"] = same_scheduler(pipe)
+        facts["mapped"] = (facts["mapped_after_load"], file_rss_mib(facts["path"]))
+        report(args, placement, rounds, images, memory, facts)
+
+
+def sha256_seconds(path: Path) -> float:
+    """Time to sha256 the whole file, as sdbatch's loader does for the A1111 model hash (measured apart)."""
+    start = time.perf_counter()
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(MiB):
+            digest.update(chunk)
+    return time.perf_counter() - start
 
 
 def same_scheduler(pipe: Any) -> bool:
@@ -451,7 +468,8 @@ def report(args: argparse.Namespace, placement: Placement, rounds: list[Round],
     print(f"workload: {len(PROMPTS)} images {SIZE}x{SIZE}, {STEPS} DDIM steps, CFG {CFG}, batch {BATCH}, "
           f"seeds {BASE_SEED}-{BASE_SEED + len(PROMPTS) - 1}, per-image CPU generators")
     warm = f"untimed warm-up of each ({args.warmup_steps} step, batch {BATCH}), then " if args.warmup_steps else ""
-    print(f"schedule: {warm}{n} alternating round(s) (sdbatch, diffusers); best round of each reported")
+    print(f"schedule: {warm}{n} alternating round(s) of sdbatch then diffusers, best of each reported; "
+          f"stopped: {info['stopped']}")
     print()
     print("| | sdbatch | diffusers | sdbatch / diffusers |")
     print("|---|---|---|---|")
@@ -469,9 +487,15 @@ def report(args: argparse.Namespace, placement: Placement, rounds: list[Round],
           f"{info['runner']:.2f} s ({_pct(info['runner'] / s.seconds)} of sdbatch's wall time)")
     print(f"peak memory, build + save: {_mem(memory, 'build + save')}; {memory.method()}; "
           "'+N' = above the memory in use when the phase began")
+    _print_mapped(info["mapped"])
     _print_check(images, info["same_scheduler"])
-    print("diffusers load: StableDiffusionPipeline.from_single_file(config=<local config-only folder>, "
-          "local_files_only=True); sdbatch load includes the file's sha256 (model hash)")
+    lazy = ", lazy (weights stay memory-mapped)" if placement.device.type == "cpu" else ""
+    print(f"load: sdbatch load_models(file) after clear_model_cache(){lazy}, including "
+          f"the sha256 of the whole file for the A1111 model hash ({info['sha256']:.2f} s of it, timed apart); "
+          "diffusers StableDiffusionPipeline.from_single_file(file, config=<local folder with configs and "
+          "tokenizer only>, local_files_only=True), weights copied")
+    print(f"text encoder: sdbatch encodes each distinct prompt once per process ({len(PROMPTS)} prompts + 1 "
+          f"shared negative); diffusers encodes {len(PROMPTS)} prompts + {len(PROMPTS)} negatives per round")
     print(f"total script time: {time.perf_counter() - START:.0f} s")
 
 
@@ -488,6 +512,15 @@ def _mem(memory: Memory, phase: str) -> str:
     return text
 
 
+def _print_mapped(mapped: tuple[float | None, float | None]) -> None:
+    after_load, after_generate = mapped
+    if after_load is None or after_generate is None or after_generate < 1:
+        return
+    print(f"sdbatch's weights stay memory-mapped from the checkpoint (safetensors mmap): {after_load:.0f} MiB "
+          f"of the file resident after loading, {after_generate:.0f} MiB after generating; they enter RSS "
+          "when first touched, so they show in the generate phase rather than in the load phase")
+
+
 def _print_check(images: dict[str, list[Image.Image]], same_scheduler: bool) -> None:
     a, b = images["sdbatch"], images["diffusers"]
     sizes = {im.size for im in a + b}
@@ -498,4 +531,4 @@ def _print_check(images: dict[str, list[Image.Image]], same_scheduler: bool) -> 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

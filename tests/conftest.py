@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers/transformers read it: tests never download
 
 from pathlib import Path  # noqa: E402
 
-import diffusers  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from diffusers import DDIMScheduler  # noqa: E402
 
-from sdbatch.engine.export import save_single_file  # noqa: E402
+from sdbatch.engine.export import save_diffusers_folder, save_single_file  # noqa: E402
 from sdbatch.engine.tiny import build_tiny_components  # noqa: E402
-from sdbatch.engine.tokenizer import EOS_TOKEN, write_hf_tokenizer_files  # noqa: E402
 
 # One thread keeps CPU timings steady and the suite fast on shared machines.
 torch.set_num_threads(1)
@@ -57,22 +53,6 @@ def sd2_single_file(tmp_path_factory, sd2_components) -> Path:
     return save_single_file(path, *sd2_components, "sd2")
 
 
-def _model_index() -> dict:
-    return {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-    }
-
-
 @pytest.fixture(scope="session")
 def sd1_diffusers_dir(tmp_path_factory, sd1_components) -> Path:
     """A diffusers StableDiffusionPipeline folder of ``sd1_components`` (same weights as ``sd1_single_file``).
@@ -81,20 +61,4 @@ def sd1_diffusers_dir(tmp_path_factory, sd1_components) -> Path:
     and model_index.json without safety checker, so ``StableDiffusionPipeline.from_pretrained`` loads it.
     """
     root = tmp_path_factory.mktemp("sd1_dir") / "tiny-sd1-diffusers"
-    unet, vae, text_encoder = sd1_components
-    unet.save_pretrained(root / "unet")
-    vae.save_pretrained(root / "vae")
-    text_encoder.save_pretrained(root / "text_encoder")
-    write_hf_tokenizer_files(root / "tokenizer", EOS_TOKEN)
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    scheduler.save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps(_model_index(), indent=2), encoding="utf-8")
-    return root
+    return save_diffusers_folder(root, *sd1_components, "sd1")

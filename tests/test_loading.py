@@ -384,3 +384,19 @@ def test_set_attention(sd1_single_file, caplog, monkeypatch):
     ]
     for module in (bundle.unet, bundle.vae):
         assert all(isinstance(p, AttnProcessor2_0) for p in module.attn_processors.values())
+
+
+def test_model_hash_is_remembered_across_processes(tmp_path, monkeypatch) -> None:
+    from sdbatch.engine import checkpoint
+
+    monkeypatch.setenv("SDBATCH_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"some model bytes")
+    expected = hashlib.sha256(model.read_bytes()).hexdigest()[:10]
+    assert file_sha256_short(model) == expected
+    checkpoint._hash_cache.clear()  # a new process: only the file cache remains
+    monkeypatch.setattr(checkpoint, "_sha256", lambda path: pytest.fail("hashed again"))
+    assert file_sha256_short(model) == expected
+    os.utime(model, ns=(1, 1))  # a changed file is hashed again
+    monkeypatch.setattr(checkpoint, "_sha256", lambda path: "f" * 64)
+    assert file_sha256_short(model) == "f" * 10

@@ -102,8 +102,8 @@ class _MakesAFile:
 def _bad_models(tmp: Path, good: Path) -> dict[str, tuple[Path, str]]:
     truncated = tmp / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     unrelated = tmp / "unrelated.safetensors"
     save_file({"layer.weight": torch.zeros(2, 2)}, str(unrelated))
@@ -153,3 +153,16 @@ def test_named_sweep_preset_runs_every_seed(cache_dir, tmp_path) -> None:
                    cache_dir, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert sorted(manifest(sweep / str(n))[0]["seed"] for n in range(8)) == list(range(8))
+
+
+@pytest.mark.parametrize(("option", "fixture", "v_pred"), [("sd15", "sd1_single_file", False),
+                                                            ("sd21", "sd2_single_file", True)])
+def test_own_single_file_checkpoint(option, fixture, v_pred, request, cache_dir, tmp_path) -> None:
+    path = request.getfixturevalue(fixture)
+    run_dir = tmp_path / "run"
+    proc = run_cli([f"model={option}", f"model.checkpoint={path}", "prompt=a lighthouse", "images_per_prompt=2",
+                    "batch_size=2", f"hydra.run.dir={run_dir}", *SMALL], cache_dir, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = manifest(run_dir)
+    assert len(lines) == 2 and all(line["v_prediction"] is v_pred for line in lines)
+    assert lines[0]["model"] == path.stem

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import pickle
 from pathlib import Path
 
@@ -16,6 +18,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
 
 _HASH_CHUNK = 1 << 20
+_HASH_FILE = "hashes.json"
 _hash_cache: dict[tuple[str, int, int], str] = {}
 _np_multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # numpy 2 renamed it
 
@@ -106,15 +109,55 @@ def _tensors_only(path: Path, obj: object) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def cache_root() -> Path:
+    """sdbatch's own cache folder: ``$SDBATCH_CACHE``, else ``~/.cache/sdbatch`` (demo model, file hashes)."""
+    return Path(os.environ.get("SDBATCH_CACHE") or Path.home() / ".cache" / "sdbatch")
+
+
 def file_sha256_short(path: str | Path) -> str:
-    """First 10 hex digits of the whole file's sha256 (A1111 "Model hash"), cached per (path, size, mtime)."""
+    """First 10 hex digits of the whole file's sha256 (A1111 "Model hash").
+
+    Hashing reads the whole file (~0.7 s per GB here), so results are kept per (path, size, mtime) in
+    the process and in ``hashes.json`` under cache_root(), as A1111 keeps its cache.json.
+    """
     path = Path(path).resolve()
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key not in _hash_cache:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                digest.update(chunk)
-        _hash_cache[key] = digest.hexdigest()[:10]
+        known = _read_hash_file().get(key[0])
+        if isinstance(known, dict) and (known.get("size"), known.get("mtime_ns")) == key[1:]:
+            _hash_cache[key] = str(known["sha256"])[:10]
+        else:
+            _hash_cache[key] = _sha256(path)[:10]
+            _write_hash_file(key, _hash_cache[key])
     return _hash_cache[key]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_hash_file() -> dict:
+    try:
+        data = json.loads((cache_root() / _HASH_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_hash_file(key: tuple[str, int, int], short: str) -> None:
+    """Best effort: a read-only or shared cache only costs a re-hash next time."""
+    data = _read_hash_file()
+    data[key[0]] = {"size": key[1], "mtime_ns": key[2], "sha256": short}
+    target = cache_root() / _HASH_FILE
+    tmp = target.with_name(f".{_HASH_FILE}.{os.getpid()}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)

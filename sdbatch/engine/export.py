@@ -1,11 +1,13 @@
-"""Write diffusers UNet/VAE/CLIP modules as one original-layout (LDM/CompVis) checkpoint file."""
+"""Write diffusers UNet/VAE/CLIP modules as an original-layout (LDM/CompVis) single file or a diffusers folder."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
 
+import diffusers
 import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -13,6 +15,8 @@ from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from transformers import CLIPTextModel
 
 from sdbatch.engine.convert import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from sdbatch.engine.schedulers import make_scheduler
+from sdbatch.engine.tokenizer import PAD_TOKENS, write_hf_tokenizer_files
 
 # Inverse of diffusers' update_unet_resnet_ldm_to_diffusers renames.
 _UNET_RESNET = {
@@ -197,3 +201,44 @@ def save_single_file(
     else:
         raise ValueError(f"cannot save {path}: use a .safetensors, .ckpt, .pt or .pth file name")
     return path
+
+
+def save_diffusers_folder(
+    root: str | Path,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    family: str,
+    *,
+    weights: bool = True,
+) -> Path:
+    """Save as a diffusers StableDiffusionPipeline folder (configs only with ``weights=False``).
+
+    The folder loads offline with ``StableDiffusionPipeline.from_pretrained``; a configs-only folder is
+    what ``from_single_file(config=...)`` needs. Its scheduler is the reference's DDIM configuration.
+    """
+    root = Path(root)
+    for name, module in (("unet", unet), ("vae", vae)):
+        module.save_pretrained(root / name) if weights else module.save_config(root / name)
+    if weights:
+        text_encoder.save_pretrained(root / "text_encoder")
+    else:
+        text_encoder.config.save_pretrained(root / "text_encoder")
+    write_hf_tokenizer_files(root / "tokenizer", PAD_TOKENS[family])
+    scheduler = make_scheduler("ddim", "default", v_prediction=False)
+    scheduler.save_pretrained(root / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", type(scheduler).__name__],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return root

@@ -20,13 +20,12 @@ from transformers import CLIPTextModel
 from sdbatch.engine.checkpoint import file_sha256_short, read_state_dict
 from sdbatch.engine.convert import convert_checkpoint, convert_vae_file
 from sdbatch.engine.tiny import ensure_tiny_checkpoint
-from sdbatch.engine.tokenizer import EOS_TOKEN, ClipTokenizer
+from sdbatch.engine.tokenizer import PAD_TOKENS, ClipTokenizer
 from sdbatch.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
 TINY_SOURCE = "builtin:tiny"
-PAD_TOKENS = {"sd1": EOS_TOKEN, "sd2": "!"}  # SD2's OpenCLIP tokenizer pads with "!" (id 0)
 # What from_pretrained reads without a variant comes first, so the hash names the weights in use.
 _WEIGHT_PATTERNS = (
     "diffusion_pytorch_model.safetensors",

@@ -12,6 +12,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from sdbatch.engine.checkpoint import cache_root
 from sdbatch.engine.export import save_single_file
 
 TINY_FILE_NAME = "tiny-sd1.safetensors"
@@ -101,8 +102,7 @@ def build_tiny_components(
 
 def tiny_checkpoint_path() -> Path:
     """The demo checkpoint: tiny-sd1.safetensors in ``$SDBATCH_CACHE``, else in ``~/.cache/sdbatch``."""
-    root = os.environ.get("SDBATCH_CACHE") or Path.home() / ".cache" / "sdbatch"
-    return Path(root) / TINY_FILE_NAME
+    return cache_root() / TINY_FILE_NAME
 
 
 def _is_current(path: Path) -> bool:
