@@ -38,7 +38,7 @@ def run(spec: RunSpec, run_dir: Path) -> RunResult:
     from sdbatch.engine.engine import get_engine  # torch loads only once there is work to do
 
     engine = get_engine(spec.model, spec.perf)
-    out.write_config({**to_plain(spec), "seed": base_seed}, {engine.info.name: engine.info.hash})
+    out.write_config({**to_plain(spec), "seed": base_seed}, engine.model_hashes())
     if len(todo) < len(jobs):
         log.info("resuming: %d of %d images already in %s <output.resume>", len(jobs) - len(todo), len(jobs), run_dir)
     written = _generate(engine, out, todo, spec, len(jobs))

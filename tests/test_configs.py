@@ -110,3 +110,7 @@ def test_resolve_errors_name_the_key(overrides: list[str], needle: str) -> None:
 def test_missing_checkpoint_names_the_key() -> None:
     with pytest.raises(ConfigError, match=r"model\.checkpoint is not set"):
         resolve(_compose("prompt=x"))
+
+
+def test_quoted_prompt_keeps_commas_and_weights() -> None:
+    assert _spec('prompt="masterpiece, (red:1.2) cube"').prompt == "masterpiece, (red:1.2) cube"

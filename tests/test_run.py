@@ -54,7 +54,8 @@ def test_done_when_command_writes_the_run_directory(cache_dir, tmp_path) -> None
         assert (info["Steps"], info["Sampler"], info["Size-1"], info["Size-2"]) == ("3", "DDIM", "64", "64")
         assert info["Model hash"] == line["model_hash"] and len(line["model_hash"]) == 10
     config = (run_dir / "config.yaml").read_text()
-    assert f"seed: {seeds[0]}" in config and "model_hashes:" in config and "sdbatch_version:" in config
+    assert f"seed: {seeds[0]}" in config and "sdbatch_version:" in config
+    assert "model_hashes:" in config and f"tiny-sd1.safetensors: {lines[0]['model_hash']}" in config
     assert "${" not in config
 
 

@@ -69,6 +69,13 @@ class Engine:
         # 4. Decode
         return vae.decode(self.bundle.vae, latents, self.vae_batch_size)
 
+    def model_hashes(self) -> dict[str, str]:
+        """Short sha256 of every model file in use, by path (the run's config.yaml records them)."""
+        hashes = {self.bundle.source: self.bundle.model_hash}
+        if self.bundle.vae_name:
+            hashes[self.bundle.vae_name] = self.bundle.vae_hash
+        return hashes
+
     def model_fn(self) -> ModelFn:
         """The UNet call wrapped by every active wrapper."""
         model = unet_model(self.bundle.unet)
