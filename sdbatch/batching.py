@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from sdbatch.jobs import ImageJob
 
@@ -21,10 +22,23 @@ class BatchKey:
     sampler: str
     schedule: str
     eta: float
+    strength: float | None = None
+    negative_scale: float | None = None
+    network_muls: tuple[float, ...] | None = None
+    and_parts: int = 1  # number of " AND " sub-prompts (regional prompts)
+    deep_shrink: Any = None
+    gradual_latent: Any = None
 
     @classmethod
     def of(cls, job: ImageJob) -> BatchKey:
-        return cls(job.width, job.height, job.steps, job.sampler, job.schedule, job.eta)
+        return cls(job.width, job.height, job.steps, job.sampler, job.schedule, job.eta, job.strength,
+                   job.negative_scale, job.network_muls, job.prompt.count(" AND ") + 1, job.deep_shrink,
+                   job.gradual_latent)
+
+    def order(self) -> tuple:
+        """Sort key: network weights change least often (patching is expensive), then size, then the rest."""
+        return (repr(self.network_muls), self.width * self.height, self.width, self.height, self.steps,
+                self.sampler, self.schedule, repr(self))
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,15 +48,29 @@ class Batch:
 
 
 def make_batches(jobs: Iterable[ImageJob], batch_size: int) -> list[Batch]:
-    """Group by BatchKey across the whole run (groups in order of first appearance), then split.
+    """Group by BatchKey across the whole run, order the groups to avoid switches, then split.
 
-    Output names and seeds live on the jobs, so neither the grouping nor batch_size changes any file.
+    Output names and seeds live on the jobs, so neither grouping, order nor batch_size changes any file.
     """
     groups: dict[BatchKey, list[ImageJob]] = {}
     for job in jobs:
         groups.setdefault(BatchKey.of(job), []).append(job)
     return [
-        Batch(key, tuple(members[i : i + batch_size]))
-        for key, members in groups.items()
-        for i in range(0, len(members), batch_size)
+        Batch(key, tuple(groups[key][i : i + batch_size]))
+        for key in sorted(groups, key=BatchKey.order)
+        for i in range(0, len(groups[key]), batch_size)
     ]
+
+
+def neighbour_batches(jobs: Iterable[ImageJob], batch_size: int) -> list[Batch]:
+    """The reference tool's batching, for comparison: only consecutive equal keys share a batch."""
+    batches: list[Batch] = []
+    pending: list[ImageJob] = []
+    for job in jobs:
+        if pending and (BatchKey.of(pending[-1]) != BatchKey.of(job) or len(pending) == batch_size):
+            batches.append(Batch(BatchKey.of(pending[0]), tuple(pending)))
+            pending = []
+        pending.append(job)
+    if pending:
+        batches.append(Batch(BatchKey.of(pending[0]), tuple(pending)))
+    return batches

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -11,7 +12,7 @@ class ImageJob:
 
     index: int  # position of the image in the run (0-based); stable whatever the batching
     file_name: str  # e.g. "00003-1237.png", deterministic, no timestamps
-    prompt: str
+    prompt: str  # the prompt as encoded: dynamic parts expanded, weights as written
     negative_prompt: str
     seed: int
     width: int
@@ -22,6 +23,13 @@ class ImageJob:
     cfg_scale: float
     eta: float
     origin: str  # where the prompt came from: "prompt", "prompt[2]", "prompts.txt:14"
+    raw_prompt: str = ""  # the line as written, options included
+    negative_scale: float | None = None  # --nl (separate negative-prompt scale)
+    strength: float | None = None  # --t (img2img)
+    network_muls: tuple[float, ...] | None = None  # --am
+    clip_prompt: str | None = None  # --c (recorded only)
+    deep_shrink: Any = None  # --dsd1 ... (sdbatch.prompts.syntax.DeepShrink)
+    gradual_latent: Any = None  # --glt ... (sdbatch.prompts.syntax.GradualLatent)
 
 
 @dataclass(frozen=True, slots=True)

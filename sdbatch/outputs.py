@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -45,8 +46,10 @@ def image_params(job: ImageJob, model: ModelInfo, version: str) -> dict[str, Any
         "schedule": effective_schedule(job.sampler, job.schedule),
         "cfg_scale": job.cfg_scale,
         "eta": job.eta,
-        "strength": None,
+        "strength": job.strength,
+        "negative_scale": job.negative_scale,
         "networks": [],
+        "network_muls": list(job.network_muls) if job.network_muls is not None else None,
         "clip_skip": model.clip_skip,
         "model": model.name,
         "model_hash": model.hash,
@@ -55,9 +58,18 @@ def image_params(job: ImageJob, model: ModelInfo, version: str) -> dict[str, Any
         "v_prediction": model.v_prediction,
         "precision": model.precision,
         "origin": job.origin,
+        "raw_prompt": job.raw_prompt,
+        "clip_prompt": job.clip_prompt,
+        "deep_shrink": _record(job.deep_shrink),
+        "gradual_latent": _record(job.gradual_latent),
         "index": job.index,
         "sdbatch_version": version,
     }
+
+
+def _record(value: Any) -> Any:
+    """A frozen options record (Deep Shrink, Gradual Latent) as a plain dict; None stays None."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 # ---------------------------------------------------------------- A1111 infotext
@@ -256,6 +268,10 @@ class RunDir:
             tmp.unlink(missing_ok=True)
             raise _write_error(target, exc) from None
         return target
+
+    def done_files(self) -> set[str]:
+        """File names already listed in manifest.jsonl (from earlier runs and this one)."""
+        return set(self._done)
 
     def is_done(self, job: ImageJob) -> bool:
         """True when resuming and the image is both in the manifest and on disk."""

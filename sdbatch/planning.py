@@ -1,13 +1,21 @@
-"""RunSpec + prompt lines → one ImageJob per image: seeds, repeats and deterministic file names."""
+"""RunSpec + prompt lines → one ImageJob per image: options, dynamic prompts, seeds and file names."""
 
 from __future__ import annotations
 
+import logging
 import random
+from dataclasses import dataclass
+from pathlib import Path
 
 from sdbatch.config.schema import RunSpec
+from sdbatch.errors import PromptError
 from sdbatch.jobs import ImageJob
+from sdbatch.prompts.dynamic import Wildcards, enumerate_variants, expand
 from sdbatch.prompts.sources import PromptLine
+from sdbatch.prompts.syntax import OFF, ParsedLine, parse_line
 from sdbatch.samplers import effective_schedule
+
+log = logging.getLogger(__name__)
 
 SEED_LIMIT = 2**32  # seeds live in [0, 2**32), as in A1111 and the reference tool
 
@@ -17,19 +25,64 @@ def random_base_seed() -> int:
     return random.SystemRandom().randrange(SEED_LIMIT)
 
 
-def plan(spec: RunSpec, lines: list[PromptLine], base_seed: int) -> list[ImageJob]:
-    """Every image of the run in order: n_iter passes over the lines, images_per_prompt each.
+@dataclass(frozen=True, slots=True)
+class _Line:
+    """A parsed prompt line with the run's default negative prompt."""
 
-    Image k of the run gets seed base_seed + k (A1111 style), so any image can be redone alone.
+    parsed: ParsedLine
+    default_negative: str
+
+
+def parse_lines(spec: RunSpec, lines: list[PromptLine]) -> list[_Line]:
+    """Parse every line's in-prompt options; with on_error=skip a bad line is dropped with a warning."""
+    parsed = []
+    for line in lines:
+        try:
+            parsed.append(_Line(parse_line(line.text, line.origin), line.negative))
+        except PromptError as ex:
+            if spec.on_error != "skip":
+                raise
+            log.warning("skipped: %s <on_error=skip>", ex)
+    return parsed
+
+
+def plan(spec: RunSpec, lines: list[PromptLine], base_seed: int, *, start: int = 0,
+         taken: set[str] | None = None) -> list[ImageJob]:
+    """Every image of the run in order: n_iter passes over the lines, images_per_prompt per prompt variant.
+
+    Image k of the run gets seed base_seed + k (A1111 style) unless the line gives seeds with --d or
+    iter_same_seed is set, so any image can be redone alone from its recorded seed. `start` and
+    `taken` continue the numbering and names of earlier images (interactive mode).
     """
-    jobs = []
-    for _ in range(spec.n_iter):
-        for line in lines:
-            for _ in range(spec.images_per_prompt):
-                index = len(jobs)
-                seed = (base_seed + index) % SEED_LIMIT
-                jobs.append(_job(spec, line, index, seed))
+    parsed = parse_lines(spec, lines)
+    if spec.shuffle_prompts:
+        random.Random(base_seed).shuffle(parsed)
+    wildcards = Wildcards(Path(spec.prompts.wildcards_dir) if spec.prompts.wildcards_dir else None)
+    jobs: list[ImageJob] = []
+    names = taken if taken is not None else set()
+    line_counts: dict[int, int] = {}
+    for pass_index in range(spec.n_iter):
+        for number, line in enumerate(parsed):
+            for variant in enumerate_variants(line.parsed.prompt, wildcards, origin=line.parsed.origin):
+                for _ in range(spec.images_per_prompt):
+                    index, nth = start + len(jobs), line_counts.get(number, 0)
+                    line_counts[number] = nth + 1
+                    seed = _seed(spec, line.parsed, base_seed, index, pass_index, nth)
+                    name = _unique(_file_name(spec, line.parsed, index, seed, nth), names)
+                    jobs.append(_job(spec, line, variant, wildcards, index, seed, name))
     return jobs
+
+
+def _seed(spec: RunSpec, line: ParsedLine, base_seed: int, index: int, pass_index: int, nth: int) -> int:
+    seeds = line.options.seeds
+    if seeds:
+        if nth < len(seeds):
+            return seeds[nth]
+        if nth == len(seeds):
+            log.warning("%s: more images than --d seeds (%d); the rest get derived seeds", line.origin, len(seeds))
+    if spec.iter_same_seed:
+        return (base_seed + pass_index) % SEED_LIMIT
+    return (base_seed + index) % SEED_LIMIT
 
 
 def file_name(naming: str, index: int, seed: int) -> str:
@@ -39,20 +92,44 @@ def file_name(naming: str, index: int, seed: int) -> str:
     return f"{index:05d}-{seed}.png"
 
 
-def _job(spec: RunSpec, line: PromptLine, index: int, seed: int) -> ImageJob:
-    sampler = spec.sampler
+def _file_name(spec: RunSpec, line: ParsedLine, index: int, seed: int, nth: int) -> str:
+    """--f names a line's images (stem, stem-1, stem-2, ...); otherwise the run's naming scheme."""
+    given = line.options.file_name
+    if not given:
+        return file_name(spec.output.naming, index, seed)
+    stem, dot, ext = given.rpartition(".")
+    return given if nth == 0 else f"{stem}-{nth}{dot}{ext}"
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """Never overwrite another image of the run: a clash gets a numbered suffix."""
+    stem, dot, ext = name.rpartition(".")
+    candidate, n = name, 1
+    while candidate in taken:
+        candidate, n = f"{stem}_{n}{dot}{ext}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _job(spec: RunSpec, line: _Line, variant: str, wildcards: Wildcards, index: int, seed: int,
+         name: str) -> ImageJob:
+    opts, sampler, origin = line.parsed.options, spec.sampler, line.parsed.origin
+    negative = opts.negative if opts.negative is not None else line.default_negative
     return ImageJob(
-        index=index,
-        file_name=file_name(spec.output.naming, index, seed),
-        prompt=line.text,
-        negative_prompt=line.negative,
-        seed=seed,
-        width=spec.width,
-        height=spec.height,
-        steps=sampler.steps,
-        sampler=sampler.name,
-        schedule=effective_schedule(sampler.name, sampler.schedule),
-        cfg_scale=sampler.cfg_scale,
-        eta=sampler.eta,
-        origin=line.origin,
+        index=index, file_name=name, seed=seed,
+        prompt=expand(variant, seed, wildcards, origin=origin),
+        negative_prompt=expand(negative, seed, wildcards, origin=origin),
+        width=_given(opts.width, spec.width), height=_given(opts.height, spec.height),
+        steps=_given(opts.steps, sampler.steps), cfg_scale=_given(opts.cfg_scale, sampler.cfg_scale),
+        sampler=sampler.name, schedule=effective_schedule(sampler.name, sampler.schedule), eta=sampler.eta,
+        origin=origin, raw_prompt=line.parsed.raw,
+        negative_scale=None if opts.negative_scale is OFF else opts.negative_scale,
+        strength=opts.strength, network_muls=opts.network_muls, clip_prompt=opts.clip_prompt,
+        deep_shrink=opts.deep_shrink, gradual_latent=opts.gradual_latent,
     )
+
+
+def _given(value, default):
+    return default if value is None else value
+
+

@@ -1,11 +1,14 @@
-"""One run: plan → batch → engine → outputs, with progress bars and resume."""
+"""One run: prompts → plan → batch → engine → outputs, with progress bars, resume and interactive mode."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import yaml
 from tqdm import tqdm
@@ -14,9 +17,11 @@ from sdbatch import __version__
 from sdbatch.batching import make_batches
 from sdbatch.config.resolve import to_plain
 from sdbatch.config.schema import RunSpec
+from sdbatch.errors import PromptError
+from sdbatch.jobs import ImageJob
 from sdbatch.outputs import CONFIG, RunDir, image_params
 from sdbatch.planning import plan, random_base_seed
-from sdbatch.prompts.sources import read_prompts
+from sdbatch.prompts.sources import PromptLine, read_prompts
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +33,17 @@ class RunResult:
     skipped: int  # images already done by an earlier run into the same directory (resume)
 
 
-def run(spec: RunSpec, run_dir: Path) -> RunResult:
+def run(spec: RunSpec, run_dir: Path, stdin: TextIO | None = None) -> RunResult:
     """Generate every image of the run spec into run_dir; images already done there are skipped."""
     out = RunDir(run_dir, resume=spec.output.resume)
     base_seed = _base_seed(spec, run_dir)
-    lines = read_prompts(spec.prompt, spec.negative_prompt, spec.prompt_file)
-    jobs = plan(spec, lines, base_seed)
+    if spec.interactive:
+        return _run_interactive(spec, out, base_seed, stdin or sys.stdin)
+    # a prompt module may use the models, so they load first; otherwise prompt errors come before loading
+    engine = _engine(spec) if spec.prompt_module else None
+    jobs = plan(spec, _prompt_lines(spec, engine), base_seed)
     todo = [job for job in jobs if not out.is_done(job)]
-    from sdbatch.engine.engine import get_engine  # torch loads only once there is work to do
-
-    engine = get_engine(spec.model, spec.perf)
+    engine = engine or _engine(spec)
     out.write_config({**to_plain(spec), "seed": base_seed}, engine.model_hashes())
     if len(todo) < len(jobs):
         log.info("resuming: %d of %d images already in %s <output.resume>", len(jobs) - len(todo), len(jobs), run_dir)
@@ -48,7 +54,52 @@ def run(spec: RunSpec, run_dir: Path) -> RunResult:
     return RunResult(run_dir, written, len(jobs) - len(todo))
 
 
-def _generate(engine, out: RunDir, todo: list, spec: RunSpec, total: int) -> list[Path]:
+def _engine(spec: RunSpec):
+    from sdbatch.engine.engine import get_engine  # torch loads only once there is work to do
+
+    engine = get_engine(spec.model, spec.perf)
+    # run-level prompt settings; both are part of the text cache key, so a shared engine stays correct
+    engine.text.max_multiples = spec.max_embeddings_multiples
+    engine.text.normalize = spec.emb_normalize_mode
+    return engine
+
+
+def _prompt_lines(spec: RunSpec, engine) -> list[PromptLine]:
+    """prompt_file lines, then inline prompts, then what prompt_module yields."""
+    lines = []
+    if spec.prompt_file or spec.prompt:
+        lines = read_prompts(spec.prompt, spec.negative_prompt, spec.prompt_file)
+    if spec.prompt_module:
+        from sdbatch.prompts.module import load_prompter
+
+        lines += list(load_prompter(spec.prompt_module, spec, engine))
+    return lines
+
+
+def _run_interactive(spec: RunSpec, out: RunDir, base_seed: int, stream: TextIO) -> RunResult:
+    """Read prompt lines from `stream` and generate each as it comes; print the saved paths."""
+    from sdbatch.prompts.interactive import preview_available, read_lines, report_saved, show_preview
+
+    engine = _engine(spec)
+    out.write_config({**to_plain(spec), "seed": base_seed}, engine.model_hashes())
+    spec = dataclasses.replace(spec, n_iter=1)  # one pass per typed line, as the reference does
+    preview, taken, written = preview_available(spec.no_preview), out.done_files(), []
+    for number, text in enumerate(read_lines(stream), start=1):
+        line = PromptLine(text, spec.negative_prompt, f"stdin:{number}")
+        try:
+            jobs = plan(spec, [line], base_seed, start=len(taken), taken=taken)
+        except PromptError as ex:  # a typo in one line should not end the session
+            log.error("%s", ex)
+            continue
+        saved = _generate(engine, out, jobs, spec, len(jobs))
+        report_saved(saved)
+        if preview:
+            show_preview(saved, text)
+        written += saved
+    return RunResult(out.path, written, 0)
+
+
+def _generate(engine, out: RunDir, todo: list[ImageJob], spec: RunSpec, total: int) -> list[Path]:
     written = []
     show = spec.perf.progress
     with tqdm(total=total, initial=total - len(todo), desc="images", unit="img", disable=not show) as bar:

@@ -65,7 +65,7 @@ def test_rerun_into_the_same_directory_skips_done_images(cache_dir, tmp_path) ->
     assert run_cli(args, cache_dir, tmp_path).returncode == 0
     first = {p.name: p.stat().st_mtime_ns for p in run_dir.glob("*.png")}
     again = run_cli(args, cache_dir, tmp_path)
-    assert again.returncode == 0 and "0 new image(s), 2 already done" in again.stdout
+    assert again.returncode == 0 and "0 new image(s), 2 already done" in again.stderr
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.glob("*.png")} == first
     assert len(manifest(run_dir)) == 2
 

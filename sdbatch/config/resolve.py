@@ -22,8 +22,11 @@ _CHOICES = {
     "model.precision": ("auto", "fp32", "fp16", "bf16"),
     "perf.attention": ("sdpa", "xformers", "eager"),
     "output.naming": ("default", "sequential"),
+    "on_error": ("stop", "skip"),
+    "emb_normalize_mode": ("original", "abs", "none"),
 }
-_POSITIVE = ("width", "height", "images_per_prompt", "n_iter", "batch_size", "sampler.steps", "model.clip_skip")
+_POSITIVE = ("width", "height", "images_per_prompt", "n_iter", "batch_size", "sampler.steps", "model.clip_skip",
+             "max_embeddings_multiples")
 
 
 def resolve(cfg: DictConfig) -> RunSpec:
@@ -104,5 +107,5 @@ def _check_prompt(spec: RunSpec) -> None:
     if prompt is not None and not isinstance(prompt, str):
         if not isinstance(prompt, list) or not all(isinstance(p, str) for p in prompt):
             raise ConfigError(f"prompt must be a string or a list of strings, got {prompt!r}")
-    if prompt in (None, []) and spec.prompt_file is None:
-        raise ConfigError("no prompt: set prompt='...' or prompt_file=PATH")
+    if prompt in (None, []) and spec.prompt_file is None and spec.prompt_module is None and not spec.interactive:
+        raise ConfigError("no prompt: set prompt='...', prompt_file=PATH, prompt_module=FILE.py or interactive=true")

@@ -72,6 +72,11 @@ class OutputConfig:
 
 
 @dataclass(**_SPEC)
+class PromptsConfig:
+    wildcards_dir: str | None = None  # folder of NAME.txt files for __NAME__ wildcards (one option per line)
+
+
+@dataclass(**_SPEC)
 class RunSpec:
     model: ModelConfig = MISSING
     sampler: SamplerConfig = MISSING
@@ -80,15 +85,24 @@ class RunSpec:
     highres: HighresConfig = MISSING
     perf: PerfConfig = field(default_factory=PerfConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-    prompt: Any = None  # a string or a list of strings
-    negative_prompt: str = ""
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    prompt: Any = None  # a string or a list of strings; in-prompt options (--w 768 --n ...) allowed
+    negative_prompt: str = ""  # default negative prompt (a line's --n replaces it)
     prompt_file: str | None = None  # UTF-8, one prompt per line; blank lines and '#' comments skipped
+    prompt_module: str | None = None  # Python file with get_prompter(spec, engine) yielding prompt lines
+    interactive: bool = False  # read prompts from standard input, generate each as it comes
+    no_preview: bool = False  # interactive: never open a preview window
+    on_error: str = "stop"  # stop | skip: what a malformed prompt line does
     width: int = 512  # pixels, multiple of 8
     height: int = 512  # pixels, multiple of 8
     seed: int | None = None  # image k gets seed + k; null = random (recorded)
     images_per_prompt: int = 1
     n_iter: int = 1  # repeat the whole prompt list this many times
     batch_size: int = 1  # images per UNet call
+    iter_same_seed: bool = False  # every image of one n_iter pass shares that pass's seed
+    shuffle_prompts: bool = False  # shuffle the prompt lines (seeded by the run's base seed)
+    max_embeddings_multiples: int = 1  # prompt length in 75-token chunks: 1 = 75 tokens, 3 = 225
+    emb_normalize_mode: str = "original"  # original | abs | none: rescaling after prompt weights
 
 
 GROUPS = {"model": ModelConfig, "sampler": SamplerConfig, "network": NetworkConfig,

@@ -49,11 +49,14 @@ class Engine:
         """Generate the batch's images, in the order of batch.jobs."""
         jobs, key = batch.jobs, batch.key
         device = self.placement.device
-        # 1. Encode prompts (cached per prompt and clip skip); no CFG pass when no image asks for it
+        # 1. Encode prompts (weighted, chunked, cached); no CFG pass when no image asks for it
         guided = any(j.cfg_scale > 1 for j in jobs)
+        embeddings, negative = self.text.encode_batch(
+            [j.prompt for j in jobs], [j.negative_prompt for j in jobs] if guided else None,
+            clip_skip=self.clip_skip, origins=[j.origin for j in jobs],
+        )
         cond = Conditioning(
-            embeddings=self.text.encode([j.prompt for j in jobs], self.clip_skip),
-            negative=self.text.encode([j.negative_prompt for j in jobs], self.clip_skip) if guided else None,
+            embeddings=embeddings, negative=negative,
             cfg_scales=torch.tensor([j.cfg_scale for j in jobs], dtype=torch.float32, device=device),
         )
         # 2. Prepare timesteps and start latents, one generator per image

@@ -1,43 +1,159 @@
-"""Text conditioning: prompts → CLIP token ids → text-encoder embeddings, cached per (prompt, clip_skip)."""
+"""Text conditioning: weighted prompts → 75-token chunks of CLIP ids → text-encoder embeddings, cached.
+
+A prompt is parsed for attention syntax (:mod:`sdbatch.prompts.weighting`), each weighted run is tokenized
+on its own, and the tokens are cut into chunks of 75 (a ``BREAK`` ends a chunk early). Each chunk is
+encoded as ``BOS + 75 + EOS`` (77 ids, CLIP padding after EOS) and the chunk embeddings are concatenated,
+so a batch gives ``(B, 77·n, D)`` with ``n`` the most chunks any prompt or negative of the batch needs, at
+most ``max_embeddings_multiples``. Token weights then scale the embeddings, with the reference's mean
+renormalisation (gen_img_inventory.md §7.2-7.3). A one-chunk prompt without weights gives exactly the plain
+``text_encoder(ids)`` output.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from sdbatch.errors import ConfigError
+from sdbatch.prompts.weighting import is_break, parse_weights
 
 log = logging.getLogger(__name__)
 
+CHUNK = 75  # tokens per encoder pass; with BOS and EOS that is CLIP's 77 positions
+NORMALIZE_MODES = ("original", "abs", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class PromptTokens:
+    """A prompt's token ids cut into chunks of at most 75, and the weight of each id."""
+
+    chunks: tuple[tuple[int, ...], ...]  # at least one chunk; a chunk may be empty (leading BREAK)
+    weights: tuple[tuple[float, ...], ...]  # same shape as chunks
+
 
 class TextEncoder:
-    """Encodes prompts with one tokenizer and text encoder; remembers recent encodings."""
+    """Encodes prompts with one tokenizer and text encoder; remembers recent encodings.
+
+    ``max_multiples`` and ``normalize`` are the defaults of :meth:`encode_batch` (config keys
+    ``max_embeddings_multiples`` and ``emb_normalize_mode``); set them per run.
+
+    Hooks for Textual Inversion: every weighted run is tokenized by :meth:`_tokens` (extra tokens can be
+    spliced in there) and every id tensor goes through the text encoder in :meth:`_hidden`.
+    """
 
     def __init__(self, tokenizer, text_encoder: torch.nn.Module, cache_size: int = 256) -> None:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
-        self._cache: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+        self.max_multiples = 1
+        self.normalize = "original"
+        # (text, clip_skip, k, normalize, chunk count) → (77·n, D) embedding
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._token_cache: OrderedDict[tuple, PromptTokens] = OrderedDict()  # (text, k) → tokens
         self._cache_size = cache_size
         self.encoded = 0  # prompts actually run through the text encoder (cache misses)
 
     def encode(self, prompts: list[str], clip_skip: int) -> torch.Tensor:
-        """Embeddings for each prompt, (B, 77, D); clip_skip 1 = last layer, n = n-th layer from the end."""
-        missing = list(dict.fromkeys(p for p in prompts if (p, clip_skip) not in self._cache))
+        """Embeddings for each prompt, (B, 77·n, D); clip_skip 1 = last layer, n = n-th layer from the end."""
+        return self.encode_batch(prompts, None, clip_skip=clip_skip)[0]
+
+    def encode_batch(
+        self, prompts: list[str], negatives: list[str] | None, *, clip_skip: int, max_multiples: int | None = None,
+        normalize: str | None = None, origins: list[str] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cond, uncond) embeddings, both (B, 77·n, D) with the same n; uncond is None without negatives.
+
+        ``max_multiples`` (k) caps n: longer prompts are cut to 75·k tokens with one warning each, naming
+        ``origins[i]`` (e.g. ``prompts.txt:4``). ``normalize`` is original | abs | none.
+        """
+        k = self.max_multiples if max_multiples is None else max_multiples
+        mode = self.normalize if normalize is None else normalize
+        if not isinstance(k, int) or k < 1:
+            raise ConfigError(f"max_embeddings_multiples must be an integer >= 1, got {k!r}")
+        if mode not in NORMALIZE_MODES:
+            raise ConfigError(f"emb_normalize_mode must be one of {', '.join(NORMALIZE_MODES)}, got {mode!r}")
+        if negatives is not None and len(negatives) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        origins = origins or ["prompt"] * len(prompts)
+        pos = [self.tokenize(p, k, o) for p, o in zip(prompts, origins, strict=True)]
+        neg = [] if negatives is None else [
+            self.tokenize(p, k, o, "negative prompt") for p, o in zip(negatives, origins, strict=True)]
+        # Prompts and negatives share one chunk count: the UNet gets both halves in one CFG call.
+        n = max(len(t.chunks) for t in pos + neg)
+        settings = (clip_skip, k, mode, n)
+        cond = self._embed(prompts, pos, settings)
+        uncond = self._embed(negatives, neg, settings) if negatives is not None else None
+        return cond, uncond
+
+    def tokenize(self, text: str, k: int, origin: str = "prompt", what: str = "prompt") -> PromptTokens:
+        """Weighted token chunks of ``text``, at most k chunks (cached; a truncation warns when computed)."""
+        key = (text, k)
+        hit = self._token_cache.get(key)
+        if hit is None:
+            hit = self._chunk(text, k, origin, what)
+        _remember(self._token_cache, key, hit, self._cache_size)
+        return hit
+
+    def _chunk(self, text: str, k: int, origin: str, what: str) -> PromptTokens:
+        """Tokenize each weighted run, cut into chunks of 75 (BREAK ends one early), keep the first k."""
+        chunks: list[list[int]] = [[]]
+        weights: list[list[float]] = [[]]
+        for run in parse_weights(text):
+            if is_break(run):  # pad the current chunk (even an empty one) and start a new one
+                chunks.append([])
+                weights.append([])
+                continue
+            for token in self._tokens(run[0]):
+                if len(chunks[-1]) == CHUNK:
+                    chunks.append([])
+                    weights.append([])
+                chunks[-1].append(token)
+                weights[-1].append(run[1])
+        if len(chunks) > 1 and not chunks[-1]:
+            chunks.pop()  # a trailing BREAK adds no empty chunk (as A1111)
+            weights.pop()
+        dropped = [t for chunk in chunks[k:] for t in chunk]
+        if dropped:
+            log.warning("%s: %s %r is longer than %d tokens and was truncated; dropped: %r "
+                        "<max_embeddings_multiples=%d>", origin, what, _short(text), CHUNK * k,
+                        _short(self.tokenizer.decode(dropped)), k)
+        return PromptTokens(tuple(map(tuple, chunks[:k])), tuple(map(tuple, weights[:k])))
+
+    def _tokens(self, text: str) -> list[int]:
+        """Token ids of one weighted run, without BOS/EOS (the Textual Inversion hook)."""
+        return self.tokenizer.encode(text)
+
+    def _embed(self, texts: list[str], tokens: list[PromptTokens], settings: tuple) -> torch.Tensor:
+        """(B, 77·n, D) for texts; one text-encoder call for all the chunks of the cache misses."""
+        clip_skip, _, mode, n = settings
+        keys = [(text, *settings) for text in texts]
+        found = {key: self._cache[key] for key in keys if key in self._cache}
+        missing = {key: tok for key, tok in zip(keys, tokens, strict=True) if key not in found}
         if missing:
-            for prompt, emb in zip(missing, self._run(missing, clip_skip), strict=True):
-                self._remember((prompt, clip_skip), emb)
-        return torch.stack([self._cache[(p, clip_skip)] for p in prompts])
+            rows = [row for tok in missing.values() for row in self._chunk_ids(tok, n)]
+            hidden = self._hidden(torch.tensor(rows, device=self.text_encoder.device), clip_skip)
+            self.encoded += len(missing)
+            for j, (key, tok) in enumerate(missing.items()):
+                emb = hidden[j * n : (j + 1) * n].reshape(n * hidden.shape[1], hidden.shape[2])
+                found[key] = apply_weights(emb, _chunk_weights(tok, n), mode)
+        for key, emb in found.items():
+            _remember(self._cache, key, emb, self._cache_size)
+        return torch.stack([found[key] for key in keys])
+
+    def _chunk_ids(self, tok: PromptTokens, n: int) -> list[list[int]]:
+        """n rows of 77 ids: BOS + chunk + EOS + pad each; chunks the prompt does not need are empty."""
+        chunks = [*tok.chunks, *[()] * (n - len(tok.chunks))]
+        return [self.tokenizer.pad(list(chunk), CHUNK + 2) for chunk in chunks]
 
     @torch.no_grad()
-    def _run(self, prompts: list[str], clip_skip: int) -> torch.Tensor:
-        ids = [self._token_ids(p) for p in prompts]
-        device = self.text_encoder.device
-        out = self.text_encoder(torch.tensor(ids, device=device), output_hidden_states=clip_skip > 1)
-        self.encoded += len(prompts)
+    def _hidden(self, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
+        """Text-encoder output for (N, 77) ids, (N, 77, D); the one place the encoder runs."""
+        out = self.text_encoder(ids, output_hidden_states=clip_skip > 1)
         if clip_skip == 1:
-            return out.last_hidden_state  # (B, 77, D), final layer norm applied
+            return out.last_hidden_state  # (N, 77, D), final layer norm applied
         layers = len(out.hidden_states) - 1
         if clip_skip > layers:
             raise ConfigError(f"model.clip_skip={clip_skip} but the text encoder has only {layers} layers")
@@ -45,15 +161,41 @@ class TextEncoder:
         # transformers 5 flattened CLIPTextModel (no .text_model); older releases nest it
         return getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm(hidden)
 
-    def _token_ids(self, prompt: str) -> list[int]:
-        ids, truncated = self.tokenizer.encode_padded(prompt)
-        if truncated:
-            kept = self.tokenizer.decode(ids)
-            log.warning("prompt longer than 75 tokens was truncated to: %r <prompt>", kept)
-        return ids
 
-    def _remember(self, key: tuple[str, int], emb: torch.Tensor) -> None:
-        self._cache[key] = emb
-        self._cache.move_to_end(key)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+def apply_weights(emb: torch.Tensor, weights: list[float], mode: str) -> torch.Tensor:
+    """Scale each token's embedding (rows of ``emb``, (T, D)) by its weight, then renormalise (§7.3).
+
+    ``original``: rescale so the mean of the whole tensor is what it was before weighting; ``abs``: the same
+    with the mean of absolute values; ``none``: only scale. Means are taken in fp32 and cast back, as the
+    reference does. All weights 1.0 return ``emb`` itself, so unweighted prompts stay exact.
+    """
+    if all(w == 1.0 for w in weights):
+        return emb
+    scaled = emb * torch.tensor(weights, dtype=emb.dtype, device=emb.device)[:, None]
+    if mode == "none":
+        return scaled
+    stat = torch.abs if mode == "abs" else (lambda x: x)
+    before = stat(emb).float().mean().to(emb.dtype)
+    after = stat(scaled).float().mean().to(emb.dtype)
+    # A zero mean after weighting (all weights ~0) has no meaningful rescale; the reference would give inf.
+    return scaled * torch.where(after != 0, before / after, torch.ones_like(after))
+
+
+def _chunk_weights(tok: PromptTokens, n: int) -> list[float]:
+    """77·n weights matching _chunk_ids: 1.0 for BOS, EOS, padding and unused chunks."""
+    out: list[float] = []
+    for j in range(n):
+        w = list(tok.weights[j]) if j < len(tok.weights) else []
+        out += [1.0, *w, *[1.0] * (CHUNK + 1 - len(w))]
+    return out
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _remember(cache: OrderedDict, key: Any, value: Any, size: int) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > size:
+        cache.popitem(last=False)

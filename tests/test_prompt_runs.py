@@ -1,0 +1,125 @@
+"""Prompt files end to end: per-line options, dynamic prompts, seeds, batching invariance and errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from engine_helpers import pixels, spec
+
+from sdbatch.errors import PromptError
+from sdbatch.planning import plan
+from sdbatch.prompts.sources import PromptLine, read_prompts
+from sdbatch.runner import run
+
+torch.set_num_threads(1)
+
+MIXED = """# a mixed prompt file
+a red cube --w 64 --h 64
+a blue ball --w 48 --h 64 --l 4
+a green cone --s 3 --n blurry, dark
+a {tiny|huge} house --l 9 --w 48 --h 64
+a yellow star --d 77,78
+an orange moon --w 64 --h 48 --s 3
+a purple tree
+a white cloud --w 48 --h 64
+a black cat --l 2.5 --s 3
+a grey dog --w 64 --h 48
+a pink flower --n ugly
+a brown bear --w 48 --h 64 --s 3
+"""
+
+
+def _manifest(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "manifest.jsonl").read_text().splitlines()]
+
+
+def _run_file(tmp_path: Path, checkpoint: Path, text: str, name: str, **changes) -> Path:
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text(text, encoding="utf-8")
+    run_spec = spec(checkpoint, prompt=None, prompt_file=str(prompt_file), steps=2, seed=5, **changes)
+    return run(run_spec, tmp_path / name).run_dir
+
+
+def test_options_change_what_they_should(sd1_single_file, tmp_path) -> None:
+    lines = {rec["origin"]: rec for rec in _manifest(_run_file(tmp_path, sd1_single_file, MIXED, "r"))}
+    assert (lines["prompts.txt:3"]["width"], lines["prompts.txt:3"]["cfg_scale"]) == (48, 4.0)
+    assert lines["prompts.txt:4"]["steps"] == 3 and lines["prompts.txt:4"]["negative_prompt"] == "blurry, dark"
+    assert lines["prompts.txt:5"]["prompt"] in ("a tiny house", "a huge house")
+    assert lines["prompts.txt:5"]["raw_prompt"] == "a {tiny|huge} house --l 9 --w 48 --h 64"
+    assert lines["prompts.txt:6"]["seed"] == 77
+    assert lines["prompts.txt:8"]["steps"] == 2 and lines["prompts.txt:8"]["width"] == 64
+    image = pixels(tmp_path / "r" / lines["prompts.txt:3"]["file"])
+    assert image.shape == (64, 48, 3)
+
+
+def test_batch_size_and_order_change_no_file(sd1_single_file, tmp_path) -> None:
+    one = _run_file(tmp_path, sd1_single_file, MIXED, "b1", batch_size=1)
+    four = _run_file(tmp_path, sd1_single_file, MIXED, "b4", batch_size=4)
+    names = sorted(p.name for p in one.glob("*.png"))
+    assert names == sorted(p.name for p in four.glob("*.png")) and len(names) == 12
+    for name in names:
+        a, b = pixels(one / name).astype(int), pixels(four / name).astype(int)
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01, name
+
+
+def test_malformed_line_names_file_and_line(sd1_single_file, tmp_path) -> None:
+    with pytest.raises(PromptError, match=r"prompts.txt:2: .*--w"):
+        _run_file(tmp_path, sd1_single_file, "ok\nbad --w abc\n", "e")
+
+
+def test_on_error_skip_drops_the_line_and_goes_on(sd1_single_file, tmp_path, caplog) -> None:
+    run_dir = _run_file(tmp_path, sd1_single_file, "ok\nbad --d 1,\nfine\n", "s", on_error="skip")
+    assert [rec["origin"] for rec in _manifest(run_dir)] == ["prompts.txt:1", "prompts.txt:3"]
+    assert "prompts.txt:2" in caplog.text
+
+
+def _plan(text: str, **changes):
+    run_spec = dataclasses.replace(spec("unused.safetensors"), **changes)
+    return plan(run_spec, read_prompts(text, "", None), base_seed=100)
+
+
+def test_explicit_seeds_then_derived_with_a_warning(caplog) -> None:
+    jobs = _plan("x --d 1,2", images_per_prompt=3)
+    assert [j.seed for j in jobs] == [1, 2, 102]
+    assert "more images than --d seeds" in caplog.text
+
+
+def test_iter_same_seed_and_shuffle_are_reproducible() -> None:
+    jobs = _plan("x", images_per_prompt=2, n_iter=3, iter_same_seed=True)
+    assert [j.seed for j in jobs] == [100, 100, 101, 101, 102, 102]
+    lines = [PromptLine(f"p{i}", "", f"prompt[{i}]") for i in range(8)]
+    run_spec = dataclasses.replace(spec("unused.safetensors"), shuffle_prompts=True)
+    first, again = plan(run_spec, lines, 7), plan(run_spec, lines, 7)
+    assert [j.prompt for j in first] == [j.prompt for j in again] != [f"p{i}" for i in range(8)]
+
+
+def test_enumeration_makes_one_prompt_per_combination() -> None:
+    jobs = _plan("{e$$red|blue} {e$$cube|ball}")
+    assert sorted(j.prompt for j in jobs) == ["blue ball", "blue cube", "red ball", "red cube"]
+    assert len({j.seed for j in jobs}) == 4
+
+
+def test_file_name_option_stays_unique() -> None:
+    jobs = _plan("x --f cat.png", images_per_prompt=2, n_iter=2)
+    assert [j.file_name for j in jobs] == ["cat.png", "cat-1.png", "cat-2.png", "cat-3.png"]
+
+
+def test_prompt_module_lines_are_generated(sd1_single_file, tmp_path) -> None:
+    module = tmp_path / "prompter.py"
+    module.write_text(
+        "def get_prompter(spec, engine):\n"
+        "    assert engine.bundle.tokenizer.encode('cat')\n"
+        "    yield f'a cat --w {spec.width // 2}'\n"
+        "    yield {'prompt': 'a dog', 'negative_prompt': 'blurry'}\n",
+        encoding="utf-8",
+    )
+    run_spec = spec(sd1_single_file, prompt=None, prompt_module=str(module), steps=2, seed=1)
+    records = _manifest(run(run_spec, tmp_path / "m").run_dir)
+    assert [(r["prompt"], r["width"], r["negative_prompt"]) for r in records] == [("a cat", 32, ""),
+                                                                                 ("a dog", 64, "blurry")]
+    assert records[0]["origin"] == "prompter.py:#1"
