@@ -123,3 +123,27 @@ def test_prompt_module_lines_are_generated(sd1_single_file, tmp_path) -> None:
     assert [(r["prompt"], r["width"], r["negative_prompt"]) for r in records] == [("a cat", 32, ""),
                                                                                  ("a dog", 64, "blurry")]
     assert records[0]["origin"] == "prompter.py:#1"
+
+
+def test_recorded_options_reach_the_manifest(sd1_single_file, tmp_path) -> None:
+    line = ("a (red:1.3) cube --t 0.5 --nl 2 --am 0.5,1 --c a clip prompt --f cube --dsd1 2 --dst1 600 --dsr 0.5 "
+            "--glt 700 --glr 0.6 --gle 2 --gls 0.1 --glsn 1.0 --glus 3,0.5,0.5,0")
+    (record,) = _manifest(_run_file(tmp_path, sd1_single_file, line + "\n", "o"))
+    assert record["file"] == "cube.png" and (tmp_path / "o" / "cube.png").exists()
+    assert record["prompt"] == "a (red:1.3) cube" and record["raw_prompt"] == line
+    assert (record["strength"], record["negative_scale"], record["network_muls"]) == (0.5, 2.0, [0.5, 1.0])
+    assert record["clip_prompt"] == "a clip prompt"
+    assert record["deep_shrink"]["depth_1"] == 2 and record["deep_shrink"]["ratio"] == 0.5
+    assert record["gradual_latent"]["timesteps"] == 700 and record["gradual_latent"]["s_noise"] == 1.0
+
+
+def test_wildcards_dir_feeds_the_prompts(sd1_single_file, tmp_path) -> None:
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    (cards / "color.txt").write_text("crimson\nteal\n", encoding="utf-8")
+    from sdbatch.config.schema import PromptsConfig
+
+    run_dir = _run_file(tmp_path, sd1_single_file, "a __color__ car\n", "w", images_per_prompt=6,
+                        prompts=PromptsConfig(wildcards_dir=str(cards)))
+    prompts = [r["prompt"] for r in _manifest(run_dir)]
+    assert set(prompts) <= {"a crimson car", "a teal car"} and len(set(prompts)) == 2
