@@ -30,6 +30,16 @@ class ImageJob:
     clip_prompt: str | None = None  # --c (recorded only)
     deep_shrink: Any = None  # --dsd1 ... (sdbatch.prompts.syntax.DeepShrink)
     gradual_latent: Any = None  # --glt ... (sdbatch.prompts.syntax.GradualLatent)
+    init_image: str | None = None  # img2img: path of the init image file (None = txt2img)
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRef:
+    """A Textual Inversion embedding active in the run: its prompt name, file and A1111 short hash."""
+
+    name: str  # the prompt token (file name without extension)
+    file: str  # resolved path of the embedding file
+    hash: str  # first 12 hex digits of the file's sha256 (A1111 "TI hashes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,3 +54,5 @@ class ModelInfo:
     precision: str  # fp32 | fp16 | bf16 (as actually used)
     vae_name: str | None = None
     vae_hash: str | None = None
+    embeddings: tuple[EmbeddingRef, ...] = ()  # model.textual_inversion of the run; images record those they use
+    xti_embeddings: tuple[EmbeddingRef, ...] = ()  # model.xti_embeddings of the run, the same way

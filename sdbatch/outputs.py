@@ -16,7 +16,8 @@ from PIL import Image, PngImagePlugin
 
 from sdbatch import __version__
 from sdbatch.errors import OutputError
-from sdbatch.jobs import ImageJob, ModelInfo
+from sdbatch.jobs import EmbeddingRef, ImageJob, ModelInfo
+from sdbatch.prompts.embedding_names import used_names
 from sdbatch.samplers import a1111_name, a1111_schedule, effective_schedule
 
 MANIFEST = "manifest.jsonl"
@@ -47,9 +48,12 @@ def image_params(job: ImageJob, model: ModelInfo, version: str) -> dict[str, Any
         "cfg_scale": job.cfg_scale,
         "eta": job.eta,
         "strength": job.strength,
+        "init_image": job.init_image,
         "negative_scale": job.negative_scale,
         "networks": [],
         "network_muls": list(job.network_muls) if job.network_muls is not None else None,
+        "textual_inversion": _embeddings_used(job, model.embeddings),
+        "xti_embeddings": _embeddings_used(job, model.xti_embeddings),
         "clip_skip": model.clip_skip,
         "model": model.name,
         "model_hash": model.hash,
@@ -65,6 +69,19 @@ def image_params(job: ImageJob, model: ModelInfo, version: str) -> dict[str, Any
         "index": job.index,
         "sdbatch_version": version,
     }
+
+
+def _embeddings_used(job: ImageJob, embeddings: tuple[EmbeddingRef, ...]) -> list[dict[str, str]]:
+    """The run's (X)TI embeddings that the prompt or negative prompt uses, in config order."""
+    used = set(used_names([job.prompt, job.negative_prompt], [e.name for e in embeddings]))
+    return [{"name": e.name, "file": e.file, "hash": e.hash} for e in embeddings if e.name in used]
+
+
+def _ti_hashes(params: Mapping[str, Any]) -> str | None:
+    """A1111's `TI hashes` value, "name: hash, name2: hash" (names without `:` and `,`); None if none used."""
+    used = params.get("textual_inversion") or []
+    entries = [f"{e['name'].replace(':', '').replace(',', '')}: {e['hash']}" for e in used]
+    return ", ".join(entries) or None
 
 
 def _record(value: Any) -> Any:
@@ -105,8 +122,9 @@ def _a1111_fields(params: Mapping[str, Any]) -> dict[str, Any]:
         "Model": params.get("model"),
         "VAE hash": params.get("vae_hash") if has_vae else None,
         "VAE": params.get("vae") if has_vae else None,
-        "Denoising strength": _number(params.get("strength")),
+        "Denoising strength": _number(params.get("strength")) if params.get("init_image") else None,
         "Clip skip": clip_skip if clip_skip > 1 else None,
+        "TI hashes": _ti_hashes(params),
         "Version": f"sdbatch {params.get('sdbatch_version', __version__)}",
     }
 
@@ -296,9 +314,13 @@ class RunDir:
         grid = Image.new("RGB", (cols * cell_w, math.ceil(len(images) / cols) * cell_h))
         for i, im in enumerate(images):
             grid.paste(im, ((i % cols) * cell_w, (i // cols) * cell_h))
-        target = self.path / GRID
+        return self.save_sheet(grid, GRID)
+
+    def save_sheet(self, image: Image.Image, name: str) -> Path:
+        """A contact sheet or grid image in the run directory, written atomically, without metadata."""
+        target = self.path / name
         try:
-            self._write_png(grid, None, target)
+            self._write_png(image, None, target)
         except OSError as exc:
             raise _write_error(target, exc) from None
         return target

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdbatch.config.schema import RunSpec
-from sdbatch.errors import PromptError
+from sdbatch.errors import ConfigError, PromptError
+from sdbatch.init_images import image_size
 from sdbatch.jobs import ImageJob
 from sdbatch.prompts.dynamic import Wildcards, enumerate_variants, expand
 from sdbatch.prompts.sources import PromptLine
@@ -25,12 +26,17 @@ def random_base_seed() -> int:
     return random.SystemRandom().randrange(SEED_LIMIT)
 
 
+DEFAULT_SIZE = 512
+
+
 @dataclass(frozen=True, slots=True)
 class _Line:
-    """A parsed prompt line with the run's default negative prompt."""
+    """A parsed prompt line with the run's default negative prompt and its init image (img2img)."""
 
     parsed: ParsedLine
     default_negative: str
+    parsed_init: str | None = None
+    init_size: tuple[int, int] | None = None  # the init image's (width, height)
 
 
 def parse_lines(spec: RunSpec, lines: list[PromptLine]) -> list[_Line]:
@@ -38,7 +44,9 @@ def parse_lines(spec: RunSpec, lines: list[PromptLine]) -> list[_Line]:
     parsed = []
     for line in lines:
         try:
-            parsed.append(_Line(parse_line(line.text, line.origin), line.negative))
+            one = parse_line(line.text, line.origin)
+            init_size = _init_size(spec, one, line.init_image) if line.init_image else None
+            parsed.append(_Line(one, line.negative, line.init_image, init_size))
         except PromptError as ex:
             if spec.on_error != "skip":
                 raise
@@ -68,7 +76,7 @@ def plan(spec: RunSpec, lines: list[PromptLine], base_seed: int, *, start: int =
                     index, nth = start + len(jobs), line_counts.get(number, 0)
                     line_counts[number] = nth + 1
                     seed = _seed(spec, line.parsed, base_seed, index, pass_index, nth)
-                    name = _unique(_file_name(spec, line.parsed, index, seed, nth), names)
+                    name = _unique(_file_name(spec, line, index, seed, nth), names)
                     jobs.append(_job(spec, line, variant, wildcards, index, seed, name))
     return jobs
 
@@ -92,9 +100,11 @@ def file_name(naming: str, index: int, seed: int) -> str:
     return f"{index:05d}-{seed}.png"
 
 
-def _file_name(spec: RunSpec, line: ParsedLine, index: int, seed: int, nth: int) -> str:
+def _file_name(spec: RunSpec, line: _Line, index: int, seed: int, nth: int) -> str:
     """--f names a line's images (stem, stem-1, stem-2, ...); otherwise the run's naming scheme."""
-    given = line.options.file_name
+    given = line.parsed.options.file_name
+    if not given and spec.output.naming == "original" and line.parsed_init:
+        given = Path(line.parsed_init).stem + ".png"
     if not given:
         return file_name(spec.output.naming, index, seed)
     stem, dot, ext = given.rpartition(".")
@@ -115,18 +125,40 @@ def _job(spec: RunSpec, line: _Line, variant: str, wildcards: Wildcards, index: 
          name: str) -> ImageJob:
     opts, sampler, origin = line.parsed.options, spec.sampler, line.parsed.origin
     negative = opts.negative if opts.negative is not None else line.default_negative
+    width, height = _size(spec, line)
     return ImageJob(
         index=index, file_name=name, seed=seed,
         prompt=expand(variant, seed, wildcards, origin=origin),
         negative_prompt=expand(negative, seed, wildcards, origin=origin),
-        width=_given(opts.width, spec.width), height=_given(opts.height, spec.height),
+        width=width, height=height, init_image=line.parsed_init,
         steps=_given(opts.steps, sampler.steps), cfg_scale=_given(opts.cfg_scale, sampler.cfg_scale),
         sampler=sampler.name, schedule=effective_schedule(sampler.name, sampler.schedule), eta=sampler.eta,
         origin=origin, raw_prompt=line.parsed.raw,
         negative_scale=None if opts.negative_scale is OFF else opts.negative_scale,
-        strength=opts.strength, network_muls=opts.network_muls, clip_prompt=opts.clip_prompt,
+        strength=_given(opts.strength, spec.strength) if line.parsed_init else opts.strength,
+        network_muls=opts.network_muls, clip_prompt=opts.clip_prompt,
         deep_shrink=opts.deep_shrink, gradual_latent=opts.gradual_latent,
     )
+
+
+def _size(spec: RunSpec, line: _Line) -> tuple[int, int]:
+    """--w/--h, else width/height, else the init image's size (rounded down to a multiple of 8), else 512."""
+    opts = line.parsed.options
+    own_w, own_h = line.init_size or (DEFAULT_SIZE, DEFAULT_SIZE)
+    return _given(opts.width, _given(spec.width, own_w)), _given(opts.height, _given(spec.height, own_h))
+
+
+def _init_size(spec: RunSpec, parsed: ParsedLine, init: str) -> tuple[int, int]:
+    """The init image's size as multiples of 8, warning once per line when rounding changes it."""
+    size = image_size(Path(init))
+    rounded = (size[0] // 8 * 8, size[1] // 8 * 8)
+    if min(rounded) == 0:
+        raise ConfigError(f"init_image {init} is {size[0]}x{size[1]}: too small; give width and height")
+    explicit = (_given(parsed.options.width, spec.width), _given(parsed.options.height, spec.height))
+    if rounded != size and None in explicit:
+        log.warning("%s: init image %s is %dx%d; using %dx%d (multiples of 8) <width, height>", parsed.origin,
+                    Path(init).name, *size, *rounded)
+    return rounded
 
 
 def _given(value, default):

@@ -15,9 +15,11 @@ from tqdm import tqdm
 
 from sdbatch import __version__
 from sdbatch.batching import make_batches
-from sdbatch.config.resolve import to_plain
+from sdbatch.config.resolve import grid_axes, to_plain
 from sdbatch.config.schema import RunSpec
-from sdbatch.errors import PromptError
+from sdbatch.errors import ConfigError, PromptError
+from sdbatch.grid_axes import Sheet, expand, sheets
+from sdbatch.init_images import list_images, pair_with_images, prompt_from_image
 from sdbatch.jobs import ImageJob
 from sdbatch.outputs import CONFIG, RunDir, image_params
 from sdbatch.planning import plan, random_base_seed
@@ -42,16 +44,32 @@ def run(spec: RunSpec, run_dir: Path, stdin: TextIO | None = None) -> RunResult:
     # a prompt module may use the models, so they load first; otherwise prompt errors come before loading
     engine = _engine(spec) if spec.prompt_module else None
     jobs = plan(spec, _prompt_lines(spec, engine), base_seed)
+    axes, base_count = grid_axes(spec), len(jobs)
+    if axes:
+        jobs = expand(jobs, axes, spec.output.naming)
     todo = [job for job in jobs if not out.is_done(job)]
     engine = engine or _engine(spec)
     out.write_config({**to_plain(spec), "seed": base_seed}, engine.model_hashes())
     if len(todo) < len(jobs):
         log.info("resuming: %d of %d images already in %s <output.resume>", len(jobs) - len(todo), len(jobs), run_dir)
     written = _generate(engine, out, todo, spec, len(jobs))
-    if spec.output.grid:
+    if axes:
+        _save_sheets(out, sheets(jobs, axes, base_count))
+    elif spec.output.grid:
         cols = spec.images_per_prompt if spec.images_per_prompt > 1 else math.ceil(math.sqrt(len(jobs)))
         out.save_grid([job.file_name for job in jobs], cols)
     return RunResult(run_dir, written, len(jobs) - len(todo))
+
+
+def _save_sheets(out: RunDir, grid_sheets: list[Sheet]) -> None:
+    """The fused grid's labelled X/Y sheets (grid.png, or grid-z1.png ... with a z axis)."""
+    from PIL import Image
+
+    from sdbatch.contact_sheet import labelled_grid
+
+    for sheet in grid_sheets:
+        images = [[Image.open(out.path / name).convert("RGB") for name in row] for row in sheet.rows]
+        out.save_sheet(labelled_grid(images, sheet.x_labels, sheet.y_labels, title=sheet.title), sheet.name)
 
 
 def _engine(spec: RunSpec):
@@ -61,11 +79,12 @@ def _engine(spec: RunSpec):
     # run-level prompt settings; both are part of the text cache key, so a shared engine stays correct
     engine.text.max_multiples = spec.max_embeddings_multiples
     engine.text.normalize = spec.emb_normalize_mode
+    engine.set_textual_inversion(spec.model.textual_inversion, spec.model.xti_embeddings)  # this run's, exactly
     return engine
 
 
 def _prompt_lines(spec: RunSpec, engine) -> list[PromptLine]:
-    """prompt_file lines, then inline prompts, then what prompt_module yields."""
+    """prompt_file lines, then inline prompts, then what prompt_module yields; with init images attached."""
     lines = []
     if spec.prompt_file or spec.prompt:
         lines = read_prompts(spec.prompt, spec.negative_prompt, spec.prompt_file)
@@ -73,7 +92,19 @@ def _prompt_lines(spec: RunSpec, engine) -> list[PromptLine]:
         from sdbatch.prompts.module import load_prompter
 
         lines += list(load_prompter(spec.prompt_module, spec, engine))
-    return lines
+    if spec.init_image is None:
+        return lines
+    images = list_images(spec.init_image)
+    if not lines:  # no prompt given: each image brings back the prompt it was made with
+        return [dataclasses.replace(_stored_prompt(image, spec), init_image=str(image)) for image in images]
+    return [dataclasses.replace(line, init_image=str(image)) for line, image in pair_with_images(lines, images)]
+
+
+def _stored_prompt(image: Path, spec: RunSpec) -> PromptLine:
+    line = prompt_from_image(image, spec.negative_prompt)
+    if line is None:
+        raise ConfigError(f"init_image {image} carries no prompt in its metadata; give prompt='...'")
+    return line
 
 
 def _run_interactive(spec: RunSpec, out: RunDir, base_seed: int, stream: TextIO) -> RunResult:
@@ -128,3 +159,16 @@ def _base_seed(spec: RunSpec, run_dir: Path) -> int:
         if isinstance(seed, int):
             return seed
     return random_base_seed()
+
+
+def pending_images(spec: RunSpec, run_dir: Path) -> tuple[int, int] | None:
+    """(images the run plans, images not yet done in run_dir), without loading any model.
+
+    None when planning needs the models or standard input (prompt_module, interactive). Lets a multirun
+    job that was finished by an earlier attempt skip itself quickly (sdbatch.cli).
+    """
+    if spec.interactive or spec.prompt_module:
+        return None
+    out = RunDir(run_dir, resume=spec.output.resume)
+    jobs = plan(spec, _prompt_lines(spec, None), _base_seed(spec, run_dir))
+    return len(jobs), sum(1 for job in jobs if not out.is_done(job))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 from transformers import CLIPTokenizer
 
@@ -74,3 +74,44 @@ def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> int:
 
 def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
+
+
+def init_images(folder: Path, seeds: list[int], size: tuple[int, int] = (SIZE, SIZE)) -> list[Path]:
+    """Distinct RGB init images (a seeded gradient plus noise) saved as PNG files in folder."""
+    paths = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        w, h = size
+        ramp = np.linspace(0, 1, w)[None, :, None] * rng.uniform(0, 255, 3) + np.linspace(0, 1, h)[:, None, None] * 60
+        pixels = np.clip(ramp + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+        path = folder / f"init-{seed}-{w}x{h}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+def ours_img2img(run_spec: RunSpec, prompts: list[str], seeds: list[int], images: list[Path], strength: float,
+                 negative: str = "") -> list[np.ndarray]:
+    """Images from sdbatch's engine for one (prompt, seed, init image) each, in one batch."""
+    lines = [PromptLine(p, negative, "test") for p in prompts]
+    jobs = [dataclasses.replace(job, seed=seed, init_image=str(image), strength=strength)
+            for job, seed, image in zip(plan(run_spec, lines, base_seed=0), seeds, images, strict=True)]
+    engine = get_engine(run_spec.model, run_spec.perf)
+    return [np.asarray(im) for im in engine.run_batch(Batch(BatchKey.of(jobs[0]), tuple(jobs)))]
+
+
+def img2img_pipeline(components: tuple, tmp: Path, family: str, sampler: str,
+                     v_pred: bool) -> StableDiffusionImg2ImgPipeline:
+    """diffusers' own StableDiffusionImg2ImgPipeline on the same weights and scheduler configuration."""
+    parts = pipeline(components, tmp, family, sampler, v_pred).components
+    return StableDiffusionImg2ImgPipeline(**parts, requires_safety_checker=False)
+
+
+def img2img_reference(pipe: StableDiffusionImg2ImgPipeline, prompts: list[str], seeds: list[int],
+                      images: list[Path], strength: float, steps: int, cfg: float,
+                      negative: str = "") -> list[np.ndarray]:
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    out = pipe(prompts, image=[Image.open(p).convert("RGB") for p in images], strength=strength,
+               negative_prompt=[negative] * len(prompts), num_inference_steps=steps, guidance_scale=cfg,
+               generator=gens, output_type="pil")
+    return [np.asarray(im) for im in out.images]

@@ -81,7 +81,7 @@ def test_infotext_exact_without_negative_default_schedule():
 
 def test_infotext_vae_strength_and_quoting():
     model = replace(MODEL, name="my,model", vae_name="vae-ft-mse", vae_hash="abcdef0123")
-    params = {**make_params(model=model, sampler="ddim", schedule="default"), "strength": 0.75}
+    params = {**make_params(model=model, sampler="ddim", schedule="default"), "strength": 0.75, "init_image": "in.png"}
     text = infotext(params)
     assert text.endswith(
         'Model hash: 6ce0161689, Model: "my,model", VAE hash: abcdef0123, VAE: vae-ft-mse, '

@@ -21,12 +21,12 @@ _CHOICES = {
     "model.v_parameterization": ("auto", "true", "false"),
     "model.precision": ("auto", "fp32", "fp16", "bf16"),
     "perf.attention": ("sdpa", "xformers", "eager"),
-    "output.naming": ("default", "sequential"),
+    "output.naming": ("default", "sequential", "original"),
     "on_error": ("stop", "skip"),
     "emb_normalize_mode": ("original", "abs", "none"),
 }
 _POSITIVE = ("width", "height", "images_per_prompt", "n_iter", "batch_size", "sampler.steps", "model.clip_skip",
-             "max_embeddings_multiples")
+             "max_embeddings_multiples", "strength")
 
 
 def resolve(cfg: DictConfig) -> RunSpec:
@@ -87,11 +87,15 @@ def _check(spec: RunSpec) -> None:
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
     for key in _POSITIVE:
-        if _get(spec, key) <= 0:
+        if _get(spec, key) is not None and _get(spec, key) <= 0:
             raise ConfigError(f"{key} must be a positive number, got {_get(spec, key)}")
     for key in ("width", "height"):
-        if _get(spec, key) % 8:
+        if _get(spec, key) is not None and _get(spec, key) % 8:
             raise ConfigError(f"{key} must be a multiple of 8, got {_get(spec, key)}; try {_get(spec, key) // 8 * 8}")
+    if spec.strength > 1:
+        raise ConfigError(f"strength must be in (0, 1], got {spec.strength}")
+    if spec.output.naming == "original" and spec.init_image is None:
+        raise ConfigError("output.naming=original names images after their init image; set init_image too")
     if spec.sampler.cfg_scale < 0:
         raise ConfigError(f"sampler.cfg_scale must be >= 0, got {spec.sampler.cfg_scale}")
     if spec.perf.vae_batch_size < 0:
@@ -99,7 +103,20 @@ def _check(spec: RunSpec) -> None:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", spec.perf.device):
         raise ConfigError(f"perf.device={spec.perf.device!r} is not valid; use auto, cpu, cuda or cuda:N")
     effective_schedule(spec.sampler.name, spec.sampler.schedule)
+    grid_axes(spec)
     _check_prompt(spec)
+
+
+def grid_axes(spec: RunSpec) -> list:
+    """The fused-grid axes in x, y, z order (checked: keys, values); empty when no grid is asked for."""
+    from sdbatch.grid_axes import parse_axis  # planning-level module; imported late to keep config light
+
+    given = [(name, getattr(spec.grid, name)) for name in "xyz"]
+    if given[0][1] is None and any(text for _, text in given[1:]):
+        raise ConfigError("grid.y / grid.z need grid.x first (grid.x is the columns)")
+    if given[1][1] is None and given[2][1]:
+        raise ConfigError("grid.z needs grid.y (grid.y is the rows)")
+    return [parse_axis(text, name) for name, text in given if text]
 
 
 def _check_prompt(spec: RunSpec) -> None:
@@ -107,5 +124,6 @@ def _check_prompt(spec: RunSpec) -> None:
     if prompt is not None and not isinstance(prompt, str):
         if not isinstance(prompt, list) or not all(isinstance(p, str) for p in prompt):
             raise ConfigError(f"prompt must be a string or a list of strings, got {prompt!r}")
-    if prompt in (None, []) and spec.prompt_file is None and spec.prompt_module is None and not spec.interactive:
+    no_source = spec.prompt_file is None and spec.prompt_module is None and not spec.interactive
+    if prompt in (None, []) and no_source and spec.init_image is None:
         raise ConfigError("no prompt: set prompt='...', prompt_file=PATH, prompt_module=FILE.py or interactive=true")

@@ -28,6 +28,10 @@ class ModelConfig:
     clip_skip: int = 1  # 1 = last text-encoder layer, 2 = penultimate, ...
     precision: str = "auto"  # auto | fp32 | fp16 | bf16 (auto = fp16 on CUDA, fp32 on CPU)
     no_half_vae: bool = False  # keep the VAE in fp32 when precision is fp16/bf16
+    # Textual Inversion embedding files (.pt/.safetensors/.bin); write a file's name (no extension) in a prompt
+    textual_inversion: list[str] = field(default_factory=list)
+    # Extended Textual Inversion files (16 per-UNet-block vector sets, kohya XTI); used like textual_inversion
+    xti_embeddings: list[str] = field(default_factory=list)
 
 
 @dataclass(**_SPEC)
@@ -66,7 +70,7 @@ class PerfConfig:
 
 @dataclass(**_SPEC)
 class OutputConfig:
-    naming: str = "default"  # default ("00007-1234.png") | sequential ("im_000008.png")
+    naming: str = "default"  # default ("00007-1234.png") | sequential ("im_000008.png") | original (init image)
     grid: bool = False  # also write grid.png with all images of the run
     resume: bool = True  # skip images already listed in manifest.jsonl
 
@@ -74,6 +78,13 @@ class OutputConfig:
 @dataclass(**_SPEC)
 class PromptsConfig:
     wildcards_dir: str | None = None  # folder of NAME.txt files for __NAME__ wildcards (one option per line)
+
+
+@dataclass(**_SPEC)
+class GridConfig:
+    x: str | None = None  # fused grid axis "KEY:V1,V2,..." e.g. "sampler.cfg_scale:5,7,9" (columns)
+    y: str | None = None  # rows, e.g. "seed:1,2,3,4"
+    z: str | None = None  # one sheet per value, e.g. "prompt_sr:red,blue"
 
 
 @dataclass(**_SPEC)
@@ -86,6 +97,7 @@ class RunSpec:
     perf: PerfConfig = field(default_factory=PerfConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
     prompt: Any = None  # a string or a list of strings; in-prompt options (--w 768 --n ...) allowed
     negative_prompt: str = ""  # default negative prompt (a line's --n replaces it)
     prompt_file: str | None = None  # UTF-8, one prompt per line; blank lines and '#' comments skipped
@@ -93,8 +105,10 @@ class RunSpec:
     interactive: bool = False  # read prompts from standard input, generate each as it comes
     no_preview: bool = False  # interactive: never open a preview window
     on_error: str = "stop"  # stop | skip: what a malformed prompt line does
-    width: int = 512  # pixels, multiple of 8
-    height: int = 512  # pixels, multiple of 8
+    width: int | None = None  # pixels, multiple of 8; null = 512, or the init image's own size (img2img)
+    height: int | None = None  # pixels, multiple of 8; null = 512, or the init image's own size (img2img)
+    init_image: str | None = None  # img2img: an image file or a folder of images (used in turn)
+    strength: float = 0.8  # img2img: how much of the image is redrawn, 0 < strength <= 1
     seed: int | None = None  # image k gets seed + k; null = random (recorded)
     images_per_prompt: int = 1
     n_iter: int = 1  # repeat the whole prompt list this many times

@@ -57,6 +57,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     )
 
 
+def read_object(path: Path, extra_safe: tuple[type, ...] = ()) -> object:
+    """What a .safetensors file (a dict of tensors) or a torch file holds, read without running code from it.
+
+    ``extra_safe`` allows more classes in a torch file, for formats that pickle a harmless torch container.
+    """
+    if path.suffix.lower() == SAFETENSORS_SUFFIX:
+        return _read_safetensors(path)
+    return _read_pickle(path, extra_safe)
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load_file(str(path), device="cpu")
@@ -64,9 +74,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"{path} is not a valid safetensors file (truncated or corrupt?): {exc}") from exc
 
 
-def _read_pickle(path: Path) -> object:
+def _read_pickle(path: Path, extra_safe: tuple[type, ...] = ()) -> object:
     try:
-        with torch.serialization.safe_globals(_LEGACY_SAFE_GLOBALS):
+        with torch.serialization.safe_globals([*_LEGACY_SAFE_GLOBALS, *extra_safe]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = _unpickler_reason(exc)
@@ -114,23 +124,32 @@ def cache_root() -> Path:
     return Path(os.environ.get("SDBATCH_CACHE") or Path.home() / ".cache" / "sdbatch")
 
 
-def file_sha256_short(path: str | Path) -> str:
-    """First 10 hex digits of the whole file's sha256 (A1111 "Model hash").
+def file_sha256_short(path: str | Path, length: int = 10) -> str:
+    """First ``length`` hex digits of the whole file's sha256 (10: A1111 "Model hash"; 12: its "TI hashes").
 
     Hashing reads the whole file (~0.7 s per GB here), so results are kept per (path, size, mtime) in
-    the process and in ``hashes.json`` under cache_root(), as A1111 keeps its cache.json.
+    the process and in ``hashes.json`` under cache_root(), as A1111 keeps its cache.json. The whole digest
+    is stored; an entry from an older sdbatch that kept only 10 digits still serves 10-digit requests.
     """
     path = Path(path).resolve()
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _hash_cache:
-        known = _read_hash_file().get(key[0])
-        if isinstance(known, dict) and (known.get("size"), known.get("mtime_ns")) == key[1:]:
-            _hash_cache[key] = str(known["sha256"])[:10]
-        else:
-            _hash_cache[key] = _sha256(path)[:10]
-            _write_hash_file(key, _hash_cache[key])
-    return _hash_cache[key]
+    digest = _hash_cache.get(key, "")
+    if len(digest) < length:
+        digest = _known_digest(key)
+        if len(digest) < length:
+            digest = _sha256(path)
+            _write_hash_file(key, digest)
+        _hash_cache[key] = digest
+    return digest[:length]
+
+
+def _known_digest(key: tuple[str, int, int]) -> str:
+    """The sha256 hashes.json holds for this (path, size, mtime), or "" (possibly only a prefix)."""
+    known = _read_hash_file().get(key[0])
+    if isinstance(known, dict) and (known.get("size"), known.get("mtime_ns")) == key[1:]:
+        return str(known.get("sha256") or "")
+    return ""
 
 
 def _sha256(path: Path) -> str:
@@ -149,10 +168,10 @@ def _read_hash_file() -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _write_hash_file(key: tuple[str, int, int], short: str) -> None:
+def _write_hash_file(key: tuple[str, int, int], digest: str) -> None:
     """Best effort: a read-only or shared cache only costs a re-hash next time."""
     data = _read_hash_file()
-    data[key[0]] = {"size": key[1], "mtime_ns": key[2], "sha256": short}
+    data[key[0]] = {"size": key[1], "mtime_ns": key[2], "sha256": digest}
     target = cache_root() / _HASH_FILE
     tmp = target.with_name(f".{_HASH_FILE}.{os.getpid()}.tmp")
     try:

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
 
-from sdbatch.batching import Batch
+from sdbatch.batching import Batch, BatchKey
 from sdbatch.config.schema import ModelConfig, PerfConfig
-from sdbatch.engine import noise, vae
+from sdbatch.engine import img2img, noise, vae, xti
 from sdbatch.engine.denoiser import Conditioning, ModelFn, unet_model, with_cfg
 from sdbatch.engine.device import Placement, pick_placement
+from sdbatch.engine.embeddings import XTI_LAYERS, load_embeddings
 from sdbatch.engine.loading import ModelBundle, is_cached, load_models, set_attention
 from sdbatch.engine.sampling import StepCallback, sample
 from sdbatch.engine.schedulers import make_scheduler
 from sdbatch.engine.text import TextEncoder
-from sdbatch.jobs import ModelInfo
+from sdbatch.jobs import EmbeddingRef, ImageJob, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -59,24 +61,62 @@ class Engine:
             embeddings=embeddings, negative=negative,
             cfg_scales=torch.tensor([j.cfg_scale for j in jobs], dtype=torch.float32, device=device),
         )
+        cond = self._xti_conditioning(cond, jobs, guided)  # per-block text when a prompt uses an XTI embedding
         # 2. Prepare timesteps and start latents, one generator per image
         scheduler = make_scheduler(key.sampler, key.schedule, self.v_prediction)
         scheduler.set_timesteps(key.steps, device=device)
         gens = noise.generators([j.seed for j in jobs])
-        factor = self.latent_factor
-        latents = noise.initial_noise(gens, self.latent_channels, key.height // factor, key.width // factor)
-        latents = latents.to(device=device, dtype=self.placement.dtype) * scheduler.init_noise_sigma
+        if _is_img2img(jobs):  # init images encoded and noised to the first step of a strength-shortened schedule
+            timesteps, latents = img2img.start(self.bundle.vae, scheduler, [j.init_image for j in jobs], gens,
+                                               key.steps, key.strength, key.width, key.height)
+            latents = latents.to(dtype=self.placement.dtype)
+        else:
+            timesteps, latents = scheduler.timesteps, self._start_noise(gens, key, scheduler)
         # 3. Denoise
         model = self.model_fn()
-        latents = sample(model, scheduler, latents, cond, gens, eta=key.eta, callback=on_step)
+        latents = sample(model, scheduler, latents, cond, gens, eta=key.eta, callback=on_step, timesteps=timesteps)
         # 4. Decode
         return vae.decode(self.bundle.vae, latents, self.vae_batch_size)
 
+    def set_textual_inversion(self, files: Sequence[str], xti_files: Sequence[str] = ()) -> None:
+        """Load the run's embedding files and make exactly them active (model.textual_inversion, xti_embeddings).
+
+        Call it once per run: the text encoder and its token ids are shared by every engine on this model,
+        so each run writes its own vectors (idempotent for the same files) before it encodes anything.
+        """
+        embeddings = load_embeddings(files, xti_files)
+        if xti_files:
+            xti.install(self.bundle.unet)  # checks the UNet layout before the text encoder changes
+        self.text.set_embeddings(embeddings)
+        refs = [(EmbeddingRef(e.name, e.file, e.hash), e.xti) for e in embeddings]
+        self.info = dataclasses.replace(self.info, embeddings=tuple(r for r, is_xti in refs if not is_xti),
+                                        xti_embeddings=tuple(r for r, is_xti in refs if is_xti))
+
+    def _xti_conditioning(self, cond: Conditioning, jobs: tuple[ImageJob, ...], guided: bool) -> Conditioning:
+        """``cond`` with one text encoding per UNet cross-attention block if the batch uses an XTI embedding."""
+        prompts = [j.prompt for j in jobs]
+        negatives = [j.negative_prompt for j in jobs] if guided else None
+        if not self.text.uses_xti(prompts + (negatives or [])):
+            return cond
+        blocks = [self.text.encode_batch(prompts, negatives, clip_skip=self.clip_skip, block=b)
+                  for b in range(len(XTI_LAYERS))]
+        return xti.conditioning(cond, blocks)
+
+    def _start_noise(self, gens: list[torch.Generator], key: BatchKey, scheduler) -> torch.Tensor:
+        """txt2img start latents: each image's fp32 CPU noise, moved, cast, × the scheduler's initial sigma."""
+        factor = self.latent_factor
+        latents = noise.initial_noise(gens, self.latent_channels, key.height // factor, key.width // factor)
+        return latents.to(device=self.placement.device, dtype=self.placement.dtype) * scheduler.init_noise_sigma
+
     def model_hashes(self) -> dict[str, str]:
-        """Short sha256 of every model file in use, by path (the run's config.yaml records them)."""
+        """Short sha256 of every model file in use, by path (the run's config.yaml records them).
+
+        Textual Inversion files are listed with A1111's 12 digits ("TI hashes"), the others with 10.
+        """
         hashes = {self.bundle.source: self.bundle.model_hash}
         if self.bundle.vae_name:
             hashes[self.bundle.vae_name] = self.bundle.vae_hash
+        hashes.update({e.file: e.hash for e in (*self.info.embeddings, *self.info.xti_embeddings)})
         return hashes
 
     def model_fn(self) -> ModelFn:
@@ -85,6 +125,14 @@ class Engine:
         for wrap in self.wrappers:
             model = wrap(model)
         return model
+
+
+def _is_img2img(jobs: tuple[ImageJob, ...]) -> bool:
+    """Whether the batch starts from init images; a batch mixing both kinds is a batching bug."""
+    with_init = sum(job.init_image is not None for job in jobs)
+    if 0 < with_init < len(jobs):
+        raise ValueError("a batch mixes img2img and txt2img jobs: they cannot share one schedule")
+    return with_init > 0
 
 
 def _v_prediction(setting: str, family: str) -> bool:

@@ -21,13 +21,15 @@ def sample(
     generators: list[torch.Generator],
     eta: float = 0.0,
     callback: StepCallback | None = None,
+    timesteps: torch.Tensor | None = None,  # default scheduler.timesteps; img2img passes the shortened tail
 ) -> torch.Tensor:
     """Run the scheduler's timesteps; ancestral/SDE noise comes from each image's own generator."""
     extra = step_kwargs(scheduler, eta, generators)
-    for i, t in enumerate(scheduler.timesteps):
+    timesteps = scheduler.timesteps if timesteps is None else timesteps
+    for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(latents, t)
         pred = model(x_in, t, cond)
         latents = scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
         if callback is not None:
-            callback({"i": i, "t": t, "x": latents, "pred": pred, "total": len(scheduler.timesteps)})
+            callback({"i": i, "t": t, "x": latents, "pred": pred, "total": len(timesteps)})
     return latents

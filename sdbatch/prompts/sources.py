@@ -15,6 +15,7 @@ class PromptLine:
     text: str
     negative: str
     origin: str  # "prompt", "prompt[2]" or "file.txt:14"
+    init_image: str | None = None  # img2img: the image this line starts from
 
 
 def read_prompts(prompt: str | list[str] | None, negative: str, prompt_file: str | None) -> list[PromptLine]:
