@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from engine_helpers import pixels, spec
+from PIL import Image
 
 from sdbatch.errors import PromptError
 from sdbatch.planning import plan
@@ -147,3 +148,32 @@ def test_wildcards_dir_feeds_the_prompts(sd1_single_file, tmp_path) -> None:
                         prompts=PromptsConfig(wildcards_dir=str(cards)))
     prompts = [r["prompt"] for r in _manifest(run_dir)]
     assert set(prompts) <= {"a crimson car", "a teal car"} and len(set(prompts)) == 2
+
+
+def test_done_when_one_file_mixes_everything(sd1_single_file, sd1_components, tmp_path) -> None:
+    """Weights, a long prompt, a TI embedding, wildcards and per-line options in one prompt file and run."""
+    from safetensors.torch import save_file
+
+    from sdbatch.config.schema import ModelConfig, PromptsConfig
+
+    width = sd1_components[2].config.hidden_size
+    embedding = tmp_path / "shinystyle.safetensors"
+    save_file({"emb_params": torch.randn(2, width, generator=torch.Generator().manual_seed(0))}, str(embedding))
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    (cards / "animal.txt").write_text("fox\nowl\n", encoding="utf-8")
+    long_line = ", ".join(f"detail{i}" for i in range(60)) + " --s 3"
+    text = ("a (red:1.3) __animal__ in [fog] --w 48 --h 64\n"
+            f"{long_line}\n"
+            "a shinystyle castle --n (blurry:1.2), shinystyle --l 4 --d 99\n")
+    model = ModelConfig(checkpoint=str(sd1_single_file), v2="false", v_parameterization="false", precision="fp32",
+                        textual_inversion=[str(embedding)])
+    run_dir = _run_file(tmp_path, sd1_single_file, text, "all", model=model, max_embeddings_multiples=3,
+                        prompts=PromptsConfig(wildcards_dir=str(cards)))
+    first, long, castle = sorted(_manifest(run_dir), key=lambda rec: rec["index"])
+    assert first["prompt"] in ("a (red:1.3) fox in [fog]", "a (red:1.3) owl in [fog]") and first["width"] == 48
+    assert long["steps"] == 3 and long["prompt"].endswith("detail59")
+    assert castle["seed"] == 99 and castle["cfg_scale"] == 4.0
+    assert [e["name"] for e in castle["textual_inversion"]] == ["shinystyle"] and first["textual_inversion"] == []
+    info = Image.open(run_dir / castle["file"]).text["parameters"]
+    assert 'TI hashes: "shinystyle: ' in info and "Negative prompt: (blurry:1.2), shinystyle" in info
