@@ -28,12 +28,15 @@ class BatchKey:
     and_parts: int = 1  # number of " AND " sub-prompts (regional prompts)
     deep_shrink: Any = None
     gradual_latent: Any = None
+    img2img: bool = False  # starts from init images
+    masked: bool = False  # inpainting (a mask_image with the init image)
+    highres: Any = None  # Highres. fix settings (run-level today, on the job so the engine sees them)
 
     @classmethod
     def of(cls, job: ImageJob) -> BatchKey:
         return cls(job.width, job.height, job.steps, job.sampler, job.schedule, job.eta, job.strength,
                    job.negative_scale, job.network_muls, job.prompt.count(" AND ") + 1, job.deep_shrink,
-                   job.gradual_latent)
+                   job.gradual_latent, job.init_image is not None, job.mask_image is not None, job.highres)
 
     def order(self) -> tuple:
         """Sort key: network weights change least often (patching is expensive), then size, then the rest."""

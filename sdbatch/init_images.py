@@ -49,7 +49,8 @@ def image_size(path: Path, key: str = "init_image") -> tuple[int, int]:
 def prompt_from_image(path: Path, negative: str) -> PromptLine | None:
     """The prompt an image was made with: sdbatch's chunk, A1111's `parameters`, or the reference's keys.
 
-    For sdbatch's own images the size, steps, CFG scale and seed come back too, as in-prompt options.
+    For sdbatch's own images the size, steps, CFG scale and seed come back too, as in-prompt options (size and
+    steps not for a Highres. fix stage-1 image: img2img on it with the run's size is that fix's stage 2).
     """
     try:
         with Image.open(path) as image:
@@ -59,8 +60,9 @@ def prompt_from_image(path: Path, negative: str) -> PromptLine | None:
     origin = f"{path.name}:metadata"
     if "sdbatch" in text:
         params = json.loads(text["sdbatch"])
-        options = (f" --w {params['width']} --h {params['height']} --s {params['steps']}"
-                   f" --l {params['cfg_scale']} --d {params['seed']}")
+        options = f" --l {params['cfg_scale']} --d {params['seed']}"
+        if params.get("stage") != 1:  # a Highres. fix stage-1 image is upscaled: the run's size and steps apply
+            options = f" --w {params['width']} --h {params['height']} --s {params['steps']}" + options
         return PromptLine(params["prompt"] + options, params.get("negative_prompt", negative), origin)
     if "parameters" in text:
         info = parse_infotext(str(text["parameters"]))

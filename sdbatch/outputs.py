@@ -16,6 +16,7 @@ from PIL import Image, PngImagePlugin
 
 from sdbatch import __version__
 from sdbatch.errors import OutputError
+from sdbatch.highres import record as highres_record
 from sdbatch.jobs import EmbeddingRef, ImageJob, ModelInfo
 from sdbatch.prompts.embedding_names import used_names
 from sdbatch.samplers import a1111_name, a1111_schedule, effective_schedule
@@ -49,6 +50,8 @@ def image_params(job: ImageJob, model: ModelInfo, version: str) -> dict[str, Any
         "eta": job.eta,
         "strength": job.strength,
         "init_image": job.init_image,
+        "mask_image": job.mask_image,
+        "highres": highres_record(job),
         "negative_scale": job.negative_scale,
         "networks": [],
         "network_muls": list(job.network_muls) if job.network_muls is not None else None,
@@ -111,22 +114,33 @@ def _a1111_fields(params: Mapping[str, Any]) -> dict[str, Any]:
     """The `key: value` entries of the parameters line, in A1111's create_infotext order."""
     clip_skip = params.get("clip_skip") or 1
     has_vae = bool(params.get("vae"))
+    hires = params.get("highres") or {}
     return {
-        "Steps": params["steps"],
+        "Steps": hires.get("steps", params["steps"]),  # A1111: Steps and Size are the first pass's
         "Sampler": a1111_name(params["sampler"]),
         "Schedule type": a1111_schedule(params.get("schedule") or "default"),
         "CFG scale": _number(params["cfg_scale"]),
         "Seed": params["seed"],
-        "Size": f"{params['width']}x{params['height']}",
+        "Size": f"{hires.get('first_width', params['width'])}x{hires.get('first_height', params['height'])}",
         "Model hash": params.get("model_hash"),
         "Model": params.get("model"),
         "VAE hash": params.get("vae_hash") if has_vae else None,
         "VAE": params.get("vae") if has_vae else None,
-        "Denoising strength": _number(params.get("strength")) if params.get("init_image") else None,
+        "Denoising strength": _denoising_strength(params),
         "Clip skip": clip_skip if clip_skip > 1 else None,
+        "Hires upscale": _number(round(params["width"] / hires["first_width"], 4)) if hires else None,
+        "Hires steps": params["steps"] if hires else None,  # the second pass's sampler.steps
+        "Hires upscaler": hires.get("upscaler_name"),
         "TI hashes": _ti_hashes(params),
         "Version": f"sdbatch {params.get('sdbatch_version', __version__)}",
     }
+
+
+def _denoising_strength(params: Mapping[str, Any]) -> Any:
+    """img2img's strength, or Highres. fix's second-pass strength; None for txt2img."""
+    if params.get("highres"):
+        return _number(params["highres"]["strength"])
+    return _number(params.get("strength")) if params.get("init_image") else None
 
 
 def infotext(params: Mapping[str, Any]) -> str:

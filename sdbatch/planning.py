@@ -37,6 +37,7 @@ class _Line:
     default_negative: str
     parsed_init: str | None = None
     init_size: tuple[int, int] | None = None  # the init image's (width, height)
+    parsed_mask: str | None = None  # inpainting: the init image's mask
 
 
 def parse_lines(spec: RunSpec, lines: list[PromptLine]) -> list[_Line]:
@@ -46,7 +47,9 @@ def parse_lines(spec: RunSpec, lines: list[PromptLine]) -> list[_Line]:
         try:
             one = parse_line(line.text, line.origin)
             init_size = _init_size(spec, one, line.init_image) if line.init_image else None
-            parsed.append(_Line(one, line.negative, line.init_image, init_size))
+            if line.mask_image:
+                _check_mask(line.mask_image, line.init_image)
+            parsed.append(_Line(one, line.negative, line.init_image, init_size, line.mask_image))
         except PromptError as ex:
             if spec.on_error != "skip":
                 raise
@@ -130,7 +133,8 @@ def _job(spec: RunSpec, line: _Line, variant: str, wildcards: Wildcards, index: 
         index=index, file_name=name, seed=seed,
         prompt=expand(variant, seed, wildcards, origin=origin),
         negative_prompt=expand(negative, seed, wildcards, origin=origin),
-        width=width, height=height, init_image=line.parsed_init,
+        width=width, height=height, init_image=line.parsed_init, mask_image=line.parsed_mask,
+        highres=spec.highres if spec.highres.name == "on" else None,
         steps=_given(opts.steps, sampler.steps), cfg_scale=_given(opts.cfg_scale, sampler.cfg_scale),
         sampler=sampler.name, schedule=effective_schedule(sampler.name, sampler.schedule), eta=sampler.eta,
         origin=origin, raw_prompt=line.parsed.raw,
@@ -159,6 +163,16 @@ def _init_size(spec: RunSpec, parsed: ParsedLine, init: str) -> tuple[int, int]:
         log.warning("%s: init image %s is %dx%d; using %dx%d (multiples of 8) <width, height>", parsed.origin,
                     Path(init).name, *size, *rounded)
     return rounded
+
+
+def _check_mask(mask: str, init: str | None) -> None:
+    """A readable mask image, warned about when its aspect ratio differs from its init image's."""
+    if init is None:
+        raise ConfigError(f"mask_image {mask} needs an init image to inpaint; set init_image too <mask_image>")
+    (mw, mh), (iw, ih) = image_size(Path(mask), "mask_image"), image_size(Path(init))
+    if abs(mw / mh - iw / ih) > 0.01:
+        log.warning("mask %s (%dx%d) has another aspect ratio than init image %s (%dx%d); it is resized "
+                    "(stretched) to the image <mask_image>", mask, mw, mh, init, iw, ih)
 
 
 def _given(value, default):

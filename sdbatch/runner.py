@@ -95,9 +95,23 @@ def _prompt_lines(spec: RunSpec, engine) -> list[PromptLine]:
     if spec.init_image is None:
         return lines
     images = list_images(spec.init_image)
+    masks = _masks_of(spec, images)
     if not lines:  # no prompt given: each image brings back the prompt it was made with
-        return [dataclasses.replace(_stored_prompt(image, spec), init_image=str(image)) for image in images]
-    return [dataclasses.replace(line, init_image=str(image)) for line, image in pair_with_images(lines, images)]
+        return [dataclasses.replace(_stored_prompt(image, spec), init_image=str(image), mask_image=masks[image])
+                for image in images]
+    return [dataclasses.replace(line, init_image=str(image), mask_image=masks[image])
+            for line, image in pair_with_images(lines, images)]
+
+
+def _masks_of(spec: RunSpec, images: list[Path]) -> dict[Path, str | None]:
+    """The mask of each init image: mask_image's files in turn (init image i gets mask i, cycled)."""
+    if spec.mask_image is None:
+        return dict.fromkeys(images)
+    masks = list_images(spec.mask_image, "mask_image")
+    if len(masks) > 1 and len(masks) != len(images):
+        log.warning("%d init images but %d masks: the masks are used in turn (cycled) <mask_image>",
+                    len(images), len(masks))
+    return {image: str(masks[i % len(masks)]) for i, image in enumerate(images)}
 
 
 def _stored_prompt(image: Path, spec: RunSpec) -> PromptLine:
@@ -136,12 +150,30 @@ def _generate(engine, out: RunDir, todo: list[ImageJob], spec: RunSpec, total: i
     with tqdm(total=total, initial=total - len(todo), desc="images", unit="img", disable=not show) as bar:
         for batch in make_batches(todo, spec.batch_size):
             steps = tqdm(desc="steps", unit="step", leave=False, disable=not show)
-            images = engine.run_batch(batch, on_step=lambda info, s=steps: _tick(s, info))
+            tick = lambda info, s=steps: _tick(s, info)  # noqa: E731
+            if batch.key.highres is not None:
+                first, images = engine.run_highres(batch, on_step=tick)
+                if batch.key.highres.save_first_stage:
+                    written += _save_first_stage(engine, out, batch.jobs, first)
+            else:
+                images = engine.run_batch(batch, on_step=tick)
             steps.close()
             for job, image in zip(batch.jobs, images, strict=True):
+                if job.mask_image and spec.inpaint.keep_original:
+                    from sdbatch.engine.inpaint import paste_original
+
+                    image = paste_original(image, job.init_image, job.mask_image)
                 written.append(out.save(image, image_params(job, engine.info, __version__)))
                 bar.update(1)
     return written
+
+
+def _save_first_stage(engine, out: RunDir, jobs: tuple[ImageJob, ...], images: list) -> list[Path]:
+    """highres.save_first_stage: NAME-first.png per image, its own txt2img parameters and "stage": 1."""
+    from sdbatch.highres import first_stage_job
+
+    return [out.save(image, {**image_params(first_stage_job(job), engine.info, __version__), "stage": 1})
+            for job, image in zip(jobs, images, strict=True)]
 
 
 def _tick(bar: tqdm, info: dict) -> None:

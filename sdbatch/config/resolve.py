@@ -94,6 +94,10 @@ def _check(spec: RunSpec) -> None:
             raise ConfigError(f"{key} must be a multiple of 8, got {_get(spec, key)}; try {_get(spec, key) // 8 * 8}")
     if spec.strength > 1:
         raise ConfigError(f"strength must be in (0, 1], got {spec.strength}")
+    _check_steps(spec)
+    _check_highres(spec)
+    if spec.mask_image is not None and spec.init_image is None:
+        raise ConfigError("mask_image needs init_image: the mask says which part of the init image to repaint")
     if spec.output.naming == "original" and spec.init_image is None:
         raise ConfigError("output.naming=original names images after their init image; set init_image too")
     if spec.sampler.cfg_scale < 0:
@@ -105,6 +109,38 @@ def _check(spec: RunSpec) -> None:
     effective_schedule(spec.sampler.name, spec.sampler.schedule)
     grid_axes(spec)
     _check_prompt(spec)
+
+
+# The fewest sampler.steps each sampler runs without diffusers failing (checked for every registry sampler with
+# diffusers 0.42): PNDM/PLMS need their 4-step warm-up
+# (set_timesteps(3) builds a schedule that step() fails on); the others run from 1 step.
+_MIN_STEPS = {"pndm": 4, "plms": 4}
+
+
+def _check_steps(spec: RunSpec) -> None:
+    """sampler.steps the sampler can run, and img2img strength × steps leaving at least one step."""
+    least = _MIN_STEPS.get(spec.sampler.name, 1)
+    if spec.sampler.steps < least:
+        raise ConfigError(f"sampler {spec.sampler.name} needs sampler.steps >= {least}, got {spec.sampler.steps}")
+    if spec.init_image is not None and 0 < spec.strength <= 1 and int(spec.sampler.steps * spec.strength) < 1:
+        raise ConfigError(f"strength {spec.strength} × sampler.steps {spec.sampler.steps} leaves no denoising step "
+                          "(diffusers runs int(steps × strength)); raise strength or sampler.steps")
+
+
+def _check_highres(spec: RunSpec) -> None:
+    from sdbatch.highres import check
+
+    check(spec.highres)
+    if spec.highres.name != "on":
+        return
+    if spec.init_image is not None:
+        raise ConfigError("highres=on makes its own first stage (txt2img); it cannot start from init_image. "
+                          "For the second stage alone, run img2img on the first-stage image")
+    if int(spec.sampler.steps * spec.highres.strength) < 1:
+        raise ConfigError(f"highres.strength {spec.highres.strength} × sampler.steps {spec.sampler.steps} leaves "
+                          "no second-stage step; raise highres.strength or sampler.steps")
+    if spec.highres.steps < _MIN_STEPS.get(spec.sampler.name, 1):
+        raise ConfigError(f"sampler {spec.sampler.name} needs highres.steps >= {_MIN_STEPS[spec.sampler.name]}")
 
 
 def grid_axes(spec: RunSpec) -> list:

@@ -55,7 +55,20 @@ class GuidanceConfig:
 
 @dataclass(**_SPEC)
 class HighresConfig:
-    name: str = "off"  # off (Highres. fix comes with the img2img issue)
+    name: str = "off"  # off | on: Highres. fix (txt2img at a smaller size, upscale, then img2img)
+    scale: float = 0.5  # stage-1 size = scale × width/height, rounded down to a multiple of 8
+    steps: int = 28  # stage-1 (txt2img) steps; stage 2 uses sampler.steps × strength
+    strength: float = 0.5  # stage-2 img2img strength, 0 < strength <= 1
+    latent_upscale: bool = False  # false: upscale the decoded images (LANCZOS); true: upscale the latents
+    latent_mode: str = "bilinear"  # bilinear | bicubic: interpolation of latent_upscale
+    save_first_stage: bool = False  # also write the stage-1 images (NAME-first.png, "stage": 1 in the manifest)
+    upscaler: str | None = None  # "module:function" replacing the built-in upscale (see README "Highres. fix")
+    disable_controlnet: bool = False  # stage 1 without ControlNet (recorded; ControlNet does not exist yet)
+
+
+@dataclass(**_SPEC)
+class InpaintConfig:
+    keep_original: bool = True  # paste the original's pixels back outside the mask after decoding
 
 
 @dataclass(**_SPEC)
@@ -98,6 +111,7 @@ class RunSpec:
     output: OutputConfig = field(default_factory=OutputConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     grid: GridConfig = field(default_factory=GridConfig)
+    inpaint: InpaintConfig = field(default_factory=InpaintConfig)
     prompt: Any = None  # a string or a list of strings; in-prompt options (--w 768 --n ...) allowed
     negative_prompt: str = ""  # default negative prompt (a line's --n replaces it)
     prompt_file: str | None = None  # UTF-8, one prompt per line; blank lines and '#' comments skipped
@@ -109,6 +123,7 @@ class RunSpec:
     height: int | None = None  # pixels, multiple of 8; null = 512, or the init image's own size (img2img)
     init_image: str | None = None  # img2img: an image file or a folder of images (used in turn)
     strength: float = 0.8  # img2img: how much of the image is redrawn, 0 < strength <= 1
+    mask_image: str | None = None  # inpainting: a mask file or folder (white = repaint), mask i for init image i
     seed: int | None = None  # image k gets seed + k; null = random (recorded)
     images_per_prompt: int = 1
     n_iter: int = 1  # repeat the whole prompt list this many times

@@ -21,6 +21,7 @@ class Conditioning:
     negative: torch.Tensor | None = None  # (B, 77·k, D) negative-prompt embeddings; None = no CFG
     cfg_scales: torch.Tensor | None = None  # (B,) per-image guidance scale
     unet_kwargs: dict = field(default_factory=dict)  # extra UNet arguments a wrapper adds (residuals, ...)
+    inpaint: torch.Tensor | None = None  # (B, 5, h, w) mask + masked-image latents for 9-channel UNets
 
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]

@@ -11,7 +11,7 @@ from PIL import Image
 
 from sdbatch.batching import Batch, BatchKey
 from sdbatch.config.schema import ModelConfig, PerfConfig
-from sdbatch.engine import img2img, noise, vae, xti
+from sdbatch.engine import img2img, inpaint, noise, vae, xti
 from sdbatch.engine.denoiser import Conditioning, ModelFn, unet_model, with_cfg
 from sdbatch.engine.device import Placement, pick_placement
 from sdbatch.engine.embeddings import XTI_LAYERS, load_embeddings
@@ -19,6 +19,7 @@ from sdbatch.engine.loading import ModelBundle, is_cached, load_models, set_atte
 from sdbatch.engine.sampling import StepCallback, sample
 from sdbatch.engine.schedulers import make_scheduler
 from sdbatch.engine.text import TextEncoder
+from sdbatch.errors import ConfigError
 from sdbatch.jobs import EmbeddingRef, ImageJob, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,27 @@ class Engine:
         )
 
     def run_batch(self, batch: Batch, on_step: StepCallback | None = None) -> list[Image.Image]:
-        """Generate the batch's images, in the order of batch.jobs."""
+        """Generate the batch's images, in the order of batch.jobs (Highres. fix: see run_highres)."""
+        return self.decode(self.denoise(batch, on_step))
+
+    def run_highres(self, batch: Batch, on_step: StepCallback | None = None) -> tuple[list[Image.Image], ...]:
+        """Highres. fix for the batch: (stage-1 images, final images), each in the order of batch.jobs."""
+        from sdbatch.engine.highres import run_highres
+
+        return run_highres(self, batch, on_step)
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Final latents → PIL images (VAE decode, perf.vae_batch_size images per call)."""
+        return vae.decode(self.bundle.vae, latents, self.vae_batch_size)
+
+    def denoise(self, batch: Batch, on_step: StepCallback | None = None,
+                start: Callable[[object, list[torch.Generator]], tuple] | None = None) -> torch.Tensor:
+        """The batch's final latents: prompts encoded, start latents prepared, the sampler run.
+
+        `start(scheduler, generators) → (timesteps, latents)` replaces the txt2img/img2img/inpainting start
+        (Highres. fix's stage 2); it is called after set_timesteps(key.steps).
+        """
         jobs, key = batch.jobs, batch.key
-        device = self.placement.device
         # 1. Encode prompts (weighted, chunked, cached); no CFG pass when no image asks for it
         guided = any(j.cfg_scale > 1 for j in jobs)
         embeddings, negative = self.text.encode_batch(
@@ -59,24 +78,38 @@ class Engine:
         )
         cond = Conditioning(
             embeddings=embeddings, negative=negative,
-            cfg_scales=torch.tensor([j.cfg_scale for j in jobs], dtype=torch.float32, device=device),
+            cfg_scales=torch.tensor([j.cfg_scale for j in jobs], dtype=torch.float32, device=self.placement.device),
         )
         cond = self._xti_conditioning(cond, jobs, guided)  # per-block text when a prompt uses an XTI embedding
         # 2. Prepare timesteps and start latents, one generator per image
         scheduler = make_scheduler(key.sampler, key.schedule, self.v_prediction)
-        scheduler.set_timesteps(key.steps, device=device)
+        scheduler.set_timesteps(key.steps, device=self.placement.device)
         gens = noise.generators([j.seed for j in jobs])
+        if start is not None:
+            timesteps, latents = start(scheduler, gens)
+            begun = inpaint.InpaintStart(timesteps, latents, None, ())
+        else:
+            begun = self._start(batch, scheduler, gens)
+        cond = dataclasses.replace(cond, inpaint=begun.unet_input)
+        # 3. Denoise
+        return sample(self.model_fn(), scheduler, begun.latents.to(self.placement.dtype), cond, gens, eta=key.eta,
+                      callback=on_step, timesteps=begun.timesteps, after_step=begun.after_step)
+
+    def _start(self, batch: Batch, scheduler, gens: list[torch.Generator]) -> inpaint.InpaintStart:
+        """Timesteps and start latents of txt2img, img2img or inpainting (with its mask conditioning or blend)."""
+        jobs, key = batch.jobs, batch.key
+        if key.masked:  # inpainting: mask conditioning (9-channel UNet) or the per-step blend (4-channel)
+            return inpaint.start(self.bundle.vae, scheduler, self.bundle.in_channels, [j.init_image for j in jobs],
+                                 [j.mask_image for j in jobs], gens, key.steps, key.strength, key.width, key.height)
+        if self.bundle.in_channels != 4:
+            raise ConfigError(f"{self.bundle.model_name} is an inpainting checkpoint ({self.bundle.in_channels}-"
+                              "channel UNet): give init_image and mask_image <model.checkpoint>")
         if _is_img2img(jobs):  # init images encoded and noised to the first step of a strength-shortened schedule
             timesteps, latents = img2img.start(self.bundle.vae, scheduler, [j.init_image for j in jobs], gens,
                                                key.steps, key.strength, key.width, key.height)
-            latents = latents.to(dtype=self.placement.dtype)
         else:
             timesteps, latents = scheduler.timesteps, self._start_noise(gens, key, scheduler)
-        # 3. Denoise
-        model = self.model_fn()
-        latents = sample(model, scheduler, latents, cond, gens, eta=key.eta, callback=on_step, timesteps=timesteps)
-        # 4. Decode
-        return vae.decode(self.bundle.vae, latents, self.vae_batch_size)
+        return inpaint.InpaintStart(timesteps, latents, None, ())
 
     def set_textual_inversion(self, files: Sequence[str], xti_files: Sequence[str] = ()) -> None:
         """Load the run's embedding files and make exactly them active (model.textual_inversion, xti_embeddings).
@@ -121,7 +154,7 @@ class Engine:
 
     def model_fn(self) -> ModelFn:
         """The UNet call wrapped by every active wrapper."""
-        model = unet_model(self.bundle.unet)
+        model = inpaint.with_inpaint_input(unet_model(self.bundle.unet))  # a no-op unless cond.inpaint is set
         for wrap in self.wrappers:
             model = wrap(model)
         return model

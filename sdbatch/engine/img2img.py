@@ -120,8 +120,14 @@ def add_start_noise(scheduler, timesteps: torch.Tensor, init_latents: torch.Tens
 def start(vae: torch.nn.Module, scheduler, init_images: Sequence[str], gens: list[torch.Generator], steps: int,
           strength: float, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(timesteps, start latents) of an img2img batch; the scheduler must have had set_timesteps(steps)."""
-    timesteps = shorten_schedule(scheduler, steps, strength)  # before any work: a bad strength fails fast
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    pixels = load_pixels(init_images, width, height, factor)
+    denoise_steps(steps, strength)  # before any work: a bad strength fails fast
+    return start_from_pixels(vae, scheduler, load_pixels(init_images, width, height, factor), gens, steps, strength)
+
+
+def start_from_pixels(vae: torch.nn.Module, scheduler, pixels: torch.Tensor, gens: list[torch.Generator], steps: int,
+                      strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, start latents) from (B, 3, H, W) pixels in [-1, 1] (Highres. fix's stage 2 comes here)."""
+    timesteps = shorten_schedule(scheduler, steps, strength)
     latents = add_start_noise(scheduler, timesteps, encode(vae, pixels, gens), gens)
     return timesteps, latents

@@ -16,6 +16,7 @@ class PromptLine:
     negative: str
     origin: str  # "prompt", "prompt[2]" or "file.txt:14"
     init_image: str | None = None  # img2img: the image this line starts from
+    mask_image: str | None = None  # inpainting: the mask of that image
 
 
 def read_prompts(prompt: str | list[str] | None, negative: str, prompt_file: str | None) -> list[PromptLine]:

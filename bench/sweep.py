@@ -1,0 +1,165 @@
+"""Benchmark a 16-image sweep (4 seeds × 4 CFG scales, `model=tiny`) four ways and print times and ratios.
+
+1. one process per point: `python run.py seed=S sampler.cfg_scale=C` 16 times (what users of the
+   reference script do);
+2. Hydra multirun: one `python run.py -m seed=... sampler.cfg_scale=...` (models and text encodings are
+   loaded and computed once, jobs run one after another in one process);
+3. a fused grid in one run: not implemented yet (printed as such);
+4. a diffusers loop: one process that loads a `StableDiffusionPipeline` with the same weights once and
+   calls it for each point (seeded per image like sdbatch), saving PNGs.
+
+Every way starts its own Python process, so each time includes interpreter start, imports and model
+loading. One untimed warm-up run builds the tiny model and warms the file cache first. The images of
+ways 1 and 2 must be identical, and the diffusers images are compared with them.
+
+    python bench/sweep.py                  # 128×128, 15 steps (about 3 minutes on 2 CPU cores)
+    python bench/sweep.py --size 256 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = (11, 22, 33, 44)
+SCALES = (3.0, 5.0, 7.5, 10.0)
+PROMPT = "a lighthouse at dusk in oil paint"
+TARGET = 0.5  # multirun with the cache ≤ 0.5× one process per point
+
+
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+# torch threads, the same for every way. One unless OMP_NUM_THREADS says otherwise: on the project's shared
+# 2-vCPU machine two threads made the same multirun 12x slower (spinning threads waiting for a busy vCPU).
+THREADS = os.environ.get("OMP_NUM_THREADS", "1")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": THREADS, "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "1"}
+
+
+def _common(args: argparse.Namespace) -> list[str]:
+    return ["model=tiny", f"prompt={PROMPT}", f"width={args.size}", f"height={args.size}",
+            f"sampler.steps={args.steps}", "perf.progress=false"]
+
+
+def _run(cmd: list[str]) -> float:
+    """Seconds the command took; exits with its output when it fails."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return seconds
+
+
+def per_point(args: argparse.Namespace, out: Path) -> float:
+    """One `python run.py` per (seed, scale) point, one after another."""
+    total = 0.0
+    for n, (seed, scale) in enumerate(itertools.product(SEEDS, SCALES)):
+        total += _run([sys.executable, str(ROOT / "run.py"), *_common(args), f"seed={seed}",
+                       f"sampler.cfg_scale={scale}", f"hydra.run.dir={out / str(n)}"])
+    return total
+
+
+def multirun(args: argparse.Namespace, out: Path) -> float:
+    """One `python run.py -m` over every point; job n has the same (seed, scale) as per_point's run n."""
+    return _run([sys.executable, str(ROOT / "run.py"), "-m", *_common(args),
+                 "seed=" + ",".join(map(str, SEEDS)), "sampler.cfg_scale=" + ",".join(map(str, SCALES)),
+                 f"hydra.sweep.dir={out}"])
+
+
+def diffusers_loop(args: argparse.Namespace, out: Path, folder: Path) -> float:
+    return _run([sys.executable, __file__, "--diffusers-worker", str(folder), str(out),
+                 "--size", str(args.size), "--steps", str(args.steps)])
+
+
+def export_tiny_for_diffusers(folder: Path) -> Path:
+    """The built-in tiny model's weights (stored in fp16, run in fp32) as a diffusers pipeline folder."""
+    from sdbatch.engine.export import save_diffusers_folder
+    from sdbatch.engine.tiny import TINY_SEED, build_tiny_components
+
+    unet, vae, text_encoder = (m.half().float() for m in build_tiny_components("sd1", TINY_SEED))
+    return save_diffusers_folder(folder, unet, vae, text_encoder, "sd1")
+
+
+def diffusers_worker(folder: Path, out: Path, size: int, steps: int) -> None:
+    """The diffusers loop itself (run in its own process): load once, one call per point, save PNGs."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from sdbatch.engine.schedulers import make_scheduler
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = make_scheduler("ddim", "default", False)  # sdbatch's DDIM settings (the reference's)
+    pipe.set_progress_bar_config(disable=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for n, (seed, scale) in enumerate(itertools.product(SEEDS, SCALES)):
+        image = pipe(PROMPT, num_inference_steps=steps, guidance_scale=scale, height=size, width=size,
+                     generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+        image.save(out / f"{n:02d}.png")
+
+
+def _pixels(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def max_diffs(root: Path) -> tuple[int, int]:
+    """(per point vs multirun, sdbatch vs diffusers): the largest pixel difference over the 16 images."""
+    points = range(len(SEEDS) * len(SCALES))
+    ours = [_pixels(next((root / "multirun" / str(n)).glob("*.png"))) for n in points]
+    single = [_pixels(next((root / "per_point" / str(n)).glob("*.png"))) for n in points]
+    theirs = [_pixels(root / "diffusers" / f"{n:02d}.png") for n in points]
+    return (max(int(abs(a - b).max()) for a, b in zip(ours, single, strict=True)),
+            max(int(abs(a - b).max()) for a, b in zip(ours, theirs, strict=True)))
+
+
+def report(times: dict[str, float], diffs: tuple[int, int], args: argparse.Namespace) -> None:
+    base = times["one process per point"]
+    print(f"\n16 images: {len(SEEDS)} seeds × {len(SCALES)} CFG scales, model=tiny, {args.size}×{args.size}, "
+          f"{args.steps} DDIM steps, {CORES} CPU core(s), {THREADS} torch thread(s)")
+    print(f"{'way':<26}{'seconds':>9}{'× per point':>13}")
+    for name, seconds in times.items():
+        print(f"{name:<26}{seconds:>9.1f}{seconds / base:>13.2f}")
+    print(f"{'fused grid (one run)':<26}  not implemented yet")
+    ratio = times["hydra multirun (cache)"] / base
+    print(f"multirun / diffusers loop: {times['hydra multirun (cache)'] / times['diffusers loop']:.2f}")
+    print(f"target multirun ≤ {TARGET}× one process per point: {'met' if ratio <= TARGET else 'NOT met'} "
+          f"({ratio:.2f})")
+    print(f"max pixel difference: multirun vs per point {diffs[0]}, sdbatch vs diffusers {diffs[1]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--diffusers-worker", nargs=2, metavar=("FOLDER", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.diffusers_worker:
+        diffusers_worker(Path(args.diffusers_worker[0]), Path(args.diffusers_worker[1]), args.size, args.steps)
+        return
+    with tempfile.TemporaryDirectory(prefix="sdbatch-bench-sweep-") as tmp:
+        root = Path(tmp)
+        folder = export_tiny_for_diffusers(root / "tiny-diffusers")
+        _run([sys.executable, str(ROOT / "run.py"), *_common(args), "seed=0", f"hydra.run.dir={root / 'warm'}"])
+        print("fused grid: not implemented yet (skipped)")
+        times = {}
+        for name, way in [("one process per point", lambda: per_point(args, root / "per_point")),
+                          ("hydra multirun (cache)", lambda: multirun(args, root / "multirun")),
+                          ("diffusers loop", lambda: diffusers_loop(args, root / "diffusers", folder))]:
+            times[name] = way()
+            print(f"{name}: {times[name]:.1f} s", flush=True)
+        report(times, max_diffs(root), args)
+
+
+if __name__ == "__main__":
+    main()
