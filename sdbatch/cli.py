@@ -9,7 +9,6 @@ import logging
 import re
 import sys
 import time
-import typing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sdbatch.config.resolve import resolve
-from sdbatch.config.schema import RunSpec, schema_of
+from sdbatch.config.schema import RunSpec
 from sdbatch.errors import SdbatchError
-from sdbatch.outputs import GRID
 from sdbatch.sweep_index import (
     FAILED_STATUSES,
     last_sweep,
@@ -123,8 +121,9 @@ def _run_or_skip(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     from sdbatch.runner import pending_images
 
     counts = pending_images(spec, run_dir)
-    grid_missing = spec.output.grid and not (run_dir / GRID).exists()
-    if counts is not None and counts[0] > 0 and counts[1] == 0 and not grid_missing:
+    wants_sheet = spec.output.grid or spec.grid.x is not None  # grid.png, or the fused grid's grid*.png
+    sheet_missing = wants_sheet and not any(run_dir.glob("grid*.png"))
+    if counts is not None and counts[0] > 0 and counts[1] == 0 and not sheet_missing:
         log.info("all %d image(s) already done; skipped. Output dir: %s", counts[0], run_dir)
         return {"status": "skipped", "new_images": 0}
     result = _run(spec, run_dir)
@@ -222,7 +221,7 @@ def describe_config_error(ex: BaseException) -> str:
     return message
 
 
-# ---------------------------------------------------------------- resolvers for the sweep presets in sweeps/
+# ---------------------------------------------------------------- resolvers for sweeps/ and conf/hydra/launcher/
 
 
 def prompt_sr(prompt: str, words: str | list[str]) -> str:
@@ -255,10 +254,6 @@ def sweep_seed() -> int:
     return int.from_bytes(digest[:4], "big")  # [0, 2**32), as A1111 seeds
 
 
-OmegaConf.register_new_resolver("sdbatch.prompt_sr", prompt_sr, replace=True)
-OmegaConf.register_new_resolver("sdbatch.sweep_seed", sweep_seed, replace=True)
-
-
 def gpu_count() -> int:
     """Visible CUDA devices, at least 1 (joblib's default number of workers: one per GPU, one on a CPU)."""
     import torch
@@ -266,29 +261,7 @@ def gpu_count() -> int:
     return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 
 
+# registered on import: run.py imports this module, and so does every launcher worker (through the task)
+OmegaConf.register_new_resolver("sdbatch.prompt_sr", prompt_sr, replace=True)
+OmegaConf.register_new_resolver("sdbatch.sweep_seed", sweep_seed, replace=True)
 OmegaConf.register_new_resolver("sdbatch.gpu_count", gpu_count, replace=True)
-
-
-# ---------------------------------------------------------------- multi-process launchers
-
-
-def _importable_schemas() -> None:
-    """Let launchers pickle the config schemas by name instead of copying them into their workers.
-
-    joblib, submitit and ray send Hydra's ConfigStore to each worker with cloudpickle, and every job composes
-    its config there. The schemas are dataclasses that `schema_of` generates at run time, so pickle cannot
-    find them by name and copies them by value, and a copied dataclass loses its fields' `dataclasses.MISSING`
-    identity: composing `default_factory` fields (lists) then fails in the worker. Named here, pickle refers
-    to them, and a worker regenerates the same classes when it imports this module.
-    """
-    todo: list[type] = [RunSpec]
-    while todo:
-        cls = todo.pop()
-        twin = schema_of(cls)
-        if getattr(sys.modules.get(twin.__module__), twin.__qualname__, None) is not twin:
-            twin.__module__, twin.__qualname__ = __name__, f"_{cls.__name__}Schema"
-            globals()[twin.__qualname__] = twin
-        todo += [tp for tp in typing.get_type_hints(cls).values() if dataclasses.is_dataclass(tp)]
-
-
-_importable_schemas()

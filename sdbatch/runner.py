@@ -203,4 +203,7 @@ def pending_images(spec: RunSpec, run_dir: Path) -> tuple[int, int] | None:
         return None
     out = RunDir(run_dir, resume=spec.output.resume)
     jobs = plan(spec, _prompt_lines(spec, None), _base_seed(spec, run_dir))
+    axes = grid_axes(spec)
+    if axes:  # a fused grid: its cells are the images, as in run()
+        jobs = expand(jobs, axes, spec.output.naming)
     return len(jobs), sum(1 for job in jobs if not out.is_done(job))

@@ -155,7 +155,10 @@ def schema_of(cls: type) -> type:
             spec = field(default_factory=f.default_factory)
         fields.append((f.name, tp, spec))
     twin = dataclasses.make_dataclass(cls.__name__, fields)
-    twin.__module__ = cls.__module__
+    # A findable module-level name: launchers (joblib, submitit, ray) pickle the ConfigStore to their
+    # workers, and a schema pickled by value loses its fields' dataclasses.MISSING identity there.
+    twin.__module__, twin.__qualname__ = cls.__module__, f"_{cls.__name__}Schema"
+    globals()[twin.__qualname__] = twin
     return twin
 
 
@@ -168,3 +171,6 @@ def register_configs() -> None:
     cs.store(name="base_config", node=schema_of(RunSpec))
     for group, cls in GROUPS.items():
         cs.store(group=f"schema/{group}", name="base", node=schema_of(cls))
+
+
+schema_of(RunSpec)  # generate every twin at import, so a launcher's worker finds them by name when unpickling
