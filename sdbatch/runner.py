@@ -52,7 +52,11 @@ def run(spec: RunSpec, run_dir: Path, stdin: TextIO | None = None) -> RunResult:
     out.write_config({**to_plain(spec), "seed": base_seed}, engine.model_hashes())
     if len(todo) < len(jobs):
         log.info("resuming: %d of %d images already in %s <output.resume>", len(jobs) - len(todo), len(jobs), run_dir)
+    encoded_before = engine.text.encoded
     written = _generate(engine, out, todo, spec, len(jobs))
+    # what the per-process caches saved: a multirun's later jobs reuse the model and the prompt encodings
+    log.info("text encoder ran for %d prompt(s) in this run; %d model load(s) in this process <caches>",
+             engine.text.encoded - encoded_before, load_count())
     if axes:
         _save_sheets(out, sheets(jobs, axes, base_count))
     elif spec.output.grid:
@@ -70,6 +74,12 @@ def _save_sheets(out: RunDir, grid_sheets: list[Sheet]) -> None:
     for sheet in grid_sheets:
         images = [[Image.open(out.path / name).convert("RGB") for name in row] for row in sheet.rows]
         out.save_sheet(labelled_grid(images, sheet.x_labels, sheet.y_labels, title=sheet.title), sheet.name)
+
+
+def load_count() -> int:
+    from sdbatch.engine.loading import load_count as count  # torch is loaded by now
+
+    return count()
 
 
 def _engine(spec: RunSpec):

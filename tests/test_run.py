@@ -167,3 +167,13 @@ def test_own_single_file_checkpoint(option, fixture, v_pred, request, cache_dir,
     lines = manifest(run_dir)
     assert len(lines) == 2 and all(line["v_prediction"] is v_pred for line in lines)
     assert lines[0]["model"] == path.stem
+
+
+def test_six_job_sweep_loads_once_and_encodes_each_prompt_once(cache_dir, tmp_path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "model=tiny", "prompt=a cat", "negative_prompt=blurry", "seed=1,2,3",
+                    "sampler.cfg_scale=5,7", f"hydra.sweep.dir={sweep}", *SMALL], cache_dir, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    logs = [(sweep / str(n) / "run.log").read_text() for n in range(6)]
+    assert ["text encoder ran for 2 prompt(s)" in log for log in logs] == [True] + [False] * 5
+    assert all("text encoder ran for 0 prompt(s) in this run; 1 model load(s)" in log for log in logs[1:])
