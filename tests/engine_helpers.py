@@ -115,3 +115,16 @@ def img2img_reference(pipe: StableDiffusionImg2ImgPipeline, prompts: list[str], 
                negative_prompt=[negative] * len(prompts), num_inference_steps=steps, guidance_scale=cfg,
                generator=gens, output_type="pil")
     return [np.asarray(im) for im in out.images]
+
+
+def distinct_samplers() -> list[str]:
+    """One sampler name per distinct scheduler configuration (aliases such as k_euler add nothing)."""
+    from sdbatch.samplers import SAMPLERS
+
+    seen, names = set(), []
+    for name, entry in SAMPLERS.items():
+        key = (entry.scheduler, tuple(sorted(entry.options.items())), entry.default_schedule)
+        if key not in seen:
+            seen.add(key)
+            names.append(name)
+    return names

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from engine_helpers import (
+    distinct_samplers,
     img2img_pipeline,
     img2img_reference,
     init_images,
@@ -28,7 +29,7 @@ from sdbatch.engine.schedulers import make_scheduler
 from sdbatch.errors import ConfigError
 from sdbatch.planning import plan
 from sdbatch.prompts.sources import PromptLine
-from sdbatch.samplers import BASE_CONFIG, SAMPLERS, effective_schedule
+from sdbatch.samplers import BASE_CONFIG, effective_schedule
 
 torch.set_num_threads(1)
 
@@ -127,13 +128,7 @@ def _recovery_error(sampler: str, strength: float, v_pred: bool = False, slicing
 
 
 def _distinct_samplers() -> list[str]:
-    seen, names = set(), []
-    for name, entry in SAMPLERS.items():
-        key = (entry.scheduler, tuple(sorted(entry.options.items())), entry.default_schedule)
-        if key not in seen:
-            seen.add(key)
-            names.append(name)
-    return [*names, "pndm-plms"]
+    return [*distinct_samplers(), "pndm-plms"]
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")

@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from engine_helpers import max_diff, ours, pipeline, reference, spec
-
-from sdbatch.samplers import SAMPLERS
+from engine_helpers import distinct_samplers, max_diff, ours, pipeline, reference, spec
 
 torch.set_num_threads(1)
 
@@ -15,18 +13,7 @@ PROMPTS = ["a lighthouse at dusk", "a red cube on a table"]
 SEEDS = [11, 12345]
 
 
-def _distinct_samplers() -> list[str]:
-    """One name per distinct scheduler configuration (aliases such as k_euler add nothing)."""
-    seen, names = set(), []
-    for name, entry in SAMPLERS.items():
-        key = (entry.scheduler, tuple(sorted(entry.options.items())), entry.default_schedule)
-        if key not in seen:
-            seen.add(key)
-            names.append(name)
-    return names
-
-
-@pytest.mark.parametrize("sampler", _distinct_samplers())
+@pytest.mark.parametrize("sampler", distinct_samplers())
 def test_sd1_parity_with_diffusers(sampler, sd1_components, sd1_single_file, tmp_path) -> None:
     run_spec = spec(sd1_single_file, sampler=sampler)
     pipe = pipeline(sd1_components, tmp_path, "sd1", sampler, v_pred=False)

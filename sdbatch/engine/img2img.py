@@ -87,17 +87,17 @@ _RESTARTS: dict[str, Callable[[object, int], None]] = {
 
 def load_pixels(paths: Sequence[str], width: int, height: int, scale_factor: int = 8) -> torch.Tensor:
     """Init image files → (B, 3, H, W) in [-1, 1]: RGB, then diffusers' VaeImageProcessor.preprocess (LANCZOS, 2x-1)."""
-    images = [_open_rgb(path) for path in paths]
+    images = [open_image(path, "RGB", "init_image") for path in paths]
     return VaeImageProcessor(vae_scale_factor=scale_factor).preprocess(images, height=height, width=width)
 
 
-def _open_rgb(path: str) -> Image.Image:
-    """The init image as RGB; ConfigError naming the file when it is missing or unreadable."""
+def open_image(path: str, mode: str, key: str) -> Image.Image:
+    """An input image converted to `mode`; ConfigError naming the config key and file when it is unreadable."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return image.convert(mode)
     except (OSError, UnidentifiedImageError) as ex:
-        raise ConfigError(f"init_image {path} cannot be read: {ex} <init_image>") from None
+        raise ConfigError(f"{key} {path} cannot be read: {ex} <{key}>") from None
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from sdbatch.engine import img2img, noise
 from sdbatch.engine.denoiser import Conditioning, ModelFn
@@ -44,15 +44,7 @@ def load_masks(paths: Sequence[str], width: int, height: int, scale_factor: int 
     """Mask files → (B, 1, H, W) of 0/1 (1 = repaint): grayscale, LANCZOS resize, binarized at 0.5."""
     processor = VaeImageProcessor(vae_scale_factor=scale_factor, do_normalize=False, do_binarize=True,
                                   do_convert_grayscale=True)
-    return processor.preprocess([_open_mask(p) for p in paths], height=height, width=width)
-
-
-def _open_mask(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("L")
-    except (OSError, UnidentifiedImageError) as ex:
-        raise ConfigError(f"mask_image {path} cannot be read: {ex} <mask_image>") from None
+    return processor.preprocess([img2img.open_image(p, "L", "mask_image") for p in paths], height=height, width=width)
 
 
 def start(vae: torch.nn.Module, scheduler, unet_channels: int, init_images: Sequence[str], masks: Sequence[str],
