@@ -43,10 +43,7 @@ def run(spec: RunSpec, run_dir: Path, stdin: TextIO | None = None) -> RunResult:
         return _run_interactive(spec, out, base_seed, stdin or sys.stdin)
     # a prompt module may use the models, so they load first; otherwise prompt errors come before loading
     engine = _engine(spec) if spec.prompt_module else None
-    jobs = plan(spec, _prompt_lines(spec, engine), base_seed)
-    axes, base_count = grid_axes(spec), len(jobs)
-    if axes:
-        jobs = expand(jobs, axes, spec.output.naming)
+    jobs, axes, base_count = _all_jobs(spec, _prompt_lines(spec, engine), base_seed)
     todo = [job for job in jobs if not out.is_done(job)]
     engine = engine or _engine(spec)
     out.write_config({**to_plain(spec), "seed": base_seed}, engine.model_hashes())
@@ -63,6 +60,15 @@ def run(spec: RunSpec, run_dir: Path, stdin: TextIO | None = None) -> RunResult:
         cols = spec.images_per_prompt if spec.images_per_prompt > 1 else math.ceil(math.sqrt(len(jobs)))
         out.save_grid([job.file_name for job in jobs], cols)
     return RunResult(run_dir, written, len(jobs) - len(todo))
+
+
+def _all_jobs(spec: RunSpec, lines: list[PromptLine], base_seed: int) -> tuple[list[ImageJob], list, int]:
+    """(every image of the run, the fused-grid axes, the number of planned images before grid expansion)."""
+    jobs = plan(spec, lines, base_seed)
+    axes, base_count = grid_axes(spec), len(jobs)
+    if axes:  # a fused grid: each planned image becomes one image per cell
+        jobs = expand(jobs, axes, spec.output.naming)
+    return jobs, axes, base_count
 
 
 def _save_sheets(out: RunDir, grid_sheets: list[Sheet]) -> None:
@@ -212,8 +218,5 @@ def pending_images(spec: RunSpec, run_dir: Path) -> tuple[int, int] | None:
     if spec.interactive or spec.prompt_module:
         return None
     out = RunDir(run_dir, resume=spec.output.resume)
-    jobs = plan(spec, _prompt_lines(spec, None), _base_seed(spec, run_dir))
-    axes = grid_axes(spec)
-    if axes:  # a fused grid: its cells are the images, as in run()
-        jobs = expand(jobs, axes, spec.output.naming)
+    jobs, _, _ = _all_jobs(spec, _prompt_lines(spec, None), _base_seed(spec, run_dir))
     return len(jobs), sum(1 for job in jobs if not out.is_done(job))
