@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import logging
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sdbatch.config.resolve import resolve
@@ -224,21 +223,16 @@ def describe_config_error(ex: BaseException) -> str:
 # ---------------------------------------------------------------- resolvers for sweeps/ and conf/hydra/launcher/
 
 
-def prompt_sr(prompt: str, words: str | list[str]) -> str:
-    """A1111's Prompt S/R as a Hydra sweep: the first word is searched in `prompt` and each word replaces it.
+def sweep_choices(values: Any) -> str:
+    """A list as a Hydra sweep over its items, each quoted (commas, brackets, colons kept literally).
 
-    Used in a sweeper param (`prompt: ${sdbatch.prompt_sr:PROMPT,WORDS}`), which Hydra resolves once on the
-    launching machine: the result is a choice of quoted prompts, one job each (the first keeps the prompt).
-    `words` is one comma-separated string (CSV: quote a word that holds a comma) or a list.
+    Used in a sweeper param (`prompt_sr: ${sdbatch.choices:${prompt_sr_words}}`), which Hydra resolves once,
+    on the launching machine, from the composed config: one job per distinct item.
     """
-    items = [w.strip() for w in (words if isinstance(words, list) else next(csv.reader([str(words)]), []))]
-    items = [w for w in items if w]
+    items = list(dict.fromkeys(str(v) for v in (values if isinstance(values, list | ListConfig) else [values])))
     if not items:
-        raise ValueError("prompt_sr: no words to substitute; set SDBATCH_SR='word1,word2,...'")
-    if items[0] not in prompt:
-        raise ValueError(f"prompt_sr: the first word {items[0]!r} does not occur in the prompt {prompt!r}; "
-                         "it is the one the other words replace")
-    return ",".join(hydra_quoted(prompt.replace(items[0], word)) for word in dict.fromkeys(items))
+        raise ValueError("nothing to sweep over: the list is empty")
+    return ",".join(hydra_quoted(item) for item in items)
 
 
 def hydra_quoted(text: str) -> str:
@@ -262,6 +256,6 @@ def gpu_count() -> int:
 
 
 # registered on import: run.py imports this module, and so does every launcher worker (through the task)
-OmegaConf.register_new_resolver("sdbatch.prompt_sr", prompt_sr, replace=True)
+OmegaConf.register_new_resolver("sdbatch.choices", sweep_choices, replace=True)
 OmegaConf.register_new_resolver("sdbatch.sweep_seed", sweep_seed, replace=True)
 OmegaConf.register_new_resolver("sdbatch.gpu_count", gpu_count, replace=True)

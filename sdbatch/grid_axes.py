@@ -61,6 +61,9 @@ def parse_axis(text: str, name: str) -> Axis:
 
 def expand(jobs: list[ImageJob], axes: list[Axis], naming: str) -> list[ImageJob]:
     """Every job once per cell (z slowest, x fastest), renumbered; the prompt_sr word is the first value."""
+    for name, axis in zip("xyz", axes, strict=False):
+        if axis.key == "prompt_sr":
+            check_search_word(jobs, axis.values[0], f"grid.{name}=prompt_sr")
     cells = list(itertools.product(*(axis.values for axis in reversed(axes))))
     out = []
     for job in jobs:
@@ -73,10 +76,23 @@ def expand(jobs: list[ImageJob], axes: list[Axis], naming: str) -> list[ImageJob
     return out
 
 
+def search_replace(job: ImageJob, search: str, word: str) -> ImageJob:
+    """A1111's Prompt S/R on one image: `search` replaced by `word` in its prompt and its negative prompt."""
+    return dataclasses.replace(job, prompt=job.prompt.replace(search, word),
+                               negative_prompt=job.negative_prompt.replace(search, word))
+
+
+def check_search_word(jobs: list[ImageJob], search: str, key: str) -> None:
+    """Prompt S/R needs its search word in some prompt: otherwise every image would come out the same."""
+    if jobs and not any(search in job.prompt or search in job.negative_prompt for job in jobs):
+        raise ConfigError(f"{key}: the word {search!r} (the first one, which the others replace) is in no prompt "
+                          f"or negative prompt, e.g. not in {jobs[0].prompt!r}; put it in the prompt")
+
+
 def _apply(job: ImageJob, axis: Axis, value: str, name: str) -> ImageJob:
     try:
         if axis.key == "prompt_sr":
-            return dataclasses.replace(job, prompt=job.prompt.replace(axis.values[0], value))
+            return search_replace(job, axis.values[0], value)
         if axis.key in ("sampler", "sampler.name"):
             get_sampler(value)
             return dataclasses.replace(job, sampler=value, schedule=effective_schedule(value, "default"))

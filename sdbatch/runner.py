@@ -18,12 +18,13 @@ from sdbatch.batching import make_batches
 from sdbatch.config.resolve import grid_axes, to_plain
 from sdbatch.config.schema import RunSpec
 from sdbatch.errors import ConfigError, PromptError
-from sdbatch.grid_axes import Sheet, expand, sheets
+from sdbatch.grid_axes import Sheet, check_search_word, expand, search_replace, sheets
 from sdbatch.init_images import list_images, pair_with_images, prompt_from_image
 from sdbatch.jobs import ImageJob
 from sdbatch.outputs import CONFIG, RunDir, image_params
 from sdbatch.planning import plan, random_base_seed
 from sdbatch.prompts.sources import PromptLine, read_prompts
+from sdbatch.startup import heavy_imports
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,9 @@ def run(spec: RunSpec, run_dir: Path, stdin: TextIO | None = None) -> RunResult:
 def _all_jobs(spec: RunSpec, lines: list[PromptLine], base_seed: int) -> tuple[list[ImageJob], list, int]:
     """(every image of the run, the fused-grid axes, the number of planned images before grid expansion)."""
     jobs = plan(spec, lines, base_seed)
+    if spec.prompt_sr is not None:  # one word of a +sweeps=prompt_sr multirun
+        check_search_word(jobs, spec.prompt_sr_words[0], "prompt_sr_words")
+        jobs = [search_replace(job, spec.prompt_sr_words[0], spec.prompt_sr) for job in jobs]
     axes, base_count = grid_axes(spec), len(jobs)
     if axes:  # a fused grid: each planned image becomes one image per cell
         jobs = expand(jobs, axes, spec.output.naming)
@@ -89,7 +93,8 @@ def load_count() -> int:
 
 
 def _engine(spec: RunSpec):
-    from sdbatch.engine.engine import get_engine  # torch loads only once there is work to do
+    with heavy_imports():
+        from sdbatch.engine.engine import get_engine  # torch loads only once there is work to do
 
     engine = get_engine(spec.model, spec.perf)
     # run-level prompt settings; both are part of the text cache key, so a shared engine stays correct

@@ -99,6 +99,8 @@ def test_prompt_with_commas_gets_a_quoting_hint() -> None:
         (["perf.device=gpu"], "perf.device='gpu' is not valid"),
         (["perf.attention=flash"], "perf.attention='flash' is not valid"),
         (["prompt=null"], "no prompt"),
+        (["prompt_sr=dawn"], "prompt_sr='dawn' replaces the first of prompt_sr_words, which is empty"),
+        (["prompt_sr_words=[dusk,'']"], "prompt_sr_words must be non-empty words"),
     ],
 )
 def test_resolve_errors_name_the_key(overrides: list[str], needle: str) -> None:

@@ -35,6 +35,16 @@ def test_prompt_search_replace_and_samplers() -> None:
     assert (jobs[3].sampler, jobs[3].schedule) == ("dpmpp_2m_karras", "karras")
 
 
+def test_prompt_search_replace_changes_the_negative_too_and_needs_the_word() -> None:
+    run_spec = _grid_spec("prompt_sr:red,blue")
+    jobs = expand(plan(run_spec, [PromptLine("a car", "red haze", "p"), PromptLine("a ball", "", "q")], 0),
+                  grid_axes(run_spec), "default")
+    assert [(j.prompt, j.negative_prompt) for j in jobs] == [
+        ("a car", "red haze"), ("a car", "blue haze"), ("a ball", ""), ("a ball", "")]
+    with pytest.raises(ConfigError, match="grid.x=prompt_sr: the word 'red' .* is in no prompt"):
+        expand(plan(run_spec, [PromptLine("a car", "", "p")], 0), grid_axes(run_spec), "default")
+
+
 def test_sheets_lay_out_rows_and_z_pages() -> None:
     run_spec = _grid_spec("seed:1,2", "steps:3,4", "prompt_sr:red,blue")
     base = plan(dataclasses.replace(run_spec, images_per_prompt=2), [PromptLine("a red car", "", "p")], 0)

@@ -18,7 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from PIL import Image
 
-from sdbatch.cli import device_for_job, hydra_quoted, prompt_sr
+from sdbatch.cli import device_for_job, hydra_quoted, sweep_choices
 from sdbatch.config.schema import register_configs
 from sdbatch.contact_sheet import EMPTY, labelled_grid
 from sdbatch.sweep_index import NO_RESULT, collect, swept_keys
@@ -59,16 +59,15 @@ def summary(stderr: str) -> list[str]:
 # ---------------------------------------------------------------- in process
 
 
-def test_prompt_sr_builds_a_sweep_of_quoted_prompts() -> None:
-    prompt = 'masterpiece, (red:1.2) "cube" on a \\[table\\]'
-    sweep = prompt_sr(prompt, 'cube, ball ,"cone, tall"')
-    override = OverridesParser.create().parse_override(f"prompt={sweep}")
-    jobs = [OverridesParser.create().parse_override(o).value() for o in
-            [f"prompt={v}" for v in override.sweep_string_iterator()]]
-    assert jobs == [prompt, prompt.replace("cube", "ball"), prompt.replace("cube", "cone, tall")]
+def test_sweep_choices_quote_each_item_as_one_job() -> None:
+    words = ["cube", 'cone, "tall"', "a \\[table\\]", "(red:1.2)", "cube"]
+    override = OverridesParser.create().parse_override(f"prompt_sr={sweep_choices(words)}")
+    jobs = [OverridesParser.create().parse_override(f"prompt_sr={v}").value()
+            for v in override.sweep_string_iterator()]
+    assert jobs == words[:4]  # duplicates dropped, commas/quotes/brackets/colons literal
     assert OverridesParser.create().parse_override("x=" + hydra_quoted("a\\")).value() == "a\\"
-    with pytest.raises(ValueError, match="'x' does not occur in the prompt"):
-        prompt_sr("a cat", "x,y")
+    with pytest.raises(ValueError, match="list is empty"):
+        sweep_choices([])
 
 
 def _expand(*overrides: str) -> list[list[str]]:
@@ -85,14 +84,15 @@ SAMPLER_OPTIONS = len(list((ROOT / "conf" / "sampler").glob("*.yaml")))
 
 @pytest.mark.parametrize(("preset", "key", "count"), [
     ("seeds", "seed", 8), ("cfg_scale", "sampler.cfg_scale", 6), ("steps", "sampler.steps", 5),
-    ("samplers", "sampler", SAMPLER_OPTIONS), ("prompt_sr", "prompt", 4)])
+    ("samplers", "sampler", SAMPLER_OPTIONS), ("prompt_sr", "prompt_sr", 4)])
 def test_presets_expand_and_command_line_wins(preset: str, key: str, count: int) -> None:
     jobs = _expand(f"+sweeps={preset}", "model=tiny", "prompt=x")
     values = {o for job in jobs for o in job if o.startswith(f"{key}=")}
-    assert len(jobs) == (count if preset != "prompt_sr" else 1)  # a prompt= override replaces the S/R sweep
+    assert len(jobs) == count
     if preset == "prompt_sr":
-        jobs = _expand(f"+sweeps={preset}", "model=tiny")
-        assert [job[0] for job in jobs] == [f'prompt="a lighthouse at {w}"' for w in ("dusk", "dawn", "noon", "night")]
+        assert [job[0] for job in jobs] == [f'prompt_sr="{w}"' for w in ("dusk", "dawn", "noon", "night")]
+        words = _expand(f"+sweeps={preset}", "model=tiny", "prompt=x", "prompt_sr_words=[red,'blue, dark']")
+        assert [job[0] for job in words] == ['prompt_sr="red"', 'prompt_sr="blue, dark"']
     elif preset == "samplers":
         assert {v.split("=")[1] for v in values} >= {"ddim", "euler_a", "dpmpp_2m_karras", "unipc", "k_lms"}
     else:
@@ -195,18 +195,18 @@ def test_killed_sweep_resumes_and_failed_jobs_do_not_stop_it(cache_dir, tmp_path
 def test_presets_share_one_seed_and_sweep_prompt_words(cache_dir, tmp_path) -> None:
     sweep = tmp_path / "sweep"
     proc = run_cli(["+sweeps=[cfg_scale,prompt_sr]", "model=tiny", "width=64", *SMALL, "sampler.cfg_scale=3,9",
-                    f"hydra.sweep.dir={sweep}"], cache_dir, tmp_path,
-                   SDBATCH_SR_PROMPT="a red cube, studio light", SDBATCH_SR="red,blue")
+                    "prompt='a red cube, studio light'", "negative_prompt=red haze", "prompt_sr_words=[red,blue]",
+                    f"hydra.sweep.dir={sweep}"], cache_dir, tmp_path)
     assert proc.returncode == 0, proc.stderr
     jobs = index(sweep)
     lines = [json.loads((sweep / j["run_dir"] / "manifest.jsonl").read_text()) for j in jobs]
-    assert [(line["cfg_scale"], line["prompt"]) for line in lines] == [
-        (3.0, "a red cube, studio light"), (3.0, "a blue cube, studio light"),
-        (9.0, "a red cube, studio light"), (9.0, "a blue cube, studio light")]
+    assert [(line["cfg_scale"], line["prompt"], line["negative_prompt"]) for line in lines] == [
+        (3.0, "a red cube, studio light", "red haze"), (3.0, "a blue cube, studio light", "blue haze"),
+        (9.0, "a red cube, studio light", "red haze"), (9.0, "a blue cube, studio light", "blue haze")]
     assert len({line["seed"] for line in lines}) == 1, "one seed for the whole sweep"
     from sdbatch.sweep_index import JobRecord
 
-    assert swept_keys([JobRecord(**j) for j in jobs]) == ["sampler.cfg_scale", "prompt"]
+    assert swept_keys([JobRecord(**j) for j in jobs]) == ["sampler.cfg_scale", "prompt_sr"]
     assert (sweep / "contact_sheet.png").exists()
 
 

@@ -109,6 +109,7 @@ def _check(spec: RunSpec) -> None:
     effective_schedule(spec.sampler.name, spec.sampler.schedule)
     grid_axes(spec)
     _check_prompt(spec)
+    _check_prompt_sr(spec)
 
 
 # The fewest sampler.steps each sampler runs without diffusers failing (checked for every registry sampler with
@@ -163,3 +164,12 @@ def _check_prompt(spec: RunSpec) -> None:
     no_source = spec.prompt_file is None and spec.prompt_module is None and not spec.interactive
     if prompt in (None, []) and no_source and spec.init_image is None:
         raise ConfigError("no prompt: set prompt='...', prompt_file=PATH, prompt_module=FILE.py or interactive=true")
+
+
+def _check_prompt_sr(spec: RunSpec) -> None:
+    words = spec.prompt_sr_words
+    if any(not isinstance(w, str) or not w for w in words):
+        raise ConfigError(f"prompt_sr_words must be non-empty words, got {words!r}; e.g. prompt_sr_words=[dusk,dawn]")
+    if spec.prompt_sr is not None and not words:
+        raise ConfigError(f"prompt_sr={spec.prompt_sr!r} replaces the first of prompt_sr_words, which is empty; "
+                          "set prompt_sr_words=[WORD_IN_PROMPT,...]")

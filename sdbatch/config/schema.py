@@ -114,6 +114,10 @@ class RunSpec:
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
     prompt: Any = None  # a string or a list of strings; in-prompt options (--w 768 --n ...) allowed
     negative_prompt: str = ""  # default negative prompt (a line's --n replaces it)
+    # A1111's Prompt S/R: the first of prompt_sr_words is replaced by prompt_sr in every prompt and negative
+    # prompt of the run (+sweeps=prompt_sr runs one job per word)
+    prompt_sr: str | None = None
+    prompt_sr_words: list[str] = field(default_factory=list)
     prompt_file: str | None = None  # UTF-8, one prompt per line; blank lines and '#' comments skipped
     prompt_module: str | None = None  # Python file with get_prompter(spec, engine) yielding prompt lines
     interactive: bool = False  # read prompts from standard input, generate each as it comes
