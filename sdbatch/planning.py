@@ -13,7 +13,7 @@ from sdbatch.init_images import image_size
 from sdbatch.jobs import ImageJob
 from sdbatch.prompts.dynamic import Wildcards, enumerate_variants, expand
 from sdbatch.prompts.sources import PromptLine
-from sdbatch.prompts.syntax import OFF, ParsedLine, parse_line
+from sdbatch.prompts.syntax import OFF, Off, ParsedLine, parse_line
 from sdbatch.samplers import effective_schedule
 
 log = logging.getLogger(__name__)
@@ -138,11 +138,18 @@ def _job(spec: RunSpec, line: _Line, variant: str, wildcards: Wildcards, index: 
         steps=_given(opts.steps, sampler.steps), cfg_scale=_given(opts.cfg_scale, sampler.cfg_scale),
         sampler=sampler.name, schedule=effective_schedule(sampler.name, sampler.schedule), eta=sampler.eta,
         origin=origin, raw_prompt=line.parsed.raw,
-        negative_scale=None if opts.negative_scale is OFF else opts.negative_scale,
+        negative_scale=_negative_scale(opts.negative_scale, sampler.negative_scale),
         strength=_given(opts.strength, spec.strength) if line.parsed_init else opts.strength,
         network_muls=opts.network_muls, clip_prompt=opts.clip_prompt,
         deep_shrink=opts.deep_shrink, gradual_latent=opts.gradual_latent,
     )
+
+
+def _negative_scale(option: float | Off | None, default: float | None) -> float | None:
+    """--nl N, --nl none (off for this line), or sampler.negative_scale."""
+    if option is OFF:
+        return None
+    return default if option is None else option
 
 
 def _size(spec: RunSpec, line: _Line) -> tuple[int, int]:

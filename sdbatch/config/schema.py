@@ -41,6 +41,9 @@ class SamplerConfig:
     cfg_scale: float = 7.5  # classifier-free guidance scale; <= 1 disables CFG
     eta: float = 0.0  # DDIM eta (0 = deterministic)
     schedule: str = "default"  # default | karras | exponential
+    # a separate scale for the negative prompt (gcem156's method, the reference's --negative_scale): the real
+    # unconditional prediction becomes the base and the negative prompt is pushed away from with this scale
+    negative_scale: float | None = None
 
 
 @dataclass(**_SPEC)

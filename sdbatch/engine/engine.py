@@ -71,16 +71,7 @@ class Engine:
         """
         jobs, key = batch.jobs, batch.key
         # 1. Encode prompts (weighted, chunked, cached); no CFG pass when no image asks for it
-        guided = any(j.cfg_scale > 1 for j in jobs)
-        embeddings, negative = self.text.encode_batch(
-            [j.prompt for j in jobs], [j.negative_prompt for j in jobs] if guided else None,
-            clip_skip=self.clip_skip, origins=[j.origin for j in jobs],
-        )
-        cond = Conditioning(
-            embeddings=embeddings, negative=negative,
-            cfg_scales=torch.tensor([j.cfg_scale for j in jobs], dtype=torch.float32, device=self.placement.device),
-        )
-        cond = self._xti_conditioning(cond, jobs, guided)  # per-block text when a prompt uses an XTI embedding
+        cond = self._conditioning(jobs, key.negative_scale)
         # 2. Prepare timesteps and start latents, one generator per image
         scheduler = make_scheduler(key.sampler, key.schedule, self.v_prediction)
         scheduler.set_timesteps(key.steps, device=self.placement.device)
@@ -125,10 +116,32 @@ class Engine:
         self.info = dataclasses.replace(self.info, embeddings=tuple(r for r, is_xti in refs if not is_xti),
                                         xti_embeddings=tuple(r for r, is_xti in refs if is_xti))
 
-    def _xti_conditioning(self, cond: Conditioning, jobs: tuple[ImageJob, ...], guided: bool) -> Conditioning:
-        """``cond`` with one text encoding per UNet cross-attention block if the batch uses an XTI embedding."""
-        prompts = [j.prompt for j in jobs]
+    def _conditioning(self, jobs: tuple[ImageJob, ...], negative_scale: float | None) -> Conditioning:
+        """The batch's text conditioning and CFG scales; with a negative scale also the real unconditional.
+
+        The real unconditional ("" per image) is encoded in the same call as the prompts, so all three parts
+        share one chunk count (the UNet gets them in one call) and XTI's per-block encodings cover it too.
+        """
+        guided = any(j.cfg_scale > 1 for j in jobs)
+        three_parts = guided and negative_scale is not None
+        prompts, origins = [j.prompt for j in jobs], [j.origin for j in jobs]
         negatives = [j.negative_prompt for j in jobs] if guided else None
+        if three_parts:
+            prompts, origins, negatives = prompts + [""] * len(jobs), origins * 2, negatives * 2
+        embeddings, negative = self.text.encode_batch(prompts, negatives, clip_skip=self.clip_skip, origins=origins)
+        cond = Conditioning(
+            embeddings=embeddings, negative=negative,
+            cfg_scales=torch.tensor([j.cfg_scale for j in jobs], dtype=torch.float32, device=self.placement.device),
+        )
+        cond = self._xti_conditioning(cond, prompts, negatives)  # per-block text when a prompt uses XTI
+        if not three_parts:
+            return cond
+        n = len(jobs)
+        return dataclasses.replace(cond, embeddings=cond.embeddings[:n], negative=cond.negative[:n],
+                                   uncond=cond.embeddings[n:], negative_scale=negative_scale)
+
+    def _xti_conditioning(self, cond: Conditioning, prompts: list[str], negatives: list[str] | None) -> Conditioning:
+        """``cond`` with one text encoding per UNet cross-attention block if the batch uses an XTI embedding."""
         if not self.text.uses_xti(prompts + (negatives or [])):
             return cond
         blocks = [self.text.encode_batch(prompts, negatives, clip_skip=self.clip_skip, block=b)
