@@ -10,9 +10,10 @@ import dataclasses
 import itertools
 from dataclasses import dataclass
 
+from sdbatch.config.schema import NetworkConfig
 from sdbatch.errors import ConfigError
 from sdbatch.jobs import ImageJob
-from sdbatch.planning import SEED_LIMIT, file_name
+from sdbatch.planning import SEED_LIMIT, file_name, network_muls
 from sdbatch.samplers import effective_schedule, get_sampler
 
 # axis key → (ImageJob field, value parser); prompt_sr and sampler are handled specially
@@ -28,7 +29,8 @@ _FIELDS = {
     "negative_prompt": ("negative_prompt", str),
     "prompt": ("prompt", str),
 }
-AXIS_KEYS = (*_FIELDS, "sampler", "sampler.name", "prompt_sr")
+# network_muls: one value per cell, the networks' multipliers separated by ";" ("0.5" or "0.5;1"), like --am
+AXIS_KEYS = (*_FIELDS, "sampler", "sampler.name", "prompt_sr", "network_muls")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +61,12 @@ def parse_axis(text: str, name: str) -> Axis:
     return axis
 
 
-def expand(jobs: list[ImageJob], axes: list[Axis], naming: str) -> list[ImageJob]:
-    """Every job once per cell (z slowest, x fastest), renumbered; the prompt_sr word is the first value."""
+def expand(jobs: list[ImageJob], axes: list[Axis], naming: str, network: NetworkConfig | None = None,
+           ) -> list[ImageJob]:
+    """Every job once per cell (z slowest, x fastest), renumbered; the prompt_sr word is the first value.
+
+    `network` (the run's) completes network_muls cells as --am is completed: the last value repeats.
+    """
     for name, axis in zip("xyz", axes, strict=False):
         if axis.key == "prompt_sr":
             check_search_word(jobs, axis.values[0], f"grid.{name}=prompt_sr")
@@ -71,6 +77,8 @@ def expand(jobs: list[ImageJob], axes: list[Axis], naming: str) -> list[ImageJob
             new = job
             for axis, value in zip(reversed(axes), cell, strict=True):
                 new = _apply(new, axis, value, "xyz"[axes.index(axis)])
+            if network is not None and new.network_muls is not None:
+                new = dataclasses.replace(new, network_muls=network_muls(new.network_muls, network))
             index = len(out)
             out.append(dataclasses.replace(new, index=index, file_name=file_name(naming, index, new.seed)))
     return out
@@ -93,6 +101,8 @@ def _apply(job: ImageJob, axis: Axis, value: str, name: str) -> ImageJob:
     try:
         if axis.key == "prompt_sr":
             return search_replace(job, axis.values[0], value)
+        if axis.key == "network_muls":
+            return dataclasses.replace(job, network_muls=tuple(float(v) for v in value.split(";")))
         if axis.key in ("sampler", "sampler.name"):
             get_sampler(value)
             return dataclasses.replace(job, sampler=value, schedule=effective_schedule(value, "default"))

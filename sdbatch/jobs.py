@@ -45,6 +45,16 @@ class EmbeddingRef:
 
 
 @dataclass(frozen=True, slots=True)
+class NetworkRef:
+    """A LoRA-family network active in the run: its name, file and A1111 short hash."""
+
+    name: str  # file name without extension (A1111's Lora name)
+    file: str  # resolved path
+    hash: str  # A1111 "Lora hashes": first 12 hex of the sha256 of the safetensors data (after the header)
+    merged: bool = False  # network.mode=merge: in the weights at network.loras[].mul for the whole run
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInfo:
     """What the outputs need to know about the loaded model (names and short hashes)."""
 
@@ -58,3 +68,4 @@ class ModelInfo:
     vae_hash: str | None = None
     embeddings: tuple[EmbeddingRef, ...] = ()  # model.textual_inversion of the run; images record those they use
     xti_embeddings: tuple[EmbeddingRef, ...] = ()  # model.xti_embeddings of the run, the same way
+    networks: tuple[NetworkRef, ...] = ()  # network.loras of the run, in order (an image's network_muls match)

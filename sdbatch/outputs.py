@@ -17,7 +17,7 @@ from PIL import Image, PngImagePlugin
 from sdbatch import __version__
 from sdbatch.errors import OutputError
 from sdbatch.highres import record as highres_record
-from sdbatch.jobs import EmbeddingRef, ImageJob, ModelInfo
+from sdbatch.jobs import EmbeddingRef, ImageJob, ModelInfo, NetworkRef
 from sdbatch.prompts.embedding_names import used_names
 from sdbatch.samplers import a1111_name, a1111_schedule, effective_schedule
 
@@ -53,7 +53,7 @@ def image_params(job: ImageJob, model: ModelInfo, version: str) -> dict[str, Any
         "mask_image": job.mask_image,
         "highres": highres_record(job),
         "negative_scale": job.negative_scale,
-        "networks": [],
+        "networks": _networks_used(job, model.networks),
         "network_muls": list(job.network_muls) if job.network_muls is not None else None,
         "textual_inversion": _embeddings_used(job, model.embeddings),
         "xti_embeddings": _embeddings_used(job, model.xti_embeddings),
@@ -78,6 +78,20 @@ def _embeddings_used(job: ImageJob, embeddings: tuple[EmbeddingRef, ...]) -> lis
     """The run's (X)TI embeddings that the prompt or negative prompt uses, in config order."""
     used = set(used_names([job.prompt, job.negative_prompt], [e.name for e in embeddings]))
     return [{"name": e.name, "file": e.file, "hash": e.hash} for e in embeddings if e.name in used]
+
+
+def _networks_used(job: ImageJob, networks: tuple[NetworkRef, ...]) -> list[dict[str, Any]]:
+    """The run's networks with this image's multipliers (--am or network.loras[].mul)."""
+    muls = job.network_muls or ()
+    return [{"name": n.name, "file": n.file, "hash": n.hash, "mul": mul, "merged": n.merged}
+            for n, mul in zip(networks, muls, strict=False)]
+
+
+def _lora_hashes(params: Mapping[str, Any]) -> str | None:
+    """A1111's `Lora hashes` value, "name: hash, name2: hash" for the networks with a non-zero multiplier."""
+    used = [n for n in params.get("networks") or [] if n["mul"]]
+    entries = [f"{n['name'].replace(':', '').replace(',', '')}: {n['hash']}" for n in used]
+    return ", ".join(entries) or None
 
 
 def _ti_hashes(params: Mapping[str, Any]) -> str | None:
@@ -131,6 +145,7 @@ def _a1111_fields(params: Mapping[str, Any]) -> dict[str, Any]:
         "Hires upscale": _number(round(params["width"] / hires["first_width"], 4)) if hires else None,
         "Hires steps": params["steps"] if hires else None,  # the second pass's sampler.steps
         "Hires upscaler": hires.get("upscaler_name"),
+        "Lora hashes": _lora_hashes(params),
         "TI hashes": _ti_hashes(params),
         "Version": f"sdbatch {params.get('sdbatch_version', __version__)}",
     }

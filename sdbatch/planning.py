@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdbatch.config.schema import RunSpec
+from sdbatch.config.schema import NetworkConfig, RunSpec, complete_muls
 from sdbatch.errors import ConfigError, PromptError
 from sdbatch.init_images import image_size
 from sdbatch.jobs import ImageJob
@@ -49,6 +49,7 @@ def parse_lines(spec: RunSpec, lines: list[PromptLine]) -> list[_Line]:
             init_size = _init_size(spec, one, line.init_image) if line.init_image else None
             if line.mask_image:
                 _check_mask(line.mask_image, line.init_image)
+            _warn_unused_multipliers(spec, one)
             parsed.append(_Line(one, line.negative, line.init_image, init_size, line.mask_image))
         except PromptError as ex:
             if spec.on_error != "skip":
@@ -140,9 +141,33 @@ def _job(spec: RunSpec, line: _Line, variant: str, wildcards: Wildcards, index: 
         origin=origin, raw_prompt=line.parsed.raw,
         negative_scale=_negative_scale(opts.negative_scale, sampler.negative_scale),
         strength=_given(opts.strength, spec.strength) if line.parsed_init else opts.strength,
-        network_muls=opts.network_muls, clip_prompt=opts.clip_prompt,
+        network_muls=network_muls(opts.network_muls, spec.network), clip_prompt=opts.clip_prompt,
         deep_shrink=opts.deep_shrink, gradual_latent=opts.gradual_latent,
     )
+
+
+def network_muls(given: tuple[float, ...] | None, network: NetworkConfig) -> tuple[float, ...] | None:
+    """One multiplier per network: --am values (the last one repeated for the rest, extras dropped, as in the
+    reference), else network.muls or each file's mul; merge mode always uses the run's. None: no networks."""
+    if not network.loras:
+        return None
+    if given is None or network.mode == "merge":
+        return network.multipliers()
+    return complete_muls(given, len(network.loras))
+
+
+def _warn_unused_multipliers(spec: RunSpec, line: ParsedLine) -> None:
+    given, network = line.options.network_muls, spec.network
+    if given is None:
+        return
+    if not network.loras:
+        log.warning("%s: --am is ignored: no networks (network=lora network.loras=...)", line.origin)
+    elif network.mode == "merge":
+        log.warning("%s: --am is ignored: network.mode=merge merges network.loras[].mul once; use hooked or "
+                    "precalc for per-prompt multipliers", line.origin)
+    elif len(given) > len(network.loras):
+        log.warning("%s: --am has %d values for %d network(s); the extra ones are ignored", line.origin,
+                    len(given), len(network.loras))
 
 
 def _negative_scale(option: float | Off | None, default: float | None) -> float | None:

@@ -38,6 +38,14 @@ class RunResult:
 
 def run(spec: RunSpec, run_dir: Path, stdin: TextIO | None = None) -> RunResult:
     """Generate every image of the run spec into run_dir; images already done there are skipped."""
+    try:
+        return _run(spec, run_dir, stdin)
+    finally:  # a cached model leaves every run plain, whatever networks the run patched onto it
+        if "sdbatch.engine.engine" in sys.modules:
+            sys.modules["sdbatch.engine.engine"].clear_networks()
+
+
+def _run(spec: RunSpec, run_dir: Path, stdin: TextIO | None) -> RunResult:
     out = RunDir(run_dir, resume=spec.output.resume)
     base_seed = _base_seed(spec, run_dir)
     if spec.interactive:
@@ -71,7 +79,7 @@ def _all_jobs(spec: RunSpec, lines: list[PromptLine], base_seed: int) -> tuple[l
         jobs = [search_replace(job, spec.prompt_sr_words[0], spec.prompt_sr) for job in jobs]
     axes, base_count = grid_axes(spec), len(jobs)
     if axes:  # a fused grid: each planned image becomes one image per cell
-        jobs = expand(jobs, axes, spec.output.naming)
+        jobs = expand(jobs, axes, spec.output.naming, spec.network)
     return jobs, axes, base_count
 
 
@@ -101,6 +109,7 @@ def _engine(spec: RunSpec):
     engine.text.max_multiples = spec.max_embeddings_multiples
     engine.text.normalize = spec.emb_normalize_mode
     engine.set_textual_inversion(spec.model.textual_inversion, spec.model.xti_embeddings)  # this run's, exactly
+    engine.set_networks(spec.network)  # likewise
     return engine
 
 

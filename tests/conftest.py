@@ -21,6 +21,12 @@ SEED = 0  # every fixture below is built from this seed, so files and folder hol
 
 
 @pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """A private SDBATCH_CACHE for command-line runs, so the built-in tiny model is built by the test run itself."""
+    return tmp_path_factory.mktemp("sdbatch-cache")
+
+
+@pytest.fixture(scope="session")
 def sd1_components():
     """(unet, vae, text_encoder): tiny SD1-layout diffusers modules from seed 0. Shared: do not modify."""
     return build_tiny_components("sd1", SEED)

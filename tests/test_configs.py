@@ -30,6 +30,7 @@ def _spec(*overrides: str) -> RunSpec:
     return resolve(_compose("model=tiny", "prompt=a cat", *overrides))
 
 
+ANY_FILE = CONF / "config.yaml"  # an existing file where a LoRA path is only checked, not read
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -38,6 +39,8 @@ def test_every_option_composes_and_resolves(group: str, option: str) -> None:
     overrides = [f"{group}={option}"]
     if group == "model" and option != "tiny":
         overrides.append("model.checkpoint=/models/x.safetensors")
+    if group == "network" and option != "none":
+        overrides.append(f"network.loras=[{{path: {ANY_FILE}}}]")
     spec = resolve(_compose("model=tiny", "prompt=a cat", *overrides))
     assert isinstance(spec, RunSpec)
     assert getattr(spec, group).__class__ is GROUPS[group]
@@ -101,6 +104,12 @@ def test_prompt_with_commas_gets_a_quoting_hint() -> None:
         (["prompt=null"], "no prompt"),
         (["prompt_sr=dawn"], "prompt_sr='dawn' replaces the first of prompt_sr_words, which is empty"),
         (["prompt_sr_words=[dusk,'']"], "prompt_sr_words must be non-empty words"),
+        (["network=lora"], "network=lora needs at least one file"),
+        (["network.mode=fast"], "network.mode='fast' is not valid; choose one of: hooked, merge, precalc"),
+        (["network.loras=[{path: a.safetensors}]"], "network.loras is set but network=none; add network=lora"),
+        (["network=lora", "network.loras=[{mul: 2}]"], "network.loras[0].path is not set"),
+        (["network=lora", f"network.loras=[{{path: {ANY_FILE}}}]", "network.muls=[]"], "network.muls=[] has no"),
+        (["network=lora", "network.loras=[{path: nope.safetensors}]"], "network.loras[0].path: LoRA file nope."),
     ],
 )
 def test_resolve_errors_name_the_key(overrides: list[str], needle: str) -> None:

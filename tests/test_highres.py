@@ -13,7 +13,7 @@ import pytest
 import torch
 from engine_helpers import max_diff, ours_img2img, spec
 from PIL import Image
-from test_run import ROOT, cache_dir, manifest, run_cli  # noqa: F401  (cache_dir is a fixture)
+from test_run import ROOT, manifest, run_cli
 
 from sdbatch.batching import Batch, BatchKey
 from sdbatch.config.schema import HighresConfig

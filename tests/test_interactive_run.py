@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from test_run import ROOT, SMALL, cache_dir, manifest  # noqa: F401  (cache_dir is a fixture)
+from test_run import ROOT, SMALL, manifest
 
 
 def _command(run_dir: Path) -> list[str]:

@@ -73,3 +73,22 @@ def test_prompt_file_errors(tmp_path: Path) -> None:
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(ConfigError, match="holds no prompt lines"):
         read_prompts(None, "", str(tmp_path / "empty.txt"))
+
+
+@pytest.mark.parametrize(("line", "mode", "muls", "expected"), [
+    ("a cat", "hooked", None, (0.5, 1.0)),
+    ("a cat --am 0.2", "hooked", None, (0.2, 0.2)),  # the last value repeats
+    ("a cat --am 0.2,0.3,0.4", "hooked", None, (0.2, 0.3)),  # extras dropped
+    ("a cat --am 0.2", "precalc", [0.9], (0.2, 0.2)),
+    ("a cat", "hooked", [0.9], (0.9, 0.9)),  # network.muls replaces each file's mul
+    ("a cat --am 0.2", "merge", None, (0.5, 1.0)),  # merged once: --am cannot change it
+])
+def test_network_multipliers_per_image(line, mode, muls, expected) -> None:
+    from sdbatch.config.schema import LoraConfig, NetworkConfig
+
+    network = NetworkConfig(name="lora", loras=[LoraConfig("a.safetensors", 0.5), LoraConfig("b.safetensors")],
+                            mode=mode, muls=muls)
+    [job] = plan(_spec(network=network), [PromptLine(line, "", "p")], base_seed=0)
+    assert job.network_muls == expected
+    [plain] = plan(_spec(), [PromptLine(line, "", "p")], base_seed=0)
+    assert plain.network_muls is None, "no networks, no multipliers (and --am is ignored with a warning)"

@@ -132,7 +132,8 @@ def test_recorded_options_reach_the_manifest(sd1_single_file, tmp_path) -> None:
     (record,) = _manifest(_run_file(tmp_path, sd1_single_file, line + "\n", "o"))
     assert record["file"] == "cube.png" and (tmp_path / "o" / "cube.png").exists()
     assert record["prompt"] == "a (red:1.3) cube" and record["raw_prompt"] == line
-    assert (record["strength"], record["negative_scale"], record["network_muls"]) == (0.5, 2.0, [0.5, 1.0])
+    # --am without networks is ignored with a warning (test_networks_run covers it with networks)
+    assert (record["strength"], record["negative_scale"], record["network_muls"]) == (0.5, 2.0, None)
     assert record["clip_prompt"] == "a clip prompt"
     assert record["deep_shrink"]["depth_1"] == 2 and record["deep_shrink"]["ratio"] == 0.5
     assert record["gradual_latent"]["timesteps"] == 700 and record["gradual_latent"]["s_noise"] == 1.0

@@ -18,12 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["width=64", "height=64", "sampler.steps=3", "perf.progress=false"]
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    """A private SDBATCH_CACHE so the built-in tiny model is built by the test run itself."""
-    return tmp_path_factory.mktemp("sdbatch-cache")
-
-
 def run_cli(args: list[str], cache: Path, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "SDBATCH_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env,

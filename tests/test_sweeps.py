@@ -28,12 +28,6 @@ SMALL = ["height=64", "sampler.steps=3", "perf.progress=false"]  # width is swep
 register_configs()
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    """A private SDBATCH_CACHE so the built-in tiny model is built by the test run itself."""
-    return tmp_path_factory.mktemp("sdbatch-cache")
-
-
 def _env(cache: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "SDBATCH_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -24,6 +25,8 @@ _CHOICES = {
     "output.naming": ("default", "sequential", "original"),
     "on_error": ("stop", "skip"),
     "emb_normalize_mode": ("original", "abs", "none"),
+    "network.name": ("none", "lora"),
+    "network.mode": ("hooked", "merge", "precalc"),
 }
 _POSITIVE = ("width", "height", "images_per_prompt", "n_iter", "batch_size", "sampler.steps", "model.clip_skip",
              "max_embeddings_multiples", "strength")
@@ -67,9 +70,11 @@ def _freeze(obj: object, cls: type) -> object:
     hints = typing.get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            value = _freeze(value, hints[f.name])
+        value, tp = getattr(obj, f.name), hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            value = _freeze(value, tp)
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            value = [_freeze(item, typing.get_args(tp)[0]) for item in value]
         values[f.name] = value
     return cls(**values)
 
@@ -110,6 +115,7 @@ def _check(spec: RunSpec) -> None:
     grid_axes(spec)
     _check_prompt(spec)
     _check_prompt_sr(spec)
+    _check_networks(spec)
 
 
 # The fewest sampler.steps each sampler runs without diffusers failing (checked for every registry sampler with
@@ -173,3 +179,21 @@ def _check_prompt_sr(spec: RunSpec) -> None:
     if spec.prompt_sr is not None and not words:
         raise ConfigError(f"prompt_sr={spec.prompt_sr!r} replaces the first of prompt_sr_words, which is empty; "
                           "set prompt_sr_words=[WORD_IN_PROMPT,...]")
+
+
+def _check_networks(spec: RunSpec) -> None:
+    network = spec.network
+    if network.name == "lora" and not network.loras:
+        raise ConfigError("network=lora needs at least one file: network.loras='[{path: style.safetensors, mul: 0.8}]'")
+    if network.name == "none" and network.loras:
+        raise ConfigError("network.loras is set but network=none; add network=lora")
+    for i, lora in enumerate(network.loras):  # before any model loads
+        if not Path(lora.path).expanduser().is_file():
+            raise ConfigError(f"network.loras[{i}].path: LoRA file {lora.path} not found")
+    if network.muls is not None and not network.muls:
+        raise ConfigError("network.muls=[] has no multiplier; give one per network, e.g. network.muls='[0.5]'")
+    for name in "xyz":
+        axis = getattr(spec.grid, name)
+        if axis and axis.partition(":")[0].strip() == "network_muls" and (not network.loras or network.mode == "merge"):
+            raise ConfigError(f"grid.{name}=network_muls needs network=lora with network.mode hooked or precalc "
+                              "(merge mode bakes network.loras[].mul into the weights once)")

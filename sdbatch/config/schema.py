@@ -47,8 +47,33 @@ class SamplerConfig:
 
 
 @dataclass(**_SPEC)
+class LoraConfig:
+    path: str = MISSING  # kohya LoRA/LoCon or diffusers LoRA file (.safetensors preferred; .pt/.ckpt load safely)
+    mul: float = 1.0  # multiplier (a prompt line's --am replaces it, except in merge mode)
+
+
+@dataclass(**_SPEC)
 class NetworkConfig:
-    name: str = "none"  # none (LoRA options come with the networks issue)
+    name: str = "none"  # none | lora
+    loras: list[LoraConfig] = field(default_factory=list)  # network=lora: [{path: FILE, mul: 0.8}, ...]
+    # hooked: added to each layer's output, multipliers per batch (--am); merge: added into the weights once
+    # (fastest, --am ignored); precalc: merged again for each batch's multipliers (fast sampling, --am works)
+    mode: str = "hooked"
+    strict: bool = False  # true: a LoRA module the model does not have is an error (default: warn and skip)
+    # the run's multipliers, one per file in order (the last repeats, like --am), replacing loras[].mul;
+    # what +sweeps=lora_weights sweeps: network.muls='[0.5]'
+    muls: list[float] | None = None
+
+    def multipliers(self) -> tuple[float, ...]:
+        """The run's multiplier for each network: network.muls, else each file's mul."""
+        if self.muls:
+            return complete_muls(self.muls, len(self.loras))
+        return tuple(float(lora.mul) for lora in self.loras)
+
+
+def complete_muls(values: typing.Sequence[float], count: int) -> tuple[float, ...]:
+    """`count` multipliers from `values`: the last value repeats, extra values are dropped (the reference's --am)."""
+    return tuple(float(v) for v in (*values, *[values[-1]] * count)[:count])
 
 
 @dataclass(**_SPEC)
@@ -154,6 +179,8 @@ def schema_of(cls: type) -> type:
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             tp = schema_of(tp)
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            tp = list[schema_of(typing.get_args(tp)[0])]  # list elements need the mutable twin too
         if f.default_factory is dataclasses.MISSING:
             spec = field(default=f.default)
         elif dataclasses.is_dataclass(f.default_factory):

@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 
 from sdbatch.batching import Batch, BatchKey
-from sdbatch.config.schema import ModelConfig, PerfConfig
+from sdbatch.config.schema import ModelConfig, NetworkConfig, PerfConfig
 from sdbatch.engine import img2img, inpaint, noise, vae, xti
 from sdbatch.engine.denoiser import Conditioning, ModelFn, unet_model, with_cfg
 from sdbatch.engine.device import Placement, pick_placement
 from sdbatch.engine.embeddings import XTI_LAYERS, load_embeddings
 from sdbatch.engine.loading import ModelBundle, is_cached, load_models, set_attention
+from sdbatch.engine.network_modes import RunNetworks
 from sdbatch.engine.sampling import StepCallback, sample
 from sdbatch.engine.schedulers import make_scheduler
 from sdbatch.engine.text import TextEncoder
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 ModelWrapper = Callable[[ModelFn], ModelFn]
 
 
+# id(bundle) → (bundle, the networks patched onto its modules now)
+_NETWORKS: dict[int, tuple[ModelBundle, RunNetworks]] = {}
+
+
 class Engine:
     """Loaded models plus the per-process caches that belong to them (text encodings)."""
 
@@ -40,6 +45,7 @@ class Engine:
         self.vae_batch_size = perf.vae_batch_size
         self.text = TextEncoder(bundle.tokenizer, bundle.text_encoder)
         self.wrappers: list[ModelWrapper] = [with_cfg]
+        self.networks: RunNetworks | None = None  # this run's network.loras (set_networks)
         self.latent_channels = bundle.vae.config.latent_channels
         self.latent_factor = 2 ** (len(bundle.vae.config.block_out_channels) - 1)  # 8 for SD
         self.info = ModelInfo(
@@ -70,6 +76,8 @@ class Engine:
         (Highres. fix's stage 2); it is called after set_timesteps(key.steps).
         """
         jobs, key = batch.jobs, batch.key
+        if self.networks is not None:  # the batch's multipliers, before the text encoder runs
+            self.text.network_key = self.networks.apply(key.network_muls)
         # 1. Encode prompts (weighted, chunked, cached); no CFG pass when no image asks for it
         cond = self._conditioning(jobs, key.negative_scale)
         # 2. Prepare timesteps and start latents, one generator per image
@@ -115,6 +123,20 @@ class Engine:
         refs = [(EmbeddingRef(e.name, e.file, e.hash), e.xti) for e in embeddings]
         self.info = dataclasses.replace(self.info, embeddings=tuple(r for r, is_xti in refs if not is_xti),
                                         xti_embeddings=tuple(r for r, is_xti in refs if is_xti))
+
+    def set_networks(self, network: NetworkConfig) -> None:
+        """Patch the run's networks (network.loras) onto this model, replacing any still on it.
+
+        Engines on one model share its modules, so the patch is kept per model; clear_networks() takes it
+        off again (the runner does at the end of every run, so a cached model is always plain between runs).
+        """
+        _close_networks(id(self.bundle))
+        active = RunNetworks(self.bundle.unet, self.bundle.text_encoder, network) if network.loras else None
+        if active is not None:
+            _NETWORKS[id(self.bundle)] = (self.bundle, active)
+        self.networks = active
+        self.text.network_key = ()
+        self.info = dataclasses.replace(self.info, networks=active.refs if active else ())
 
     def _conditioning(self, jobs: tuple[ImageJob, ...], negative_scale: float | None) -> Conditioning:
         """The batch's text conditioning and CFG scales; with a negative scale also the real unconditional.
@@ -194,6 +216,21 @@ _ENGINES: dict[tuple, Engine] = {}
 _COMPILED: set[int] = set()
 
 
+def clear_networks() -> None:
+    """Take every run's networks off the cached models: hooks removed, original weights back."""
+    for key in list(_NETWORKS):
+        _close_networks(key)
+    for engine in _ENGINES.values():
+        engine.networks = None
+        engine.text.network_key = ()
+
+
+def _close_networks(key: int) -> None:
+    entry = _NETWORKS.pop(key, None)
+    if entry is not None:
+        entry[1].close()
+
+
 def get_engine(model: ModelConfig, perf: PerfConfig) -> Engine:
     """The engine for these settings; models load once per process and are reused across runs."""
     placement = pick_placement(perf.device, model.precision, model.no_half_vae)
@@ -204,6 +241,8 @@ def get_engine(model: ModelConfig, perf: PerfConfig) -> Engine:
     _apply_perf(bundle, perf)
     for stale in [k for k, e in _ENGINES.items() if not is_cached(e.bundle)]:
         del _ENGINES[stale]  # its model left the cache: let its memory go
+    for stale in [k for k, (b, _) in _NETWORKS.items() if not is_cached(b)]:
+        del _NETWORKS[stale]
     key = (id(bundle), model.clip_skip, model.v_parameterization, perf.vae_batch_size)
     if key not in _ENGINES:
         _ENGINES[key] = Engine(bundle, placement, model, perf)

@@ -74,6 +74,8 @@ class TextEncoder:
         # Identity of the active embeddings (names, file hashes, ids), part of every cache key: a run with
         # other embeddings (or another file under a name) never reads encodings made with the old ones.
         self._ti_key: tuple = ()
+        # Identity of the LoRA state of the text encoder (file hashes, multipliers), also part of every key.
+        self.network_key: tuple = ()
         self._cache_size = cache_size
         self.encoded = 0  # prompts actually run through the text encoder (cache misses)
 
@@ -198,12 +200,12 @@ class TextEncoder:
                ) -> torch.Tensor:
         """(B, 77·n, D) for texts; one text-encoder call for all the chunks of the cache misses."""
         clip_skip, _, mode, n = settings
-        keys = [(text, self._ti_key, self._xti_block(tok, block), *settings)
+        keys = [(text, self._ti_key, self.network_key, self._xti_block(tok, block), *settings)
                 for text, tok in zip(texts, tokens, strict=True)]
         found = {key: self._cache[key] for key in keys if key in self._cache}
         missing = {key: tok for key, tok in zip(keys, tokens, strict=True) if key not in found}
         if missing:
-            rows = [row for key, tok in missing.items() for row in self._chunk_ids(tok, n, key[2])]
+            rows = [row for key, tok in missing.items() for row in self._chunk_ids(tok, n, key[3])]
             hidden = self._hidden(torch.tensor(rows, device=self.text_encoder.device), clip_skip)
             self.encoded += len(missing)
             for j, (key, tok) in enumerate(missing.items()):

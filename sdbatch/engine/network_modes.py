@@ -1,0 +1,54 @@
+"""A run's networks on one model: its files, the mode (hooked | merge | precalc) and each batch's multipliers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from sdbatch.config.schema import NetworkConfig
+from sdbatch.engine.networks import LoraFile, NetworkPatch, load_lora
+from sdbatch.jobs import NetworkRef
+
+
+class RunNetworks:
+    """network.loras patched onto a UNet and text encoder, applied the way network.mode says.
+
+    hooked: every patched layer adds its LoRA output, scaled by the batch's multipliers (--am works);
+    merge: the deltas go into the weights once at the run's multipliers (sampling as fast as without LoRA);
+    precalc: the deltas go into the weights again whenever a batch's multipliers differ from the last.
+    """
+
+    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, network: NetworkConfig) -> None:
+        self.files: list[LoraFile] = [load_lora(lora.path) for lora in network.loras]
+        self.mode = network.mode
+        self.defaults = network.multipliers()
+        self._patch = NetworkPatch(unet, text_encoder, self.files, strict=network.strict)
+        self._in_weights: tuple[float, ...] | None = None  # multipliers merged into the weights now
+        if self.mode == "hooked":
+            self._patch.hook()
+        elif self.mode == "merge":
+            self._merge(self.defaults)
+
+    @property
+    def refs(self) -> tuple[NetworkRef, ...]:
+        return tuple(NetworkRef(f.name, f.path, f.hash, merged=self.mode == "merge") for f in self.files)
+
+    def apply(self, muls: Sequence[float] | None) -> tuple:
+        """Set up the batch's multipliers; returns what the text-encoder cache key needs to know of them."""
+        muls = self.defaults if muls is None or self.mode == "merge" else tuple(muls)
+        if self.mode == "hooked":
+            self._patch.set_multipliers(muls)
+        elif muls != self._in_weights:  # precalc
+            self._merge(muls)
+        if not self._patch.touches_text_encoder:
+            return ()
+        return tuple(f.hash for f in self.files), muls
+
+    def close(self) -> None:
+        """The models exactly as they were before (hooks removed, original weights back)."""
+        self._patch.remove()
+
+    def _merge(self, muls: tuple[float, ...]) -> None:
+        self._patch.merge(muls)
+        self._in_weights = muls
