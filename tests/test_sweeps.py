@@ -162,7 +162,8 @@ def _start_and_kill_after_first_png(args: list[str], cache: Path, cwd: Path, fir
 def test_killed_sweep_resumes_and_failed_jobs_do_not_stop_it(cache_dir, tmp_path) -> None:
     sweep = tmp_path / "sweep"
     args = ["-m", "model=tiny", "prompt=a cat", "images_per_prompt=4", "seed=1,2", "width=64,100",
-            f"hydra.sweep.dir={sweep}", "height=64", "sampler.steps=10", "perf.progress=false"]
+            f"hydra.sweep.dir={sweep}", "height=64", "sampler.steps=40", "perf.progress=false"]
+    # 40 steps: each image takes long enough (~0.1 s or more) that the kill lands before job 0's last image
     _start_and_kill_after_first_png(args, cache_dir, tmp_path, sweep / "0")
     assert not (sweep / "sweep.jsonl").exists()
     proc = run_cli(args, cache_dir, tmp_path)
