@@ -105,6 +105,7 @@ def test_prompt_with_commas_gets_a_quoting_hint() -> None:
         (["prompt_sr=dawn"], "prompt_sr='dawn' replaces the first of prompt_sr_words, which is empty"),
         (["prompt_sr_words=[dusk,'']"], "prompt_sr_words must be non-empty words"),
         (["network=lora"], "network=lora needs at least one file"),
+        (["perf.vae_slices=0"], "perf.vae_slices must be >= 1"),
         (["network.mode=fast"], "network.mode='fast' is not valid; choose one of: hooked, merge, precalc"),
         (["network.loras=[{path: a.safetensors}]"], "network.loras is set but network=none; add network=lora"),
         (["network=lora", "network.loras=[{mul: 2}]"], "network.loras[0].path is not set"),

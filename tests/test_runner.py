@@ -128,10 +128,13 @@ def test_attention_modes_agree(attention, sd1_single_file, caplog) -> None:
         assert "xformers is not installed; using SDPA" in caplog.text
 
 
-def test_vae_batch_size_changes_no_pixel(sd1_single_file) -> None:
+@pytest.mark.parametrize("perf", [PerfConfig(vae_batch_size=1), PerfConfig(vae_slices=3),
+                                  PerfConfig(vae_batch_size=2, vae_slices=16)])
+def test_vae_batch_size_and_slices_change_no_pixel(perf, sd1_single_file, caplog) -> None:
     base = spec(sd1_single_file)
-    chunked = dataclasses.replace(base, perf=PerfConfig(vae_batch_size=1))
+    chunked = dataclasses.replace(base, perf=perf)
     assert max_diff(ours(chunked, ["a", "b", "c"], [1, 2, 3]), ours(base, ["a", "b", "c"], [1, 2, 3])) <= 1
+    assert "not in slices" not in caplog.text, "the sliced decode ran, not its whole-image fallback"
 
 
 def test_cuda_device_without_cuda_is_a_config_error(sd1_single_file) -> None:

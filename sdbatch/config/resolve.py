@@ -107,6 +107,8 @@ def _check(spec: RunSpec) -> None:
         raise ConfigError("output.naming=original names images after their init image; set init_image too")
     if spec.sampler.cfg_scale < 0:
         raise ConfigError(f"sampler.cfg_scale must be >= 0, got {spec.sampler.cfg_scale}")
+    if spec.perf.vae_slices is not None and spec.perf.vae_slices < 1:
+        raise ConfigError(f"perf.vae_slices must be >= 1 (or null for no slicing), got {spec.perf.vae_slices}")
     if spec.perf.vae_batch_size < 0:
         raise ConfigError(f"perf.vae_batch_size must be >= 0 (0 = whole batch), got {spec.perf.vae_batch_size}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", spec.perf.device):

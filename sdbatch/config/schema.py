@@ -104,6 +104,9 @@ class PerfConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     attention: str = "sdpa"  # sdpa | xformers | eager
     vae_batch_size: int = 0  # images per VAE decode call; 0 = the whole batch
+    # decode in this many horizontal bands (full activations kept on the CPU, GroupNorm over the whole image,
+    # so the pixels are the same): less GPU memory for large images, slower; null = whole image at once
+    vae_slices: int | None = None
     channels_last: bool = False  # channels_last memory format for UNet and VAE (GPU)
     compile: bool = False  # torch.compile the UNet (GPU; first batch is slow)
     progress: bool = True  # tqdm bars for images and steps

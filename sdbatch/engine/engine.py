@@ -43,6 +43,7 @@ class Engine:
         self.clip_skip = model.clip_skip
         self.v_prediction = _v_prediction(model.v_parameterization, bundle.family)
         self.vae_batch_size = perf.vae_batch_size
+        self.vae_slices = perf.vae_slices
         self.text = TextEncoder(bundle.tokenizer, bundle.text_encoder)
         self.wrappers: list[ModelWrapper] = [with_cfg]
         self.networks: RunNetworks | None = None  # this run's network.loras (set_networks)
@@ -66,7 +67,7 @@ class Engine:
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Final latents → PIL images (VAE decode, perf.vae_batch_size images per call)."""
-        return vae.decode(self.bundle.vae, latents, self.vae_batch_size)
+        return vae.decode(self.bundle.vae, latents, self.vae_batch_size, self.vae_slices)
 
     def denoise(self, batch: Batch, on_step: StepCallback | None = None,
                 start: Callable[[object, list[torch.Generator]], tuple] | None = None) -> torch.Tensor:
@@ -243,7 +244,7 @@ def get_engine(model: ModelConfig, perf: PerfConfig) -> Engine:
         del _ENGINES[stale]  # its model left the cache: let its memory go
     for stale in [k for k, (b, _) in _NETWORKS.items() if not is_cached(b)]:
         del _NETWORKS[stale]
-    key = (id(bundle), model.clip_skip, model.v_parameterization, perf.vae_batch_size)
+    key = (id(bundle), model.clip_skip, model.v_parameterization, perf.vae_batch_size, perf.vae_slices)
     if key not in _ENGINES:
         _ENGINES[key] = Engine(bundle, placement, model, perf)
     return _ENGINES[key]

@@ -8,13 +8,22 @@ from PIL import Image
 
 
 @torch.no_grad()
-def decode(vae: torch.nn.Module, latents: torch.Tensor, chunk: int = 0) -> list[Image.Image]:
-    """Decode (B, 4, h, w) latents to RGB images; chunk 0 decodes the whole batch at once."""
+def decode(vae: torch.nn.Module, latents: torch.Tensor, chunk: int = 0, slices: int | None = None,
+           ) -> list[Image.Image]:
+    """Decode (B, 4, h, w) latents to RGB images; chunk 0 decodes the whole batch at once.
+
+    `slices` (perf.vae_slices) decodes each chunk in that many horizontal bands (the same pixels, less memory).
+    """
     chunk = chunk or latents.shape[0]
     images: list[Image.Image] = []
     for part in latents.split(chunk):
         z = part.to(vae.dtype) / vae.config.scaling_factor
-        pixels = vae.decode(z, return_dict=False)[0]  # (b, 3, H, W) in [-1, 1]
+        if slices:
+            from sdbatch.engine.vae_slicing import decode_sliced
+
+            pixels = decode_sliced(vae, z, slices)
+        else:
+            pixels = vae.decode(z, return_dict=False)[0]  # (b, 3, H, W) in [-1, 1]
         images.extend(to_pil(pixels))
     return images
 
