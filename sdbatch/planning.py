@@ -163,7 +163,7 @@ def _warn_unused_multipliers(spec: RunSpec, line: ParsedLine) -> None:
     if not network.loras:
         log.warning("%s: --am is ignored: no networks (network=lora network.loras=...)", line.origin)
     elif network.mode == "merge":
-        log.warning("%s: --am is ignored: network.mode=merge merges network.loras[].mul once; use hooked or "
+        log.warning("%s: --am is ignored: network.mode=merge merges the run's multipliers once; use hooked or "
                     "precalc for per-prompt multipliers", line.origin)
     elif len(given) > len(network.loras):
         log.warning("%s: --am has %d values for %d network(s); the extra ones are ignored", line.origin,
