@@ -16,13 +16,14 @@ from tqdm import tqdm
 from sdbatch import __version__
 from sdbatch.batching import make_batches
 from sdbatch.config.resolve import grid_axes, to_plain
-from sdbatch.config.schema import RunSpec
+from sdbatch.config.schema import NetworkConfig, RunSpec
 from sdbatch.errors import ConfigError, PromptError
 from sdbatch.grid_axes import Sheet, check_search_word, expand, search_replace, sheets
 from sdbatch.init_images import list_images, pair_with_images, prompt_from_image
 from sdbatch.jobs import ImageJob
 from sdbatch.outputs import CONFIG, RunDir, image_params
 from sdbatch.planning import plan, random_base_seed
+from sdbatch.prompts.extra_networks import apply_tags
 from sdbatch.prompts.sources import PromptLine, read_prompts
 from sdbatch.startup import heavy_imports
 
@@ -52,9 +53,10 @@ def _run(spec: RunSpec, run_dir: Path, stdin: TextIO | None) -> RunResult:
         return _run_interactive(spec, out, base_seed, stdin or sys.stdin)
     # a prompt module may use the models, so they load first; otherwise prompt errors come before loading
     engine = _engine(spec) if spec.prompt_module else None
-    jobs, axes, base_count = _all_jobs(spec, _prompt_lines(spec, engine), base_seed)
+    jobs, axes, base_count, network = _all_jobs(spec, _prompt_lines(spec, engine), base_seed)
     todo = [job for job in jobs if not out.is_done(job)]
     engine = engine or _engine(spec)
+    engine.set_networks(network)  # network.loras and the files of <lora:...> tags
     out.write_config({**to_plain(spec), "seed": base_seed}, engine.model_hashes())
     if len(todo) < len(jobs):
         log.info("resuming: %d of %d images already in %s <output.resume>", len(jobs) - len(todo), len(jobs), run_dir)
@@ -71,8 +73,10 @@ def _run(spec: RunSpec, run_dir: Path, stdin: TextIO | None) -> RunResult:
     return RunResult(run_dir, written, len(jobs) - len(todo))
 
 
-def _all_jobs(spec: RunSpec, lines: list[PromptLine], base_seed: int) -> tuple[list[ImageJob], list, int]:
-    """(every image of the run, the fused-grid axes, the number of planned images before grid expansion)."""
+def _all_jobs(spec: RunSpec, lines: list[PromptLine], base_seed: int,
+              ) -> tuple[list[ImageJob], list, int, NetworkConfig]:
+    """(every image of the run, the fused-grid axes, the number of planned images before grid expansion,
+    the run's networks: network.loras plus the files <lora:...> tags name)."""
     jobs = plan(spec, lines, base_seed)
     if spec.prompt_sr is not None:  # one word of a +sweeps=prompt_sr multirun
         check_search_word(jobs, spec.prompt_sr_words[0], "prompt_sr_words")
@@ -80,7 +84,8 @@ def _all_jobs(spec: RunSpec, lines: list[PromptLine], base_seed: int) -> tuple[l
     axes, base_count = grid_axes(spec), len(jobs)
     if axes:  # a fused grid: each planned image becomes one image per cell
         jobs = expand(jobs, axes, spec.output.naming, spec.network)
-    return jobs, axes, base_count
+    jobs, network = apply_tags(jobs, spec.network)  # after the grid: an axis may write tags into prompts
+    return jobs, axes, base_count, network
 
 
 def _save_sheets(out: RunDir, grid_sheets: list[Sheet]) -> None:
@@ -109,7 +114,6 @@ def _engine(spec: RunSpec):
     engine.text.max_multiples = spec.max_embeddings_multiples
     engine.text.normalize = spec.emb_normalize_mode
     engine.set_textual_inversion(spec.model.textual_inversion, spec.model.xti_embeddings)  # this run's, exactly
-    engine.set_networks(spec.network)  # likewise
     return engine
 
 
@@ -159,13 +163,17 @@ def _run_interactive(spec: RunSpec, out: RunDir, base_seed: int, stream: TextIO)
     out.write_config({**to_plain(spec), "seed": base_seed}, engine.model_hashes())
     spec = dataclasses.replace(spec, n_iter=1)  # one pass per typed line, as the reference does
     preview, taken, written = preview_available(spec.no_preview), out.done_files(), []
+    network = None
     for number, text in enumerate(read_lines(stream), start=1):
         line = PromptLine(text, spec.negative_prompt, f"stdin:{number}")
         try:
-            jobs = plan(spec, [line], base_seed, start=len(taken), taken=taken)
+            jobs, line_network = apply_tags(plan(spec, [line], base_seed, start=len(taken), taken=taken), spec.network)
         except PromptError as ex:  # a typo in one line should not end the session
             log.error("%s", ex)
             continue
+        if line_network != network:  # a line's <lora:...> tags may bring other files
+            engine.set_networks(line_network)
+            network = line_network
         saved = _generate(engine, out, jobs, spec, len(jobs))
         report_saved(saved)
         if preview:
@@ -232,5 +240,5 @@ def pending_images(spec: RunSpec, run_dir: Path) -> tuple[int, int] | None:
     if spec.interactive or spec.prompt_module:
         return None
     out = RunDir(run_dir, resume=spec.output.resume)
-    jobs, _, _ = _all_jobs(spec, _prompt_lines(spec, None), _base_seed(spec, run_dir))
+    jobs, _, _, _ = _all_jobs(spec, _prompt_lines(spec, None), _base_seed(spec, run_dir))
     return len(jobs), sum(1 for job in jobs if not out.is_done(job))

@@ -192,6 +192,8 @@ def _check_networks(spec: RunSpec) -> None:
     for i, lora in enumerate(network.loras):  # before any model loads
         if not Path(lora.path).expanduser().is_file():
             raise ConfigError(f"network.loras[{i}].path: LoRA file {lora.path} not found")
+    if network.lora_dir is not None and not Path(network.lora_dir).expanduser().is_dir():
+        raise ConfigError(f"network.lora_dir: {network.lora_dir} is not a folder (the LoRA files of <lora:NAME> tags)")
     if network.muls is not None and not network.muls:
         raise ConfigError("network.muls=[] has no multiplier; give one per network, e.g. network.muls='[0.5]'")
     for name in "xyz":

@@ -63,6 +63,7 @@ class NetworkConfig:
     # the run's multipliers, one per file in order (the last repeats, like --am), replacing loras[].mul;
     # what +sweeps=lora_weights sweeps: network.muls='[0.5]'
     muls: list[float] | None = None
+    lora_dir: str | None = None  # folder of LoRA files for A1111's <lora:NAME:WEIGHT> prompt tags
 
     def multipliers(self) -> tuple[float, ...]:
         """The run's multiplier for each network: network.muls, else each file's mul."""

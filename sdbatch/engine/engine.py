@@ -22,6 +22,7 @@ from sdbatch.engine.schedulers import make_scheduler
 from sdbatch.engine.text import TextEncoder
 from sdbatch.errors import ConfigError
 from sdbatch.jobs import EmbeddingRef, ImageJob, ModelInfo
+from sdbatch.prompts.extra_networks import strip_tags
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class Engine:
         """
         guided = any(j.cfg_scale > 1 for j in jobs)
         three_parts = guided and negative_scale is not None
-        prompts, origins = [j.prompt for j in jobs], [j.origin for j in jobs]
+        prompts, origins = [strip_tags(j.prompt) for j in jobs], [j.origin for j in jobs]
         negatives = [j.negative_prompt for j in jobs] if guided else None
         if three_parts:
             prompts, origins, negatives = prompts + [""] * len(jobs), origins * 2, negatives * 2
