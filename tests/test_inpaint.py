@@ -109,9 +109,9 @@ def test_blend_keeps_unmasked_latents_and_changes_masked_ones(sd1_single_file, i
     """The tiny VAE's decoder attends over the whole image, so the exact check is on the final latents."""
     decoded = []
 
-    def capture(vae_module, latents, batch_size):
+    def capture(vae_module, latents, *options):
         decoded.append(latents.clone())
-        return real_decode(vae_module, latents, batch_size)
+        return real_decode(vae_module, latents, *options)
 
     real_decode = vae_mod.decode
     monkeypatch.setattr(vae_mod, "decode", capture)
