@@ -7,13 +7,13 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdbatch.config.schema import NetworkConfig, RunSpec, complete_muls
+from sdbatch.config.schema import DeepShrinkConfig, NetworkConfig, RunSpec, complete_muls
 from sdbatch.errors import ConfigError, PromptError
 from sdbatch.init_images import image_size
 from sdbatch.jobs import ImageJob
 from sdbatch.prompts.dynamic import Wildcards, enumerate_variants, expand
 from sdbatch.prompts.sources import PromptLine
-from sdbatch.prompts.syntax import OFF, Off, ParsedLine, parse_line
+from sdbatch.prompts.syntax import OFF, DeepShrink, Off, ParsedLine, parse_line
 from sdbatch.samplers import effective_schedule
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def _job(spec: RunSpec, line: _Line, variant: str, wildcards: Wildcards, index: 
         negative_scale=_negative_scale(opts.negative_scale, sampler.negative_scale),
         strength=_given(opts.strength, spec.strength) if line.parsed_init else opts.strength,
         network_muls=network_muls(opts.network_muls, spec.network), clip_prompt=opts.clip_prompt,
-        deep_shrink=opts.deep_shrink, gradual_latent=opts.gradual_latent,
+        deep_shrink=_deep_shrink(opts.deep_shrink, spec.deep_shrink), gradual_latent=opts.gradual_latent,
     )
 
 
@@ -205,6 +205,21 @@ def _check_mask(mask: str, init: str | None) -> None:
     if abs(mw / mh - iw / ih) > 0.01:
         log.warning("mask %s (%dx%d) has another aspect ratio than init image %s (%dx%d); it is resized "
                     "(stretched) to the image <mask_image>", mask, mw, mh, init, iw, ih)
+
+
+def _deep_shrink(line: DeepShrink | None, run: DeepShrinkConfig) -> DeepShrink | None:
+    """The image's Deep Shrink settings: the line's --dsd1 --dst1 --dsd2 --dst2 --dsr over deep_shrink.*.
+
+    Off unless deep_shrink.depth_1 is set or the line gives any of them; a line without --dsd1 shrinks the
+    run's depth_1, or block 3 (the reference's rule).
+    """
+    if line is None and run.depth_1 is None:
+        return None
+    line = line or DeepShrink()
+    return DeepShrink(depth_1=_given(line.depth_1, _given(run.depth_1, 3)),
+                      timesteps_1=_given(line.timesteps_1, run.timesteps_1),
+                      depth_2=_given(line.depth_2, run.depth_2), timesteps_2=_given(line.timesteps_2, run.timesteps_2),
+                      ratio=_given(line.ratio, run.ratio))
 
 
 def _given(value, default):

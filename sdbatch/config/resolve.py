@@ -118,6 +118,7 @@ def _check(spec: RunSpec) -> None:
     _check_prompt(spec)
     _check_prompt_sr(spec)
     _check_networks(spec)
+    _check_deep_shrink(spec)
 
 
 # The fewest sampler.steps each sampler runs without diffusers failing (checked for every registry sampler with
@@ -201,3 +202,16 @@ def _check_networks(spec: RunSpec) -> None:
         if axis and axis.partition(":")[0].strip() == "network_muls" and (not network.loras or network.mode == "merge"):
             raise ConfigError(f"grid.{name}=network_muls needs network=lora with network.mode hooked or precalc "
                               "(merge mode bakes network.loras[].mul into the weights once)")
+
+
+def _check_deep_shrink(spec: RunSpec) -> None:
+    ds = spec.deep_shrink
+    for key in ("depth_1", "depth_2"):
+        depth = getattr(ds, key)
+        if depth is not None and not 0 <= depth <= 3:
+            raise ConfigError(f"deep_shrink.{key} must be a down-block index from 0 to 3, got {depth}")
+    for key in ("timesteps_1", "timesteps_2"):
+        if not 0 <= getattr(ds, key) <= 1000:
+            raise ConfigError(f"deep_shrink.{key} must be a timestep from 0 to 1000, got {getattr(ds, key)}")
+    if not 0 < ds.ratio <= 1:
+        raise ConfigError(f"deep_shrink.ratio must be in (0, 1], got {ds.ratio}")

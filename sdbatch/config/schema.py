@@ -96,6 +96,17 @@ class HighresConfig:
 
 
 @dataclass(**_SPEC)
+class DeepShrinkConfig:
+    """Deep Shrink (the reference's --ds_*): a UNet down block sees a downscaled input while t is high."""
+
+    depth_1: int | None = None  # down block 0..3 to shrink; null = off (a prompt's --dsd1/--dst1/--dsr turn it on)
+    timesteps_1: int = 650  # depth_1 is shrunk while t >= this
+    depth_2: int | None = None  # a second block, shrunk while timesteps_2 <= t < timesteps_1
+    timesteps_2: int = 650
+    ratio: float = 0.5  # input scale of the shrunk block, 0 < ratio <= 1 (bicubic)
+
+
+@dataclass(**_SPEC)
 class InpaintConfig:
     keep_original: bool = True  # paste the original's pixels back outside the mask after decoding
 
@@ -144,6 +155,7 @@ class RunSpec:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     grid: GridConfig = field(default_factory=GridConfig)
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
+    deep_shrink: DeepShrinkConfig = field(default_factory=DeepShrinkConfig)
     prompt: Any = None  # a string or a list of strings; in-prompt options (--w 768 --n ...) allowed
     negative_prompt: str = ""  # default negative prompt (a line's --n replaces it)
     # A1111's Prompt S/R: the first of prompt_sr_words is replaced by prompt_sr in every prompt and negative

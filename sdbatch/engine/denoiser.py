@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -25,6 +26,7 @@ class Conditioning:
     negative_scale: float | None = None
     unet_kwargs: dict = field(default_factory=dict)  # extra UNet arguments a wrapper adds (residuals, ...)
     inpaint: torch.Tensor | None = None  # (B, 5, h, w) mask + masked-image latents for 9-channel UNets
+    deep_shrink: Any = None  # the batch's Deep Shrink settings (sdbatch.prompts.syntax.DeepShrink), None = off
 
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]

@@ -12,6 +12,7 @@ from PIL import Image
 from sdbatch.batching import Batch, BatchKey
 from sdbatch.config.schema import ModelConfig, NetworkConfig, PerfConfig
 from sdbatch.engine import img2img, inpaint, noise, vae, xti
+from sdbatch.engine.deep_shrink import with_deep_shrink
 from sdbatch.engine.denoiser import Conditioning, ModelFn, unet_model, with_cfg
 from sdbatch.engine.device import Placement, pick_placement
 from sdbatch.engine.embeddings import XTI_LAYERS, load_embeddings
@@ -91,7 +92,7 @@ class Engine:
             begun = inpaint.InpaintStart(timesteps, latents, None, ())
         else:
             begun = self._start(batch, scheduler, gens)
-        cond = dataclasses.replace(cond, inpaint=begun.unet_input)
+        cond = dataclasses.replace(cond, inpaint=begun.unet_input, deep_shrink=key.deep_shrink)
         # 3. Denoise
         return sample(self.model_fn(), scheduler, begun.latents.to(self.placement.dtype), cond, gens, eta=key.eta,
                       callback=on_step, timesteps=begun.timesteps, after_step=begun.after_step)
@@ -191,7 +192,9 @@ class Engine:
 
     def model_fn(self) -> ModelFn:
         """The UNet call wrapped by every active wrapper."""
-        model = inpaint.with_inpaint_input(unet_model(self.bundle.unet))  # a no-op unless cond.inpaint is set
+        unet = self.bundle.unet
+        # no-ops unless cond.deep_shrink / cond.inpaint are set
+        model = inpaint.with_inpaint_input(with_deep_shrink(unet, unet_model(unet)))
         for wrap in self.wrappers:
             model = wrap(model)
         return model
