@@ -13,7 +13,7 @@ from sdbatch.init_images import image_size
 from sdbatch.jobs import ImageJob
 from sdbatch.prompts.dynamic import Wildcards, enumerate_variants, expand
 from sdbatch.prompts.sources import PromptLine
-from sdbatch.prompts.syntax import OFF, DeepShrink, Off, ParsedLine, parse_line
+from sdbatch.prompts.syntax import OFF, DeepShrink, GradualLatent, Off, ParsedLine, parse_line
 from sdbatch.samplers import effective_schedule
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ def _job(spec: RunSpec, line: _Line, variant: str, wildcards: Wildcards, index: 
         negative_scale=_negative_scale(opts.negative_scale, sampler.negative_scale),
         strength=_given(opts.strength, spec.strength) if line.parsed_init else opts.strength,
         network_muls=network_muls(opts.network_muls, spec.network), clip_prompt=opts.clip_prompt,
-        deep_shrink=_deep_shrink(opts.deep_shrink, spec.deep_shrink), gradual_latent=opts.gradual_latent,
+        deep_shrink=_deep_shrink(opts.deep_shrink, spec.deep_shrink),
+        gradual_latent=_gradual_latent(opts.gradual_latent, spec, line),
     )
 
 
@@ -220,6 +221,27 @@ def _deep_shrink(line: DeepShrink | None, run: DeepShrinkConfig) -> DeepShrink |
                       timesteps_1=_given(line.timesteps_1, run.timesteps_1),
                       depth_2=_given(line.depth_2, run.depth_2), timesteps_2=_given(line.timesteps_2, run.timesteps_2),
                       ratio=_given(line.ratio, run.ratio))
+
+
+def _gradual_latent(line: GradualLatent | None, spec: RunSpec, parsed: _Line) -> GradualLatent | None:
+    """The image's Gradual Latent settings: the line's --glt --glr --gle --gls --glsn --glus over
+    gradual_latent.*; off unless gradual_latent.timesteps is set or the line gives any of them."""
+    run = spec.gradual_latent
+    if line is None and run.timesteps is None:
+        return None
+    origin = parsed.parsed.origin
+    if spec.sampler.name not in ("euler_a", "k_euler_a"):
+        raise PromptError(f"{origin}: Gradual Latent grows the latents inside the Euler ancestral step; use "
+                          f"sampler=euler_a (not {spec.sampler.name}) <gradual_latent.*, --glt ...>")
+    if parsed.parsed_mask is not None:
+        raise PromptError(f"{origin}: Gradual Latent cannot be combined with inpainting (mask_image)")
+    line = line or GradualLatent()
+    unsharp = line.unsharp if line.unsharp is not None else run.unsharp
+    return GradualLatent(timesteps=_given(line.timesteps, _given(run.timesteps, 650)),
+                         ratio=_given(line.ratio, run.ratio),
+                         every_n_steps=_given(line.every_n_steps, run.every_n_steps),
+                         ratio_step=_given(line.ratio_step, run.ratio_step), s_noise=_given(line.s_noise, run.s_noise),
+                         unsharp=tuple(float(v) for v in unsharp) if unsharp else None)
 
 
 def _given(value, default):

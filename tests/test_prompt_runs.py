@@ -127,15 +127,15 @@ def test_prompt_module_lines_are_generated(sd1_single_file, tmp_path) -> None:
 
 
 def test_recorded_options_reach_the_manifest(sd1_single_file, tmp_path) -> None:
-    line = ("a (red:1.3) cube --t 0.5 --nl 2 --am 0.5,1 --c a clip prompt --f cube --dsd1 2 --dst1 600 --dsr 0.5 "
+    line = ("a (red:1.3) cube --t 0.5 --nl 2 --am 0.5,1 --c a clip prompt --f cube --dsd1 1 --dst1 600 --dsr 0.5 "
             "--glt 700 --glr 0.6 --gle 2 --gls 0.1 --glsn 1.0 --glus 3,0.5,0.5,0")
-    (record,) = _manifest(_run_file(tmp_path, sd1_single_file, line + "\n", "o"))
+    (record,) = _manifest(_run_file(tmp_path, sd1_single_file, line + "\n", "o", sampler="euler_a"))
     assert record["file"] == "cube.png" and (tmp_path / "o" / "cube.png").exists()
     assert record["prompt"] == "a (red:1.3) cube" and record["raw_prompt"] == line
     # --am without networks is ignored with a warning (test_networks_run covers it with networks)
     assert (record["strength"], record["negative_scale"], record["network_muls"]) == (0.5, 2.0, None)
     assert record["clip_prompt"] == "a clip prompt"
-    assert record["deep_shrink"]["depth_1"] == 2 and record["deep_shrink"]["ratio"] == 0.5
+    assert record["deep_shrink"]["depth_1"] == 1 and record["deep_shrink"]["ratio"] == 0.5
     assert record["gradual_latent"]["timesteps"] == 700 and record["gradual_latent"]["s_noise"] == 1.0
 
 

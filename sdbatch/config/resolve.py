@@ -119,6 +119,7 @@ def _check(spec: RunSpec) -> None:
     _check_prompt_sr(spec)
     _check_networks(spec)
     _check_deep_shrink(spec)
+    _check_gradual_latent(spec)
 
 
 # The fewest sampler.steps each sampler runs without diffusers failing (checked for every registry sampler with
@@ -215,3 +216,18 @@ def _check_deep_shrink(spec: RunSpec) -> None:
             raise ConfigError(f"deep_shrink.{key} must be a timestep from 0 to 1000, got {getattr(ds, key)}")
     if not 0 < ds.ratio <= 1:
         raise ConfigError(f"deep_shrink.ratio must be in (0, 1], got {ds.ratio}")
+
+
+def _check_gradual_latent(spec: RunSpec) -> None:
+    gl = spec.gradual_latent
+    if gl.timesteps is not None and not 1 <= gl.timesteps <= 1000:
+        raise ConfigError(f"gradual_latent.timesteps must be a timestep from 1 to 1000, got {gl.timesteps}")
+    if not 0 < gl.ratio <= 1:
+        raise ConfigError(f"gradual_latent.ratio must be in (0, 1], got {gl.ratio}")
+    if gl.ratio_step <= 0 or gl.every_n_steps < 1 or gl.s_noise < 0:
+        raise ConfigError("gradual_latent: ratio_step must be > 0, every_n_steps >= 1 and s_noise >= 0")
+    if gl.unsharp is not None and (len(gl.unsharp) not in (3, 4) or int(gl.unsharp[0]) % 2 == 0):
+        raise ConfigError(f"gradual_latent.unsharp is [ksize (odd), sigma, strength(, target_x)], got {gl.unsharp}")
+    if gl.timesteps is not None and spec.sampler.name not in ("euler_a", "k_euler_a"):
+        raise ConfigError(f"gradual_latent needs sampler=euler_a (it grows the latents inside the Euler ancestral "
+                          f"step), not {spec.sampler.name}")

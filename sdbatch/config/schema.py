@@ -107,6 +107,18 @@ class DeepShrinkConfig:
 
 
 @dataclass(**_SPEC)
+class GradualLatentConfig:
+    """Gradual Latent (the reference's --gradual_latent_*; sampler euler_a): latents start small and grow."""
+
+    timesteps: int | None = None  # growing starts once t < this; null = off (a prompt's --glt/--glr/... turn it on)
+    ratio: float = 0.5  # start scale of the latents, 0 < ratio <= 1
+    ratio_step: float = 0.125  # added to the scale at each growth
+    every_n_steps: int = 3  # steps between growths
+    s_noise: float = 1.0  # ancestral noise multiplier on growth steps
+    unsharp: list[float] | None = None  # [ksize, sigma, strength(, target_x 0/1)] unsharp mask after each resize
+
+
+@dataclass(**_SPEC)
 class InpaintConfig:
     keep_original: bool = True  # paste the original's pixels back outside the mask after decoding
 
@@ -156,6 +168,7 @@ class RunSpec:
     grid: GridConfig = field(default_factory=GridConfig)
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
     deep_shrink: DeepShrinkConfig = field(default_factory=DeepShrinkConfig)
+    gradual_latent: GradualLatentConfig = field(default_factory=GradualLatentConfig)
     prompt: Any = None  # a string or a list of strings; in-prompt options (--w 768 --n ...) allowed
     negative_prompt: str = ""  # default negative prompt (a line's --n replaces it)
     # A1111's Prompt S/R: the first of prompt_sr_words is replaced by prompt_sr in every prompt and negative

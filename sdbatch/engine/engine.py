@@ -16,6 +16,7 @@ from sdbatch.engine.deep_shrink import with_deep_shrink
 from sdbatch.engine.denoiser import Conditioning, ModelFn, unet_model, with_cfg
 from sdbatch.engine.device import Placement, pick_placement
 from sdbatch.engine.embeddings import XTI_LAYERS, load_embeddings
+from sdbatch.engine.gradual_latent import GradualLatentScheduler, start_latents
 from sdbatch.engine.loading import ModelBundle, is_cached, load_models, set_attention
 from sdbatch.engine.network_modes import RunNetworks
 from sdbatch.engine.sampling import StepCallback, sample
@@ -92,6 +93,9 @@ class Engine:
             begun = inpaint.InpaintStart(timesteps, latents, None, ())
         else:
             begun = self._start(batch, scheduler, gens)
+            if key.gradual_latent is not None:  # txt2img/img2img start: the latents begin small and grow
+                scheduler = GradualLatentScheduler(scheduler, key.gradual_latent, tuple(begun.latents.shape[-2:]))
+                begun = dataclasses.replace(begun, latents=start_latents(begun.latents, key.gradual_latent))
         cond = dataclasses.replace(cond, inpaint=begun.unet_input, deep_shrink=key.deep_shrink)
         # 3. Denoise
         return sample(self.model_fn(), scheduler, begun.latents.to(self.placement.dtype), cond, gens, eta=key.eta,

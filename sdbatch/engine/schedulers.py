@@ -14,6 +14,7 @@ STEP_KWARGS: dict[str, tuple[str, ...]] = {
     "LMSDiscreteScheduler": (),
     "EulerDiscreteScheduler": ("generator",),
     "EulerAncestralDiscreteScheduler": ("generator",),
+    "GradualLatentScheduler": ("generator",),  # sdbatch.engine.gradual_latent around the one above
     "HeunDiscreteScheduler": (),
     "KDPM2DiscreteScheduler": (),
     "KDPM2AncestralDiscreteScheduler": ("generator",),
