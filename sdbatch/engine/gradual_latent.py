@@ -27,6 +27,8 @@ def start_latents(latents: torch.Tensor, settings: GradualLatent) -> torch.Tenso
 class GradualLatentScheduler:
     """An Euler ancestral scheduler whose latents grow from settings.ratio to the full (height, width)."""
 
+    STEP_KWARGS = ("generator",)  # what sampling passes to step() (sdbatch.engine.schedulers.step_kwargs)
+
     def __init__(self, scheduler, settings: GradualLatent, full_size: tuple[int, int]) -> None:
         self._inner = scheduler
         self.settings = settings

@@ -14,7 +14,6 @@ STEP_KWARGS: dict[str, tuple[str, ...]] = {
     "LMSDiscreteScheduler": (),
     "EulerDiscreteScheduler": ("generator",),
     "EulerAncestralDiscreteScheduler": ("generator",),
-    "GradualLatentScheduler": ("generator",),  # sdbatch.engine.gradual_latent around the one above
     "HeunDiscreteScheduler": (),
     "KDPM2DiscreteScheduler": (),
     "KDPM2AncestralDiscreteScheduler": ("generator",),
@@ -34,4 +33,5 @@ def make_scheduler(sampler: str, schedule: str, v_prediction: bool) -> diffusers
 def step_kwargs(scheduler: diffusers.SchedulerMixin, eta: float, generators: list) -> dict:
     """The step() arguments this scheduler takes: per-image generators for its noise, eta for DDIM."""
     available = {"eta": eta, "generator": generators}
-    return {name: available[name] for name in STEP_KWARGS[type(scheduler).__name__]}
+    names = getattr(scheduler, "STEP_KWARGS", None) or STEP_KWARGS[type(scheduler).__name__]  # or a wrapper's
+    return {name: available[name] for name in names}
