@@ -118,3 +118,14 @@ def test_cli_lora_run_sweep_preset_and_errors(cache_dir, lora, tmp_path) -> None
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().splitlines() == [
         "sdbatch: error: network.loras[0].path: LoRA file nope.safetensors not found"], "before any load"
+
+
+def test_sd2_lora_applies_in_every_mode(sd2_single_file, sd2_components, tmp_path) -> None:
+    """SD2: linear proj_in/out in the UNet and the OpenCLIP text encoder (converted to CLIP's layout) match too."""
+    unet, _, text_encoder = sd2_components
+    lora = make_lora(tmp_path / "sd2-style.safetensors", unet, text_encoder)
+    base = spec(sd2_single_file, prompt="a red cube", seed=5, family="sd2", v_pred=True)
+    plain = _run(base, tmp_path / "plain")
+    hooked = _run(_with_lora(base, lora, 0.8, strict=True), tmp_path / "hooked")
+    assert max_diff(hooked, plain) > 8
+    assert max_diff(_run(_with_lora(base, lora, 0.8, "merge", strict=True), tmp_path / "merge"), hooked) <= 1
