@@ -50,6 +50,9 @@ def parse_lines(spec: RunSpec, lines: list[PromptLine]) -> list[_Line]:
             if line.mask_image:
                 _check_mask(line.mask_image, line.init_image)
             _warn_unused_multipliers(spec, one)
+            if " AND " in one.prompt:
+                log.warning("%s: ' AND ' (regional prompts, attention couple) is not supported yet: the line is "
+                            "encoded as one prompt, AND included", one.origin)
             parsed.append(_Line(one, line.negative, line.init_image, init_size, line.mask_image))
         except PromptError as ex:
             if spec.on_error != "skip":

@@ -92,3 +92,8 @@ def test_network_multipliers_per_image(line, mode, muls, expected) -> None:
     assert job.network_muls == expected
     [plain] = plan(_spec(), [PromptLine(line, "", "p")], base_seed=0)
     assert plain.network_muls is None, "no networks, no multipliers (and --am is ignored with a warning)"
+
+
+def test_and_prompts_warn_that_regions_are_not_supported_yet(caplog) -> None:
+    plan(_spec(), [PromptLine("a cat AND a dog", "", "f:2"), PromptLine("ANDROID", "", "f:3")], base_seed=0)
+    assert caplog.text.count("not supported yet") == 1 and "f:2: ' AND '" in caplog.text
