@@ -115,6 +115,7 @@ def test_prompt_with_commas_gets_a_quoting_hint() -> None:
         (["network=lora", "network.loras=[{mul: 2}]"], "network.loras[0].path is not set"),
         (["network=lora", f"network.loras=[{{path: {ANY_FILE}}}]", "network.muls=[]"], "network.muls=[] has no"),
         (["network=lora", "network.loras=[{path: nope.safetensors}]"], "network.loras[0].path: LoRA file nope."),
+        (["network=lora", "network.loras=[{path: 'builtin:x'}]"], "the built-in LoRA (for model=tiny) is builtin:"),
     ],
 )
 def test_resolve_errors_name_the_key(overrides: list[str], needle: str) -> None:

@@ -102,8 +102,9 @@ def test_a_lora_for_another_model_is_one_clear_error(sd1_single_file, sd2_compon
         run(_with_lora(spec(sd1_single_file, prompt="x"), other), tmp_path / "run")
 
 
-def test_cli_lora_run_sweep_preset_and_errors(cache_dir, lora, tmp_path) -> None:
-    net = ["network=lora", f"network.loras=[{{path: '{lora}', mul: 0.5}}]"]
+def test_cli_lora_run_sweep_preset_and_errors(cache_dir, tmp_path) -> None:
+    """The preset's header command: the built-in demo LoRA on the built-in tiny model."""
+    net = ["network=lora", "network.loras=[{path: builtin:tiny-lora}]"]
     sweep = tmp_path / "sweep"
     proc = run_cli(["+sweeps=lora_weights", "model=tiny", "prompt=a red cube", *net, *SMALL,
                     f"hydra.sweep.dir={sweep}"], cache_dir, tmp_path)
@@ -115,6 +116,8 @@ def test_cli_lora_run_sweep_preset_and_errors(cache_dir, lora, tmp_path) -> None
     assert (sweep / "contact_sheet.png").exists()
     missing = run_cli(["model=tiny", "prompt=x", "network=lora", "network.loras=[{path: nope.safetensors}]", *SMALL,
                        f"hydra.run.dir={tmp_path / 'bad'}"], cache_dir, tmp_path)
+    assert (cache_dir / "tiny-lora-sd1.safetensors").is_file(), "built once into the cache"
+    assert manifest(sweep / jobs[0]["run_dir"])[0]["networks"][0]["name"] == "tiny-lora-sd1"
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().splitlines() == [
         "sdbatch: error: network.loras[0].path: LoRA file nope.safetensors not found"], "before any load"

@@ -192,7 +192,10 @@ def _check_networks(spec: RunSpec) -> None:
     if network.name == "none" and network.loras:
         raise ConfigError("network.loras is set but network=none; add network=lora")
     for i, lora in enumerate(network.loras):  # before any model loads
-        if not Path(lora.path).expanduser().is_file():
+        if lora.path.startswith("builtin:") and lora.path != "builtin:tiny-lora":
+            raise ConfigError(f"network.loras[{i}].path: {lora.path} is unknown; the built-in LoRA (for model=tiny) "
+                              "is builtin:tiny-lora")
+        if not lora.path.startswith("builtin:") and not Path(lora.path).expanduser().is_file():
             raise ConfigError(f"network.loras[{i}].path: LoRA file {lora.path} not found")
     if network.lora_dir is not None and not Path(network.lora_dir).expanduser().is_dir():
         raise ConfigError(f"network.lora_dir: {network.lora_dir} is not a folder (the LoRA files of <lora:NAME> tags)")

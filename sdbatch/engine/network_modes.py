@@ -8,6 +8,7 @@ import torch
 
 from sdbatch.config.schema import NetworkConfig
 from sdbatch.engine.networks import LoraFile, NetworkPatch, load_lora
+from sdbatch.engine.tiny_lora import lora_path
 from sdbatch.jobs import NetworkRef
 
 
@@ -20,7 +21,7 @@ class RunNetworks:
     """
 
     def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, network: NetworkConfig) -> None:
-        self.files: list[LoraFile] = [load_lora(lora.path) for lora in network.loras]
+        self.files: list[LoraFile] = [load_lora(lora_path(lora.path)) for lora in network.loras]
         self.mode = network.mode
         self.defaults = network.multipliers()
         self._patch = NetworkPatch(unet, text_encoder, self.files, strict=network.strict)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,10 +106,11 @@ def tiny_checkpoint_path() -> Path:
     return cache_root() / TINY_FILE_NAME
 
 
-def _is_current(path: Path) -> bool:
+def is_current(path: Path, version: str = TINY_VERSION) -> bool:
+    """Whether path is a built-in file of this version (built by this sdbatch, not an older one)."""
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("sdbatch_tiny_version") == TINY_VERSION
+            return (f.metadata() or {}).get("sdbatch_tiny_version") == version
     except Exception:  # unreadable or partial file: rebuild it
         return False
 
@@ -116,16 +118,21 @@ def _is_current(path: Path) -> bool:
 def ensure_tiny_checkpoint() -> Path:
     """Path of the demo checkpoint, building and saving it first if it is missing or from an older version."""
     path = tiny_checkpoint_path()
-    if path.is_file() and _is_current(path):
+    if path.is_file() and is_current(path):
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Stored in fp16 like most published checkpoints: half the size, and the loader's upcast path gets used.
     unet, vae, text_encoder = (m.half() for m in build_tiny_components("sd1", TINY_SEED))
-    # Written under a temporary name and renamed, so a concurrent run never sees a half-written file.
-    fd, tmp = tempfile.mkstemp(prefix=".tiny-", suffix=".safetensors", dir=path.parent)
+    return save_atomically(path, lambda tmp: save_single_file(tmp, unet, vae, text_encoder, "sd1",
+                                                              metadata={"sdbatch_tiny_version": TINY_VERSION}))
+
+
+def save_atomically(path: Path, write: Callable[[str], object]) -> Path:
+    """`write(tmp)` a file next to path, then rename it there: a concurrent run never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tiny-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
-        save_single_file(tmp, unet, vae, text_encoder, "sd1", metadata={"sdbatch_tiny_version": TINY_VERSION})
+        write(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
         os.replace(tmp, path)
     finally:
