@@ -11,10 +11,12 @@
    calls it for each point (seeded per image like sdbatch), saving PNGs.
 
 Every way starts its own Python process, so each time includes interpreter start, imports and model
-loading. One untimed warm-up run builds the tiny model and warms the file cache first. Images are matched
-by (seed, CFG scale) and the largest pixel difference to the multirun's images is printed for each way.
+loading. One untimed warm-up run builds the tiny model and warms the file cache first. The multirun, the
+fused grid and the diffusers loop run --repeat times (3), interleaved, and the best time of each is reported:
+on a shared machine a single run of a ~8 s process varies by ±20%. Images are matched by (seed, CFG scale)
+and the largest pixel difference to the multirun's images is printed for each way.
 
-    python bench/sweep.py                  # 128×128, 15 steps (about 3 minutes on 2 CPU cores)
+    python bench/sweep.py                  # 128×128, 15 steps (about 4 minutes on 2 CPU cores)
     python bench/sweep.py --size 256 --steps 20
 """
 
@@ -155,7 +157,8 @@ def max_diffs(root: Path, ways: list[str]) -> dict[str, int]:
 def report(times: dict[str, float], diffs: dict[str, int], args: argparse.Namespace) -> None:
     base = times["one process per point"]
     print(f"\n16 images: {len(SEEDS)} seeds × {len(SCALES)} CFG scales, model=tiny, {args.size}×{args.size}, "
-          f"{args.steps} DDIM steps, {CORES} CPU core(s), {THREADS} torch thread(s)")
+          f"{args.steps} DDIM steps, {CORES} CPU core(s), {THREADS} torch thread(s); best of {args.repeat} runs "
+          "(one process per point: 1 run)")
     print(f"{'way':<26}{'seconds':>9}{'× per point':>13}{'× diffusers':>13}{'max px diff':>13}")
     for name, seconds in times.items():
         print(f"{name:<26}{seconds:>9.1f}{seconds / base:>13.2f}{seconds / times['diffusers loop']:>13.2f}"
@@ -175,6 +178,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=4, help="UNet batch of the fused grid")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of the multirun, fused grid and diffusers loop (best is reported; the "
+                             "one-process-per-point way runs once)")
     parser.add_argument("--diffusers-worker", nargs=2, metavar=("FOLDER", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.diffusers_worker:
@@ -184,15 +190,20 @@ def main() -> None:
         root = Path(tmp)
         folder = export_tiny_for_diffusers(root / "tiny-diffusers")
         _run([sys.executable, str(ROOT / "run.py"), *_common(args), "seed=0", f"hydra.run.dir={root / 'warm'}"])
-        times = {}
-        for name, way in [("one process per point", lambda: per_point(args, root / "per_point")),
-                          ("hydra multirun (cache)", lambda: multirun(args, root / "multirun")),
-                          ("fused grid (one run)", lambda: fused_grid(args, root / "fused")),
-                          ("diffusers loop", lambda: diffusers_loop(args, root / "diffusers", folder))]:
-            seconds = way()
-            if seconds is not None:
-                times[name] = seconds
-                print(f"{name}: {seconds:.1f} s", flush=True)
+        ways = [("one process per point", "per_point", lambda out: per_point(args, out)),
+                ("hydra multirun (cache)", "multirun", lambda out: multirun(args, out)),
+                ("fused grid (one run)", "fused", lambda out: fused_grid(args, out)),
+                ("diffusers loop", "diffusers", lambda out: diffusers_loop(args, out, folder))]
+        timings: dict[str, list[float]] = {}
+        for rep in range(args.repeat):  # interleaved, so a slow spell of a shared machine hits every way
+            for name, folder_name, way in ways:
+                if rep and name == "one process per point":
+                    continue  # 16 processes: once is enough to see the order of magnitude
+                seconds = way(root / (folder_name if rep == 0 else f"{folder_name}-{rep}"))  # fresh dirs: no resume
+                if seconds is not None:
+                    timings.setdefault(name, []).append(seconds)
+                    print(f"{name}: {seconds:.1f} s", flush=True)
+        times = {name: min(runs) for name, runs in timings.items()}  # best of --repeat, as timeit reports
         report(times, max_diffs(root, list(times)), args)
 
 
