@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -50,14 +51,18 @@ class Batch:
     jobs: tuple[ImageJob, ...]
 
 
-def make_batches(jobs: Iterable[ImageJob], batch_size: int) -> list[Batch]:
+def make_batches(jobs: Iterable[ImageJob], batch_size: int, per_image_networks: bool = False) -> list[Batch]:
     """Group by BatchKey across the whole run, order the groups to avoid switches, then split.
 
     Output names and seeds live on the jobs, so neither grouping, order nor batch_size changes any file.
+    `per_image_networks` (network.mode=hooked): LoRA multipliers are per image, so they do not split batches.
     """
     groups: dict[BatchKey, list[ImageJob]] = {}
     for job in jobs:
-        groups.setdefault(BatchKey.of(job), []).append(job)
+        key = BatchKey.of(job)
+        if per_image_networks:
+            key = dataclasses.replace(key, network_muls=None)
+        groups.setdefault(key, []).append(job)
     return [
         Batch(key, tuple(groups[key][i : i + batch_size]))
         for key in sorted(groups, key=BatchKey.order)

@@ -186,7 +186,7 @@ def _generate(engine, out: RunDir, todo: list[ImageJob], spec: RunSpec, total: i
     written = []
     show = spec.perf.progress
     with tqdm(total=total, initial=total - len(todo), desc="images", unit="img", disable=not show) as bar:
-        for batch in make_batches(todo, spec.batch_size):
+        for batch in make_batches(todo, spec.batch_size, per_image_networks=spec.network.mode == "hooked"):
             steps = tqdm(desc="steps", unit="step", leave=False, disable=not show)
             tick = lambda info, s=steps: _tick(s, info)  # noqa: E731
             if batch.key.highres is not None:

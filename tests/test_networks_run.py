@@ -12,7 +12,7 @@ from lora_files import make_lora
 from test_run import SMALL, manifest, run_cli
 
 from sdbatch.config.schema import GridConfig, LoraConfig, NetworkConfig
-from sdbatch.engine.engine import get_engine
+from sdbatch.engine.engine import Engine, get_engine
 from sdbatch.errors import ConfigError, ModelError
 from sdbatch.outputs import read_png_params
 from sdbatch.runner import run
@@ -51,12 +51,20 @@ def test_modes_agree_and_zero_multiplier_is_the_plain_model(sd1_single_file, lor
     assert max_diff(_run(base, tmp_path / "after"), plain) == 0, "the cached model is clean after LoRA runs"
 
 
-def test_prompt_multipliers_and_network_muls(sd1_single_file, lora, tmp_path) -> None:
+def test_prompt_multipliers_and_network_muls(sd1_single_file, lora, tmp_path, monkeypatch) -> None:
     base = spec(sd1_single_file, prompt=["a red cube --am 0", "a red cube --am 0.8"], seed=5, batch_size=4)
+    batches = []
+    real = Engine.run_batch
+    monkeypatch.setattr(Engine, "run_batch", lambda self, batch, on_step=None: batches.append(len(batch.jobs))
+                        or real(self, batch, on_step))
     per_line = _run(_with_lora(base, lora, 0.3), tmp_path / "am")
+    assert batches == [2], "hooked: images with other multipliers share one batch"
+    precalc = _run(_with_lora(base, lora, 0.3, "precalc"), tmp_path / "precalc")
+    assert batches == [2, 1, 1], "precalc merges per batch: one batch per multiplier set"
     plain = _run(spec(sd1_single_file, prompt=["a red cube"] * 2, seed=5), tmp_path / "plain")
     full = _run(_with_lora(spec(sd1_single_file, prompt=["a red cube"] * 2, seed=5), lora, 0.8), tmp_path / "full")
-    assert max_diff(per_line[:1], plain[:1]) == 0 and max_diff(per_line[1:], full[1:]) <= 1
+    assert max_diff(per_line[:1], plain[:1]) <= 1 and max_diff(per_line[1:], full[1:]) <= 1
+    assert max_diff(precalc, per_line) <= 1
     lines = sorted(manifest(tmp_path / "am"), key=lambda x: x["index"])
     assert [line["networks"][0]["mul"] for line in lines] == [0.0, 0.8]
     run_muls = _with_lora(spec(sd1_single_file, prompt=["a red cube"] * 2, seed=5), lora, 0.1, muls=[0.8])
@@ -79,6 +87,8 @@ def test_grid_axis_of_multipliers_shares_batches(sd1_single_file, lora, tmp_path
     images = _run(run_spec, tmp_path / "grid")
     plain = _run(spec(sd1_single_file, prompt="a red cube", seed=3), tmp_path / "plain")
     assert max_diff(images[:1], plain) <= 1 and max_diff(images[1:], plain) > 8
+    alone = _run(_with_lora(spec(sd1_single_file, prompt="a red cube", seed=3), lora, 0.8), tmp_path / "alone")
+    assert max_diff(images[1:], alone) <= 1, "the 0.8 cell, computed in a shared batch, is the 0.8 image"
     assert (tmp_path / "grid" / "grid.png").exists()
     with pytest.raises(ConfigError, match="grid.x=network_muls needs network=lora"):
         from sdbatch.config.resolve import _check_networks
@@ -132,3 +142,31 @@ def test_sd2_lora_applies_in_every_mode(sd2_single_file, sd2_components, tmp_pat
     hooked = _run(_with_lora(base, lora, 0.8, strict=True), tmp_path / "hooked")
     assert max_diff(hooked, plain) > 8
     assert max_diff(_run(_with_lora(base, lora, 0.8, "merge", strict=True), tmp_path / "merge"), hooked) <= 1
+
+
+def test_per_image_multipliers_in_one_unet_call(sd1_components, lora) -> None:
+    """Rows [0, 1] tiled over the CFG halves: image 0 gets the plain UNet, image 1 the full LoRA."""
+    from sdbatch.engine.networks import NetworkPatch, load_lora
+
+    unet, _, text_encoder = sd1_components
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)  # 2 images × 2 halves
+    context = torch.randn(4, 77, text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(1))
+
+    def call():
+        with torch.no_grad():
+            return unet(x, torch.tensor(500), encoder_hidden_states=context).sample
+
+    plain = call()
+    patch = NetworkPatch(unet, text_encoder, [load_lora(lora)])
+    try:
+        patch.hook()
+        patch.set_multipliers([1.0])
+        full = call()
+        patch.set_image_multipliers([[0.0], [1.0]])
+        mixed = call()
+    finally:
+        patch.remove()
+    rows_plain, rows_full = [0, 2], [1, 3]  # image 0 and image 1 in each CFG half
+    assert torch.equal(mixed[rows_plain], plain[rows_plain])
+    assert torch.allclose(mixed[rows_full], full[rows_full], atol=1e-5)
+    assert not torch.allclose(full[rows_plain], plain[rows_plain], atol=1e-3)

@@ -80,10 +80,12 @@ class Engine:
         (Highres. fix's stage 2); it is called after set_timesteps(key.steps).
         """
         jobs, key = batch.jobs, batch.key
-        if self.networks is not None:  # the batch's multipliers, before the text encoder runs
-            self.text.network_key = self.networks.apply(key.network_muls)
-        # 1. Encode prompts (weighted, chunked, cached); no CFG pass when no image asks for it
-        cond = self._conditioning(jobs, key.negative_scale)
+        # 1. Encode prompts (weighted, chunked, cached; with the images' LoRA multipliers); no CFG pass when no
+        #    image asks for it
+        if self.networks is None:
+            cond = self._conditioning(jobs, key.negative_scale)
+        else:
+            cond = self._network_conditioning(jobs, key.negative_scale)
         # 2. Prepare timesteps and start latents, one generator per image
         scheduler = make_scheduler(key.sampler, key.schedule, self.v_prediction)
         scheduler.set_timesteps(key.steps, device=self.placement.device)
@@ -145,6 +147,22 @@ class Engine:
         self.text.network_key = ()
         self.info = dataclasses.replace(self.info, networks=active.refs if active else ())
 
+    def _network_conditioning(self, jobs: tuple[ImageJob, ...], negative_scale: float | None) -> Conditioning:
+        """_conditioning with the jobs' LoRA multipliers set. A batch whose images have different ones (hooked
+        mode: a grid of multipliers shares batches) gets per-image multipliers in the UNet, and each image's
+        text is encoded with its own multipliers: once per distinct set, keeping that set's rows."""
+        nets = self.networks
+        keys = [nets.muls_of(job.network_muls) for job in jobs]
+        conds: dict[tuple, Conditioning] = {}
+        for muls in dict.fromkeys(keys):
+            self.text.network_key = nets.apply(muls)
+            conds[muls] = self._conditioning(jobs, negative_scale)
+            if not self.text.network_key:  # the text encoder has no LoRA: one encoding serves every image
+                break
+        if len(set(keys)) > 1:
+            nets.apply_per_image(keys)
+        return conds[keys[0]] if len(conds) == 1 else _rows_of(conds, keys)
+
     def _conditioning(self, jobs: tuple[ImageJob, ...], negative_scale: float | None) -> Conditioning:
         """The batch's text conditioning and CFG scales; with a negative scale also the real unconditional.
 
@@ -202,6 +220,18 @@ class Engine:
         for wrap in self.wrappers:
             model = wrap(model)
         return model
+
+
+def _rows_of(conds: dict[tuple, Conditioning], keys: list[tuple]) -> Conditioning:
+    """Row i of every text tensor from conds[keys[i]] (all encoded from the same prompts, so shapes agree)."""
+    first = next(iter(conds.values()))
+
+    def rows(name: str) -> torch.Tensor | None:
+        if getattr(first, name) is None:
+            return None
+        return torch.stack([getattr(conds[key], name)[i] for i, key in enumerate(keys)])
+
+    return dataclasses.replace(first, embeddings=rows("embeddings"), negative=rows("negative"), uncond=rows("uncond"))
 
 
 def _is_img2img(jobs: tuple[ImageJob, ...]) -> bool:

@@ -35,9 +35,13 @@ class RunNetworks:
     def refs(self) -> tuple[NetworkRef, ...]:
         return tuple(NetworkRef(f.name, f.path, f.hash, merged=self.mode == "merge") for f in self.files)
 
+    def muls_of(self, muls: Sequence[float] | None) -> tuple[float, ...]:
+        """An image's effective multipliers (its own, or the run's; merge mode has only the run's)."""
+        return self.defaults if muls is None or self.mode == "merge" else tuple(muls)
+
     def apply(self, muls: Sequence[float] | None) -> tuple:
         """Set up the batch's multipliers; returns what the text-encoder cache key needs to know of them."""
-        muls = self.defaults if muls is None or self.mode == "merge" else tuple(muls)
+        muls = self.muls_of(muls)
         if self.mode == "hooked":
             self._patch.set_multipliers(muls)
         elif muls != self._in_weights:  # precalc
@@ -45,6 +49,12 @@ class RunNetworks:
         if not self._patch.touches_text_encoder:
             return ()
         return tuple(f.hash for f in self.files), muls
+
+    def apply_per_image(self, rows: Sequence[Sequence[float] | None]) -> None:
+        """Hooked mode: every image of the batch gets its own multipliers in the UNet (after apply())."""
+        if self.mode != "hooked":
+            raise ValueError(f"per-image multipliers need network.mode=hooked, not {self.mode}")
+        self._patch.set_image_multipliers([self.muls_of(row) for row in rows])
 
     def close(self) -> None:
         """The models exactly as they were before (hooks removed, original weights back)."""

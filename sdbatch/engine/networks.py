@@ -189,6 +189,7 @@ class NetworkPatch:
                 self._deltas.setdefault(name, []).append(_Delta(index, down, up, lora_module.scale))
         self.touches_text_encoder = any(name.startswith(TE_PREFIX) for name in self._deltas)
         self._muls = (1.0,) * self._count
+        self._rows: torch.Tensor | None = None  # (images, networks): per-image UNet multipliers, or None
         self._merged = False
         self._backups: dict[str, torch.Tensor] = {}  # original weights (CPU), kept from the first merge on
         self._on_device: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # hook tensors
@@ -205,6 +206,13 @@ class NetworkPatch:
     def set_multipliers(self, muls: Sequence[float]) -> None:
         """One multiplier per network for the hooks; 0 skips that network's computation."""
         self._muls = self._checked(muls)
+        self._rows = None
+
+    def set_image_multipliers(self, rows: Sequence[Sequence[float]]) -> None:
+        """Per-image multipliers for the UNet hooks: rows[i] for image i of the batch, so images with other
+        weights share one UNet call. The UNet batch is the images once per CFG part, in order, so the rows are
+        tiled to it. The text encoder keeps set_multipliers' (the engine encodes per multiplier group)."""
+        self._rows = torch.tensor([self._checked(row) for row in rows], dtype=torch.float32)
 
     @torch.no_grad()
     def merge(self, muls: Sequence[float]) -> None:
@@ -250,13 +258,15 @@ class NetworkPatch:
             if self._merged:  # the weights already hold every network
                 return None
             x = args[0] if args else kwargs["input"]
+            per_image = self._rows is not None and name.startswith(UNET_PREFIX)
             total = None
             for delta in deltas:
-                mul = self._muls[delta.network]
-                if mul == 0:
+                mul = self._rows[:, delta.network] if per_image else self._muls[delta.network]
+                if not (mul.any() if per_image else mul):
                     continue
                 down, up = self._tensors_for(x, name, delta)
-                part = _low_rank(module, x, down, up) * (mul * delta.scale)
+                part = _low_rank(module, x, down, up)
+                part = part * (_per_row(mul, part) * delta.scale if per_image else mul * delta.scale)
                 total = part if total is None else total + part
             return None if total is None else output + total
 
@@ -270,6 +280,14 @@ class NetworkPatch:
             cached = (delta.down.to(x.device, x.dtype), delta.up.to(x.device, x.dtype))
             self._on_device[key] = cached
         return cached
+
+
+def _per_row(muls: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """(images,) multipliers as a factor for ``out`` (images × CFG parts rows), broadcast over the rest."""
+    parts, rest = divmod(out.shape[0], muls.shape[0])
+    if rest:
+        raise ValueError(f"a UNet batch of {out.shape[0]} rows for {muls.shape[0]} images' multipliers")
+    return muls.repeat(parts).to(out.device, out.dtype).view(-1, *[1] * (out.dim() - 1))
 
 
 def _matched(lora: LoraFile, targets: dict[str, torch.nn.Module], strict: bool) -> dict[str, LoraModule]:
