@@ -106,6 +106,7 @@ def test_prompt_with_commas_gets_a_quoting_hint() -> None:
         (["prompt_sr_words=[dusk,'']"], "prompt_sr_words must be non-empty words"),
         (["network=lora"], "network=lora needs at least one file"),
         (["perf.vae_slices=0"], "perf.vae_slices must be >= 1"),
+        (["network.lora_dir=/nope/loras"], "network.lora_dir: /nope/loras is not a folder"),
         (["deep_shrink.depth_1=4"], "deep_shrink.depth_1 must be a down-block index from 0 to 3, got 4"),
         (["deep_shrink.ratio=0"], "deep_shrink.ratio must be in (0, 1]"),
         (["gradual_latent.timesteps=700"], "gradual_latent needs sampler=euler_a"),

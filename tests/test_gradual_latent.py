@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from engine_helpers import max_diff, pixels, spec
+from engine_helpers import init_images, max_diff, pixels, spec
 from scipy.ndimage import correlate1d
 from test_run import manifest
 
@@ -41,10 +41,12 @@ def _scheduler(settings=SETTINGS, steps=10, full=(16, 16)):
     return GradualLatentScheduler(inner, settings, full)
 
 
-def test_a_growth_to_the_same_size_is_diffusers_step() -> None:
+@pytest.mark.parametrize("unsharp", [None, (3, 0.5, 0.0, 0), (3, 0.5, 0.0, 1)])  # both orders; strength 0
+def test_a_growth_to_the_same_size_is_diffusers_step(unsharp) -> None:
     """Resizing to the size it has is exact, so the growth step must then equal diffusers' own step."""
     sample, output = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
-    ours, theirs = _scheduler(), make_scheduler("euler_a", "default", False)
+    ours = _scheduler(dataclasses.replace(SETTINGS, unsharp=unsharp))
+    theirs = make_scheduler("euler_a", "default", False)
     theirs.set_timesteps(10)
     t = ours.timesteps[3]
     ours._inner._init_step_index(t)
@@ -95,6 +97,17 @@ def test_runs_with_gradual_latent(sd1_single_file, tmp_path) -> None:
     assert max_diff(full, plain) == 0, "ratio 1: nothing to grow, the plain euler_a image"
 
 
-def test_other_samplers_are_refused_with_the_line() -> None:
+def test_other_samplers_and_inpainting_are_refused_with_the_line(tmp_path) -> None:
     with pytest.raises(PromptError, match="p:1: Gradual Latent .* use sampler=euler_a"):
         plan(spec("x.safetensors"), [PromptLine("a cat --glt 700", "", "p:1")], 0)
+    [image] = init_images(tmp_path, [1])
+    line = PromptLine("a cat --glt 700", "", "p:2", init_image=str(image), mask_image=str(image))
+    with pytest.raises(PromptError, match="p:2: Gradual Latent cannot be combined with inpainting"):
+        plan(spec("x.safetensors", sampler="euler_a"), [line], 0)
+
+
+def test_unsharp_sharpens_the_grown_latents() -> None:
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    sharp = start_latents(x, dataclasses.replace(SETTINGS, unsharp=(3, 1.0, 0.5, 0)))
+    soft = start_latents(x, SETTINGS)
+    assert sharp.shape == soft.shape == (1, 4, 8, 8) and sharp.std() > soft.std()
