@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from sdbatch.engine.schedulers import make_scheduler
 from sdbatch.engine.tokenizer import write_hf_tokenizer_files
 from sdbatch.planning import plan
 from sdbatch.prompts.sources import PromptLine
+from sdbatch.runner import run
 
 SIZE = 64  # pixels; latents 8×8 keep the tiny models fast on one CPU thread
 
@@ -66,6 +68,14 @@ def reference(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int
     out = pipe(prompts, negative_prompt=[negative] * len(prompts), num_inference_steps=steps, guidance_scale=cfg,
                height=SIZE, width=SIZE, generator=gens, output_type="pil")
     return [np.asarray(im) for im in out.images]
+
+
+def run_images(run_spec: RunSpec, run_dir: Path) -> tuple[list[np.ndarray], list[dict]]:
+    """Run sdbatch in-process into run_dir: its images and manifest lines, in image (index) order."""
+    run(run_spec, run_dir)
+    lines = [json.loads(line) for line in (run_dir / "manifest.jsonl").read_text().splitlines()]
+    lines.sort(key=lambda line: line["index"])
+    return [pixels(run_dir / line["file"]) for line in lines], lines
 
 
 def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> int:

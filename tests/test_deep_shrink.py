@@ -7,8 +7,7 @@ import dataclasses
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from engine_helpers import max_diff, pixels, spec
-from test_run import manifest
+from engine_helpers import max_diff, run_images, spec
 
 from sdbatch.config.schema import DeepShrinkConfig
 from sdbatch.engine.deep_shrink import active_depth, shrunk
@@ -93,22 +92,16 @@ def test_line_options_over_the_run_settings(line, run_ds, expected) -> None:
     assert job.deep_shrink == expected
 
 
-def _images(run_spec, run_dir):
-    run(run_spec, run_dir)
-    lines = sorted(manifest(run_dir), key=lambda x: x["index"])
-    return [pixels(run_dir / line["file"]) for line in lines], lines
-
-
 def test_runs_with_deep_shrink(sd1_single_file, tmp_path) -> None:
     base = spec(sd1_single_file, prompt="a red cube", seed=3, width=128, height=128)
-    plain, _ = _images(base, tmp_path / "plain")
-    by_line, lines = _images(dataclasses.replace(base, prompt="a red cube --dsd1 1 --dst1 500"), tmp_path / "line")
-    by_run, _ = _images(dataclasses.replace(base, deep_shrink=DeepShrinkConfig(depth_1=1, timesteps_1=500)),
-                        tmp_path / "run")
+    plain, _ = run_images(base, tmp_path / "plain")
+    by_line, lines = run_images(dataclasses.replace(base, prompt="a red cube --dsd1 1 --dst1 500"), tmp_path / "line")
+    by_run, _ = run_images(dataclasses.replace(base, deep_shrink=DeepShrinkConfig(depth_1=1, timesteps_1=500)),
+                           tmp_path / "run")
     assert max_diff(by_line, plain) > 8 and max_diff(by_line, by_run) == 0
     assert lines[0]["deep_shrink"] == {"depth_1": 1, "timesteps_1": 500, "depth_2": None, "timesteps_2": 650,
                                        "ratio": 0.5}
-    never, _ = _images(dataclasses.replace(base, prompt="a red cube --dsd1 1 --dst1 1000"), tmp_path / "never")
+    never, _ = run_images(dataclasses.replace(base, prompt="a red cube --dsd1 1 --dst1 1000"), tmp_path / "never")
     assert max_diff(never, plain) == 0, "no step has t >= 1000: the plain image"
     with pytest.raises(ModelError, match="Deep Shrink depth 3"):
         run(dataclasses.replace(base, prompt="a red cube --dsr 0.5"), tmp_path / "deep")  # default depth 3

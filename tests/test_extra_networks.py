@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from engine_helpers import max_diff, pixels, spec
+from engine_helpers import max_diff, pixels, run_images, spec
 from lora_files import make_lora
 from test_run import manifest
 
@@ -69,21 +69,15 @@ def test_tag_errors_name_the_line(lora_dir) -> None:
         _jobs(["b <lora:ink:0.5>"], merged)
 
 
-def _images(run_spec, run_dir):
-    run(run_spec, run_dir)
-    lines = sorted(manifest(run_dir), key=lambda x: x["index"])
-    return [pixels(run_dir / line["file"]) for line in lines], lines
-
-
 def test_tagged_run_matches_the_config_run(sd1_single_file, lora_dir, tmp_path) -> None:
     tagged = spec(sd1_single_file, prompt=["a red cube <lora:style:0.8>", "a red cube"], seed=4, batch_size=2)
     tagged = dataclasses.replace(tagged, network=NetworkConfig(lora_dir=str(lora_dir)))
-    images, lines = _images(tagged, tmp_path / "tagged")
+    images, lines = run_images(tagged, tmp_path / "tagged")
     configured = dataclasses.replace(spec(sd1_single_file, prompt="a red cube", seed=4), network=NetworkConfig(
         name="lora", loras=[LoraConfig(str(lora_dir / "style.safetensors"), 0.8)]))
     plain = spec(sd1_single_file, prompt="a red cube", seed=5)
-    assert max_diff(images[:1], _images(configured, tmp_path / "configured")[0]) <= 1
-    assert max_diff(images[1:], _images(plain, tmp_path / "plain")[0]) <= 1
+    assert max_diff(images[:1], run_images(configured, tmp_path / "configured")[0]) <= 1
+    assert max_diff(images[1:], run_images(plain, tmp_path / "plain")[0]) <= 1
     assert lines[0]["prompt"] == "a red cube <lora:style:0.8>" and lines[1]["networks"][0]["mul"] == 0.0
     infotext = read_png_params(tmp_path / "tagged" / lines[0]["file"])["parameters"]
     assert infotext.startswith("a red cube <lora:style:0.8>") and "Lora hashes: \"style: " in infotext
@@ -95,9 +89,9 @@ def test_prompt_sr_over_tags_sweeps_lora_weights(sd1_single_file, lora_dir, tmp_
     grid = GridConfig(x="prompt_sr:<lora:ink:0>,<lora:ink:1>")
     run_spec = spec(sd1_single_file, prompt="a red cube <lora:ink:0>", seed=4, batch_size=2, grid=grid)
     run_spec = dataclasses.replace(run_spec, network=NetworkConfig(lora_dir=str(lora_dir)))
-    images, lines = _images(run_spec, tmp_path / "grid")
+    images, lines = run_images(run_spec, tmp_path / "grid")
     assert [line["networks"][0]["mul"] for line in lines] == [0.0, 1.0]
-    assert max_diff(images[:1], _images(spec(sd1_single_file, prompt="a red cube", seed=4), tmp_path / "p")[0]) <= 1
+    assert max_diff(images[:1], run_images(spec(sd1_single_file, prompt="a red cube", seed=4), tmp_path / "p")[0]) <= 1
     assert max_diff(images[:1], images[1:]) > 8
 
 
@@ -110,4 +104,4 @@ def test_interactive_lines_bring_their_own_tags(sd1_single_file, lora_dir, tmp_p
     lines = sorted(manifest(tmp_path / "i"), key=lambda x: x["index"])
     assert [[n["mul"] for n in line["networks"]] for line in lines] == [[1.0], []], "a bad tag skips only its line"
     plain = spec(sd1_single_file, prompt="a red cube", seed=lines[1]["seed"])
-    assert max_diff([pixels(tmp_path / "i" / lines[1]["file"])], _images(plain, tmp_path / "p")[0]) <= 1, "LoRA off"
+    assert max_diff([pixels(tmp_path / "i" / lines[1]["file"])], run_images(plain, tmp_path / "p")[0]) <= 1, "LoRA off"

@@ -7,9 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from engine_helpers import init_images, max_diff, pixels, spec
+from engine_helpers import init_images, max_diff, run_images, spec
 from scipy.ndimage import correlate1d
-from test_run import manifest
 
 from sdbatch.config.schema import GradualLatentConfig
 from sdbatch.engine.gradual_latent import GradualLatentScheduler, gaussian_blur, start_latents
@@ -18,7 +17,6 @@ from sdbatch.errors import PromptError
 from sdbatch.planning import plan
 from sdbatch.prompts.sources import PromptLine
 from sdbatch.prompts.syntax import GradualLatent
-from sdbatch.runner import run
 
 torch.set_num_threads(1)
 
@@ -77,23 +75,17 @@ def test_latents_grow_every_n_steps_and_end_at_full_size() -> None:
     assert tuple(x.shape[-2:]) == (16, 16)
 
 
-def _images(run_spec, run_dir):
-    run(run_spec, run_dir)
-    lines = sorted(manifest(run_dir), key=lambda x: x["index"])
-    return [pixels(run_dir / line["file"]) for line in lines], lines
-
-
 def test_runs_with_gradual_latent(sd1_single_file, tmp_path) -> None:
     base = spec(sd1_single_file, sampler="euler_a", steps=12, prompt="a red cube", seed=3, width=128, height=128)
-    plain, _ = _images(base, tmp_path / "plain")
-    grown, lines = _images(dataclasses.replace(base, prompt="a red cube --glt 900 --glr 0.5 --gle 2 --gls 0.25"),
+    plain, _ = run_images(base, tmp_path / "plain")
+    grown, lines = run_images(dataclasses.replace(base, prompt="a red cube --glt 900 --glr 0.5 --gle 2 --gls 0.25"),
                            tmp_path / "gl")
     assert grown[0].shape == plain[0].shape and max_diff(grown, plain) > 8
     assert lines[0]["gradual_latent"]["ratio"] == 0.5 and lines[0]["gradual_latent"]["timesteps"] == 900
-    by_run, _ = _images(dataclasses.replace(base, gradual_latent=GradualLatentConfig(
+    by_run, _ = run_images(dataclasses.replace(base, gradual_latent=GradualLatentConfig(
         timesteps=900, ratio=0.5, every_n_steps=2, ratio_step=0.25)), tmp_path / "run")
     assert max_diff(by_run, grown) == 0
-    full, _ = _images(dataclasses.replace(base, prompt="a red cube --glr 1"), tmp_path / "one")
+    full, _ = run_images(dataclasses.replace(base, prompt="a red cube --glr 1"), tmp_path / "one")
     assert max_diff(full, plain) == 0, "ratio 1: nothing to grow, the plain euler_a image"
 
 

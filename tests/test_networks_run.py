@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from engine_helpers import max_diff, pixels, spec
+from engine_helpers import max_diff, run_images, spec
 from lora_files import make_lora
 from test_run import SMALL, manifest, run_cli
 
@@ -30,13 +30,8 @@ def _with_lora(run_spec, path, mul: float = 1.0, mode: str = "hooked", **network
     return dataclasses.replace(run_spec, network=net)
 
 
-def _images(run_dir) -> dict:
-    return {line["file"]: pixels(run_dir / line["file"]) for line in manifest(run_dir)}
-
-
 def _run(run_spec, run_dir):
-    run(run_spec, run_dir)
-    return [pixels(run_dir / line["file"]) for line in sorted(manifest(run_dir), key=lambda x: x["index"])]
+    return run_images(run_spec, run_dir)[0]
 
 
 def test_modes_agree_and_zero_multiplier_is_the_plain_model(sd1_single_file, lora, tmp_path) -> None:
