@@ -3,13 +3,13 @@
 import os
 import sys
 
-# Let compose errors reach sdbatch.cli.guarded, which prints them as one line (exit 2).
+# Let compose errors reach sdbatch.cli.hydra_app.guarded, which prints them as one line (exit 2).
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from sdbatch.cli import guarded, task  # noqa: E402
+from sdbatch.cli.hydra_app import guarded, task  # noqa: E402
 from sdbatch.config.schema import register_configs  # noqa: E402
 
 register_configs()

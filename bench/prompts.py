@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from sdbatch.batching import Batch, make_batches, neighbour_batches
+from sdbatch.plan.batching import Batch, make_batches, neighbour_batches
 from sdbatch.config.schema import (
     GuidanceConfig,
     HighresConfig,
@@ -29,9 +29,9 @@ from sdbatch.config.schema import (
     RunSpec,
     SamplerConfig,
 )
-from sdbatch.engine.engine import Engine, get_engine
-from sdbatch.jobs import ImageJob
-from sdbatch.planning import plan
+from sdbatch.engine.core.engine import Engine, get_engine
+from sdbatch.plan.jobs import ImageJob
+from sdbatch.plan.planner import plan
 from sdbatch.prompts.sources import PromptLine
 
 SIZES = [(64, 64), (64, 96), (96, 64), (96, 96), (128, 64), (64, 128), (128, 96), (96, 128)]

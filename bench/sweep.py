@@ -99,8 +99,8 @@ def diffusers_loop(args: argparse.Namespace, out: Path, folder: Path) -> float:
 
 def export_tiny_for_diffusers(folder: Path) -> Path:
     """The built-in tiny model's weights (stored in fp16, run in fp32) as a diffusers pipeline folder."""
-    from sdbatch.engine.export import save_diffusers_folder
-    from sdbatch.engine.tiny import TINY_SEED, build_tiny_components
+    from sdbatch.engine.models.export import save_diffusers_folder
+    from sdbatch.engine.models.tiny import TINY_SEED, build_tiny_components
 
     unet, vae, text_encoder = (m.half().float() for m in build_tiny_components("sd1", TINY_SEED))
     return save_diffusers_folder(folder, unet, vae, text_encoder, "sd1")
@@ -111,7 +111,7 @@ def diffusers_worker(folder: Path, out: Path, size: int, steps: int) -> None:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from sdbatch.engine.schedulers import make_scheduler
+    from sdbatch.engine.core.scheduler_factory import make_scheduler
 
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = make_scheduler("ddim", "default", False)  # sdbatch's DDIM settings (the reference's)

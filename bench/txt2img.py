@@ -34,7 +34,7 @@ import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from sdbatch import __version__  # noqa: E402
-from sdbatch.batching import Batch, make_batches  # noqa: E402
+from sdbatch.plan.batching import Batch, make_batches  # noqa: E402
 from sdbatch.config.resolve import to_plain  # noqa: E402
 from sdbatch.config.schema import (  # noqa: E402
     GuidanceConfig,
@@ -45,14 +45,14 @@ from sdbatch.config.schema import (  # noqa: E402
     RunSpec,
     SamplerConfig,
 )
-from sdbatch.engine.device import Placement, pick_placement  # noqa: E402
-from sdbatch.engine.engine import Engine, get_engine  # noqa: E402
-from sdbatch.engine.export import save_diffusers_folder, save_single_file  # noqa: E402
-from sdbatch.engine.loading import ModelBundle, clear_model_cache, load_count, load_models  # noqa: E402
-from sdbatch.engine.schedulers import make_scheduler  # noqa: E402
-from sdbatch.engine.tiny import build_tiny_components  # noqa: E402
-from sdbatch.outputs import RunDir, image_params  # noqa: E402
-from sdbatch.planning import plan  # noqa: E402
+from sdbatch.engine.core.device import Placement, pick_placement  # noqa: E402
+from sdbatch.engine.core.engine import Engine, get_engine  # noqa: E402
+from sdbatch.engine.models.export import save_diffusers_folder, save_single_file  # noqa: E402
+from sdbatch.engine.models.loading import ModelBundle, clear_model_cache, load_count, load_models  # noqa: E402
+from sdbatch.engine.core.scheduler_factory import make_scheduler  # noqa: E402
+from sdbatch.engine.models.tiny import build_tiny_components  # noqa: E402
+from sdbatch.outputs.run_dir import RunDir, image_params  # noqa: E402
+from sdbatch.plan.planner import plan  # noqa: E402
 from sdbatch.prompts.sources import read_prompts  # noqa: E402
 
 SIZE, STEPS, CFG, BATCH, BASE_SEED = 256, 10, 7.5, 4, 1000

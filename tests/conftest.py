@@ -11,8 +11,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from sdbatch.engine.export import save_diffusers_folder, save_single_file  # noqa: E402
-from sdbatch.engine.tiny import build_tiny_components  # noqa: E402
+from sdbatch.engine.models.export import save_diffusers_folder, save_single_file  # noqa: E402
+from sdbatch.engine.models.tiny import build_tiny_components  # noqa: E402
 
 # One thread keeps CPU timings steady and the suite fast on shared machines.
 torch.set_num_threads(1)

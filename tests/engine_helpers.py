@@ -12,7 +12,7 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 from transformers import CLIPTokenizer
 
-from sdbatch.batching import Batch, BatchKey
+from sdbatch.plan.batching import Batch, BatchKey
 from sdbatch.config.schema import (
     GuidanceConfig,
     HighresConfig,
@@ -21,12 +21,12 @@ from sdbatch.config.schema import (
     RunSpec,
     SamplerConfig,
 )
-from sdbatch.engine.engine import get_engine
-from sdbatch.engine.schedulers import make_scheduler
-from sdbatch.engine.tokenizer import write_hf_tokenizer_files
-from sdbatch.planning import plan
+from sdbatch.engine.core.engine import get_engine
+from sdbatch.engine.core.scheduler_factory import make_scheduler
+from sdbatch.engine.text.tokenizer import write_hf_tokenizer_files
+from sdbatch.plan.planner import plan
 from sdbatch.prompts.sources import PromptLine
-from sdbatch.runner import run
+from sdbatch.cli.runner import run
 
 SIZE = 64  # pixels; latents 8×8 keep the tiny models fast on one CPU thread
 
@@ -129,7 +129,7 @@ def img2img_reference(pipe: StableDiffusionImg2ImgPipeline, prompts: list[str], 
 
 def distinct_samplers() -> list[str]:
     """One sampler name per distinct scheduler configuration (aliases such as k_euler add nothing)."""
-    from sdbatch.samplers import SAMPLERS
+    from sdbatch.config.sampler_registry import SAMPLERS
 
     seen, names = set(), []
     for name, entry in SAMPLERS.items():

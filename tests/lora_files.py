@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sdbatch.engine.tiny_lora import random_lora
+from sdbatch.engine.models.tiny_lora import random_lora
 
 
 def make_lora(path: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None, **kwargs) -> Path:

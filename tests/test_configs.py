@@ -10,11 +10,11 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from sdbatch.cli import describe_config_error
+from sdbatch.cli.hydra_app import describe_config_error
 from sdbatch.config.resolve import resolve
 from sdbatch.config.schema import GROUPS, RunSpec, register_configs
 from sdbatch.errors import ConfigError
-from sdbatch.samplers import SAMPLERS
+from sdbatch.config.sampler_registry import SAMPLERS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")

@@ -10,12 +10,12 @@ from diffusers import UNet2DConditionModel
 from engine_helpers import max_diff, run_images, spec
 
 from sdbatch.config.schema import DeepShrinkConfig
-from sdbatch.engine.deep_shrink import active_depth, shrunk
+from sdbatch.engine.features.deep_shrink import active_depth, shrunk
 from sdbatch.errors import ModelError
-from sdbatch.planning import plan
+from sdbatch.plan.planner import plan
 from sdbatch.prompts.sources import PromptLine
 from sdbatch.prompts.syntax import DeepShrink
-from sdbatch.runner import run
+from sdbatch.cli.runner import run
 
 torch.set_num_threads(1)
 

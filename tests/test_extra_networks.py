@@ -12,11 +12,11 @@ from test_run import manifest
 
 from sdbatch.config.schema import GridConfig, LoraConfig, NetworkConfig
 from sdbatch.errors import PromptError
-from sdbatch.outputs import read_png_params
-from sdbatch.planning import plan
+from sdbatch.outputs.run_dir import read_png_params
+from sdbatch.plan.planner import plan
 from sdbatch.prompts.extra_networks import apply_tags, strip_tags, tags
 from sdbatch.prompts.sources import PromptLine
-from sdbatch.runner import run
+from sdbatch.cli.runner import run
 
 torch.set_num_threads(1)
 

@@ -11,10 +11,10 @@ from engine_helpers import init_images, max_diff, run_images, spec
 from scipy.ndimage import correlate1d
 
 from sdbatch.config.schema import GradualLatentConfig
-from sdbatch.engine.gradual_latent import GradualLatentScheduler, gaussian_blur, start_latents
-from sdbatch.engine.schedulers import make_scheduler
+from sdbatch.engine.features.gradual_latent import GradualLatentScheduler, gaussian_blur, start_latents
+from sdbatch.engine.core.scheduler_factory import make_scheduler
 from sdbatch.errors import PromptError
-from sdbatch.planning import plan
+from sdbatch.plan.planner import plan
 from sdbatch.prompts.sources import PromptLine
 from sdbatch.prompts.syntax import GradualLatent
 

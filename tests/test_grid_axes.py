@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 from engine_helpers import pixels, spec
 
-from sdbatch.batching import make_batches
+from sdbatch.plan.batching import make_batches
 from sdbatch.config.resolve import grid_axes
 from sdbatch.config.schema import GridConfig
 from sdbatch.errors import ConfigError
-from sdbatch.grid_axes import expand, parse_axis, sheets
-from sdbatch.planning import plan
+from sdbatch.plan.grid import expand, parse_axis, sheets
+from sdbatch.plan.planner import plan
 from sdbatch.prompts.sources import PromptLine
 
 
@@ -69,7 +69,7 @@ def test_bad_axes_fail_before_loading(x, y, z, message) -> None:
 
 
 def test_fused_grid_run_writes_labelled_sheet(sd1_single_file, tmp_path) -> None:
-    from sdbatch.runner import run
+    from sdbatch.cli.runner import run
 
     run_spec = spec(sd1_single_file, prompt="a red car", steps=2, grid=GridConfig(x="sampler.cfg_scale:3,7",
                                                                                     y="seed:1,2,3"))

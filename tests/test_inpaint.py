@@ -14,18 +14,18 @@ from diffusers import StableDiffusionInpaintPipeline
 from engine_helpers import SIZE, init_images, max_diff, pipeline, spec
 from PIL import Image
 
-from sdbatch.batching import Batch, BatchKey
-from sdbatch.engine import img2img
-from sdbatch.engine import vae as vae_mod
-from sdbatch.engine.engine import get_engine
-from sdbatch.engine.export import save_single_file
-from sdbatch.engine.inpaint import paste_original
-from sdbatch.engine.tiny import build_tiny_components
+from sdbatch.plan.batching import Batch, BatchKey
+from sdbatch.engine.features import img2img
+from sdbatch.engine.vae import decode as vae_mod
+from sdbatch.engine.core.engine import get_engine
+from sdbatch.engine.models.export import save_single_file
+from sdbatch.engine.features.inpaint import paste_original
+from sdbatch.engine.models.tiny import build_tiny_components
 from sdbatch.errors import ConfigError
-from sdbatch.outputs import read_png_params
-from sdbatch.planning import plan
+from sdbatch.outputs.run_dir import read_png_params
+from sdbatch.plan.planner import plan
 from sdbatch.prompts.sources import PromptLine
-from sdbatch.runner import run
+from sdbatch.cli.runner import run
 
 torch.set_num_threads(1)
 

@@ -17,10 +17,10 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sdbatch.engine import loading
-from sdbatch.engine.checkpoint import file_sha256_short, read_state_dict
-from sdbatch.engine.convert import OPENCLIP_PREFIX, convert_checkpoint
-from sdbatch.engine.export import (
+from sdbatch.engine.models import loading
+from sdbatch.engine.models.checkpoint import file_sha256_short, read_state_dict
+from sdbatch.engine.models.convert import OPENCLIP_PREFIX, convert_checkpoint
+from sdbatch.engine.models.export import (
     clip_to_ldm,
     openclip_to_ldm,
     save_single_file,
@@ -28,8 +28,8 @@ from sdbatch.engine.export import (
     unet_to_ldm,
     vae_to_ldm,
 )
-from sdbatch.engine.loading import clear_model_cache, load_count, load_models, set_attention
-from sdbatch.engine.tiny import build_tiny_components, ensure_tiny_checkpoint, tiny_checkpoint_path
+from sdbatch.engine.models.loading import clear_model_cache, load_count, load_models, set_attention
+from sdbatch.engine.models.tiny import build_tiny_components, ensure_tiny_checkpoint, tiny_checkpoint_path
 from sdbatch.errors import ModelError
 
 CPU = torch.device("cpu")
@@ -387,7 +387,7 @@ def test_set_attention(sd1_single_file, caplog, monkeypatch):
 
 
 def test_model_hash_is_remembered_across_processes(tmp_path, monkeypatch) -> None:
-    from sdbatch.engine import checkpoint
+    from sdbatch.engine.models import checkpoint
 
     monkeypatch.setenv("SDBATCH_CACHE", str(tmp_path / "cache"))
     model = tmp_path / "m.safetensors"

@@ -8,8 +8,8 @@ import pytest
 import torch
 from engine_helpers import max_diff, ours, pipeline, reference, spec
 
-from sdbatch.engine.denoiser import Conditioning, with_cfg
-from sdbatch.planning import plan
+from sdbatch.engine.core.model_fn import Conditioning, with_cfg
+from sdbatch.plan.planner import plan
 from sdbatch.prompts.sources import PromptLine
 
 torch.set_num_threads(1)

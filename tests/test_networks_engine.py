@@ -21,9 +21,9 @@ from diffusers.utils.state_dict_utils import (
     convert_unet_state_dict_to_peft,
 )
 
-from sdbatch.engine import networks
-from sdbatch.engine.networks import NetworkPatch, load_lora
-from sdbatch.engine.tiny import build_tiny_components
+from sdbatch.engine.features import lora_network as networks
+from sdbatch.engine.features.lora_network import NetworkPatch, load_lora
+from sdbatch.engine.models.tiny import build_tiny_components
 from sdbatch.errors import ModelError
 
 torch.set_num_threads(1)

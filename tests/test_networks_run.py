@@ -12,10 +12,10 @@ from lora_files import make_lora
 from test_run import SMALL, manifest, run_cli
 
 from sdbatch.config.schema import GridConfig, LoraConfig, NetworkConfig
-from sdbatch.engine.engine import Engine, get_engine
+from sdbatch.engine.core.engine import Engine, get_engine
 from sdbatch.errors import ConfigError, ModelError
-from sdbatch.outputs import read_png_params
-from sdbatch.runner import run
+from sdbatch.outputs.run_dir import read_png_params
+from sdbatch.cli.runner import run
 
 torch.set_num_threads(1)
 
@@ -141,7 +141,7 @@ def test_sd2_lora_applies_in_every_mode(sd2_single_file, sd2_components, tmp_pat
 
 def test_per_image_multipliers_in_one_unet_call(sd1_components, lora) -> None:
     """Rows [0, 1] tiled over the CFG halves: image 0 gets the plain UNet, image 1 the full LoRA."""
-    from sdbatch.engine.networks import NetworkPatch, load_lora
+    from sdbatch.engine.features.lora_network import NetworkPatch, load_lora
 
     unet, _, text_encoder = sd1_components
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)  # 2 images × 2 halves

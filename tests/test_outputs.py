@@ -1,4 +1,4 @@
-"""Tests for sdbatch.outputs: A1111 infotext, PNG metadata, manifest, atomic writes and resume."""
+"""Tests for sdbatch.outputs.run_dir: A1111 infotext, PNG metadata, manifest, atomic writes and resume."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from PIL import Image
 
 from sdbatch import __version__
 from sdbatch.errors import OutputError
-from sdbatch.jobs import ImageJob, ModelInfo
-from sdbatch.outputs import RunDir, image_params, infotext, parse_infotext, read_png_params
+from sdbatch.plan.jobs import ImageJob, ModelInfo
+from sdbatch.outputs.run_dir import RunDir, image_params, infotext, parse_infotext, read_png_params
 
 MODEL = ModelInfo(name="v1-5-pruned-emaonly", hash="6ce0161689", family="sd1", v_prediction=False,
                   clip_skip=1, precision="fp32")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from sdbatch.batching import BatchKey, make_batches
+from sdbatch.plan.batching import BatchKey, make_batches
 from sdbatch.config.schema import ModelConfig, RunSpec, SamplerConfig
 from sdbatch.errors import ConfigError
-from sdbatch.planning import file_name, plan
+from sdbatch.plan.planner import file_name, plan
 from sdbatch.prompts.sources import PromptLine, read_prompt_file, read_prompts
 
 

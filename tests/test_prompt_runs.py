@@ -13,9 +13,9 @@ from engine_helpers import pixels, spec
 from PIL import Image
 
 from sdbatch.errors import PromptError
-from sdbatch.planning import plan
+from sdbatch.plan.planner import plan
 from sdbatch.prompts.sources import PromptLine, read_prompts
-from sdbatch.runner import run
+from sdbatch.cli.runner import run
 
 torch.set_num_threads(1)
 

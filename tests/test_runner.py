@@ -12,10 +12,10 @@ import torch
 from engine_helpers import max_diff, ours, pixels, spec
 
 from sdbatch.config.schema import ModelConfig, PerfConfig
-from sdbatch.engine import loading
-from sdbatch.engine.engine import Engine, get_engine
+from sdbatch.engine.models import loading
+from sdbatch.engine.core.engine import Engine, get_engine
 from sdbatch.errors import ConfigError
-from sdbatch.runner import run
+from sdbatch.cli.runner import run
 
 torch.set_num_threads(1)
 

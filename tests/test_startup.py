@@ -6,7 +6,7 @@ import gc
 
 import pytest
 
-from sdbatch import startup
+from sdbatch.cli import startup
 
 
 @pytest.fixture

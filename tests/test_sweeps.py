@@ -18,10 +18,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from PIL import Image
 
-from sdbatch.cli import device_for_job, hydra_quoted, sweep_choices
+from sdbatch.cli.hydra_app import device_for_job, hydra_quoted, sweep_choices
 from sdbatch.config.schema import register_configs
-from sdbatch.contact_sheet import EMPTY, labelled_grid
-from sdbatch.sweep_index import NO_RESULT, collect, swept_keys
+from sdbatch.outputs.contact_sheet import EMPTY, labelled_grid
+from sdbatch.outputs.sweep_index import NO_RESULT, collect, swept_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["height=64", "sampler.steps=3", "perf.progress=false"]  # width is swept or added per test
@@ -199,7 +199,7 @@ def test_presets_share_one_seed_and_sweep_prompt_words(cache_dir, tmp_path) -> N
         (3.0, "a red cube, studio light", "red haze"), (3.0, "a blue cube, studio light", "blue haze"),
         (9.0, "a red cube, studio light", "red haze"), (9.0, "a blue cube, studio light", "blue haze")]
     assert len({line["seed"] for line in lines}) == 1, "one seed for the whole sweep"
-    from sdbatch.sweep_index import JobRecord
+    from sdbatch.outputs.sweep_index import JobRecord
 
     assert swept_keys([JobRecord(**j) for j in jobs]) == ["sampler.cfg_scale", "prompt_sr"]
     assert (sweep / "contact_sheet.png").exists()

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from sdbatch.engine.text import TextEncoder
-from sdbatch.engine.tokenizer import ClipTokenizer
+from sdbatch.engine.text.encoder import TextEncoder
+from sdbatch.engine.text.tokenizer import ClipTokenizer
 from sdbatch.errors import ConfigError
 
 torch.set_num_threads(1)

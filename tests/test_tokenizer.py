@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdbatch.engine.tokenizer import ClipTokenizer, clean_text, load_bpe, write_hf_tokenizer_files
+from sdbatch.engine.text.tokenizer import ClipTokenizer, clean_text, load_bpe, write_hf_tokenizer_files
 
 SD1_PAD, SD2_PAD = "<|endoftext|>", "!"
 

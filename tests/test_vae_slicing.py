@@ -12,8 +12,8 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from sdbatch.engine.vae import to_pil
-from sdbatch.engine.vae_slicing import decode_sliced
+from sdbatch.engine.vae.decode import to_pil
+from sdbatch.engine.vae.slicing import decode_sliced
 
 torch.set_num_threads(1)
 
@@ -115,7 +115,7 @@ def test_unknown_decoder_falls_back_to_decode(sd_vae, patch, caplog):
     z = _latents(8, 13)
     with torch.no_grad():
         expected = vae.decode(z, return_dict=False)[0]
-    with caplog.at_level(logging.WARNING, logger="sdbatch.engine.vae_slicing"):
+    with caplog.at_level(logging.WARNING, logger="sdbatch.engine.vae.slicing"):
         pixels = decode_sliced(vae, z, 4)
     torch.testing.assert_close(pixels, expected, atol=0, rtol=0)
     assert len(caplog.records) == 1 and "perf.vae_slices=4" in caplog.text

@@ -14,17 +14,17 @@ import safetensors.torch
 import torch
 from engine_helpers import max_diff, ours, pixels, spec
 
-from sdbatch.engine import xti
-from sdbatch.engine.denoiser import Conditioning
-from sdbatch.engine.embeddings import XTI_LAYERS, load_embedding, load_embeddings
-from sdbatch.engine.engine import get_engine
-from sdbatch.engine.export import save_single_file
-from sdbatch.engine.text import TextEncoder
-from sdbatch.engine.tiny import build_tiny_components
-from sdbatch.engine.tokenizer import ClipTokenizer
+from sdbatch.engine.features import xti
+from sdbatch.engine.core.model_fn import Conditioning
+from sdbatch.engine.text.embeddings import XTI_LAYERS, load_embedding, load_embeddings
+from sdbatch.engine.core.engine import get_engine
+from sdbatch.engine.models.export import save_single_file
+from sdbatch.engine.text.encoder import TextEncoder
+from sdbatch.engine.models.tiny import build_tiny_components
+from sdbatch.engine.text.tokenizer import ClipTokenizer
 from sdbatch.errors import ModelError
-from sdbatch.outputs import parse_infotext, read_png_params
-from sdbatch.runner import run
+from sdbatch.outputs.run_dir import parse_infotext, read_png_params
+from sdbatch.cli.runner import run
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from sdbatch.config.schema import RunSpec
 from sdbatch.errors import ConfigError
-from sdbatch.samplers import effective_schedule
+from sdbatch.config.sampler_registry import effective_schedule
 
 _MISSING_HINTS = {
     "model.checkpoint": "give the model file with model.checkpoint=PATH (or model=tiny for the built-in demo)",
@@ -139,7 +139,7 @@ def _check_steps(spec: RunSpec) -> None:
 
 
 def _check_highres(spec: RunSpec) -> None:
-    from sdbatch.highres import check
+    from sdbatch.plan.highres_stage import check
 
     check(spec.highres)
     if spec.highres.name != "on":
@@ -156,7 +156,7 @@ def _check_highres(spec: RunSpec) -> None:
 
 def grid_axes(spec: RunSpec) -> list:
     """The fused-grid axes in x, y, z order (checked: keys, values); empty when no grid is asked for."""
-    from sdbatch.grid_axes import parse_axis  # planning-level module; imported late to keep config light
+    from sdbatch.plan.grid import parse_axis  # planning-level module; imported late to keep config light
 
     given = [(name, getattr(spec.grid, name)) for name in "xyz"]
     if given[0][1] is None and any(text for _, text in given[1:]):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sdbatch.config.schema import LoraConfig, NetworkConfig
 from sdbatch.errors import PromptError
-from sdbatch.jobs import ImageJob
+from sdbatch.plan.jobs import ImageJob
 
 TAG = re.compile(r"<lora:([^<>]*)>")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")

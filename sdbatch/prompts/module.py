@@ -5,7 +5,7 @@ loaded, with two arguments, both passed through untouched:
 
 - ``spec``: the run's resolved config, a frozen ``sdbatch.config.schema.RunSpec``. Read any value from it,
   e.g. ``spec.width``, ``spec.seed``, ``spec.negative_prompt``, ``spec.model.checkpoint``. It cannot be changed.
-- ``engine``: the loaded ``sdbatch.engine.engine.Engine``, giving access to the models, e.g.
+- ``engine``: the loaded ``sdbatch.engine.core.engine.Engine``, giving access to the models, e.g.
   ``engine.bundle.tokenizer`` or ``engine.bundle.text_encoder``.
 
 ``get_prompter`` returns an iterable of prompt lines (a list, or anything a ``for`` loop accepts), or is itself

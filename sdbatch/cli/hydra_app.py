@@ -1,0 +1,261 @@
+"""Command-line glue: the Hydra task (a run or one multirun job), one-line errors (exit status 2), sweep resolvers."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sdbatch.config.resolve import resolve
+from sdbatch.config.schema import RunSpec
+from sdbatch.errors import SdbatchError
+from sdbatch.outputs.sweep_index import (
+    FAILED_STATUSES,
+    last_sweep,
+    request_stop,
+    stop_requested,
+    swept_keys,
+    write_job_result,
+)
+
+if TYPE_CHECKING:
+    from sdbatch.cli.runner import RunResult
+
+log = logging.getLogger("sdbatch")
+
+# launcher package (hydra_plugins.<name>) → (sdbatch extra, PyPI package)
+_LAUNCHER_EXTRAS = {
+    "hydra_joblib_launcher": ("joblib", "hydra-joblib-launcher"),
+    "hydra_submitit_launcher": ("slurm", "hydra-submitit-launcher"),
+    "hydra_ray_launcher": ("ray", "hydra-ray-launcher"),
+}
+
+# conf/hydra/launcher/*.yaml set sdbatch's defaults for the plugins' launchers under the same names, and
+# Hydra still validates them against the plugins' schemas; it warns that this matching is deprecated.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/[^']+' is validated against ConfigStore schema")
+
+_QUOTING_HINT = (
+    "; prompts with commas, parentheses or colons must be quoted for Hydra, e.g. "
+    "prompt='masterpiece, (red:1.2) cube' (or put them in a prompt_file)"
+)
+
+
+def task(cfg: DictConfig) -> None:
+    """The Hydra task: resolve the composed config and run it into Hydra's output directory.
+
+    A single run reports a user mistake in one line and exits with status 2. A multirun job never raises:
+    it records its outcome in job.json, so the other jobs run, and `guarded` sets the exit status at the end.
+    """
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        _sweep_job(cfg, hydra_cfg, run_dir)
+        return
+    try:
+        _run(resolve(cfg), run_dir)
+    except SdbatchError as ex:
+        # Exit here: past this point Hydra would print its own "Error executing job" line first.
+        print(f"sdbatch: error: {ex}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(spec: RunSpec, run_dir: Path) -> RunResult:
+    from sdbatch.cli.runner import run
+
+    result = None
+    try:
+        result = run(spec, run_dir)
+    finally:
+        made = f"{len(result.written)} new image(s), {result.skipped} already done; " if result else ""
+        log.info("%sOutput dir: %s", made, run_dir)
+    return result
+
+
+def _sweep_job(cfg: DictConfig, hydra_cfg: DictConfig, run_dir: Path) -> None:
+    """One job of a multirun: run (or skip when done, or cancel after stop_on_error) and write job.json."""
+    start = time.perf_counter()
+    sweep_dir = Path(hydra_cfg.sweep.dir)
+    result: dict[str, Any] = {"num": hydra_cfg.job.num, "overrides": list(hydra_cfg.overrides.task),
+                              "status": "failed", "new_images": None, "device": None, "error": None}
+    try:
+        if stop_requested(sweep_dir):
+            result.update(status="cancelled", error="not run: an earlier job failed and stop_on_error is set")
+        else:
+            spec = _job_spec(resolve(cfg), hydra_cfg)
+            result["device"] = spec.perf.device
+            result.update(_run_or_skip(spec, run_dir))
+    except Exception as ex:  # noqa: BLE001 - any failure of one job must leave the others running
+        result["error"] = _describe(ex)
+        unexpected = not isinstance(ex, SdbatchError | OmegaConfBaseException)
+        log.error("job %s failed: %s", hydra_cfg.job.num, result["error"], exc_info=unexpected)
+        if OmegaConf.select(hydra_cfg, "callbacks.sweep_index.stop_on_error", default=False):
+            request_stop(sweep_dir)
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    write_job_result(run_dir, result)
+
+
+def _describe(ex: Exception) -> str:
+    if isinstance(ex, SdbatchError):
+        return str(ex)
+    if isinstance(ex, OmegaConfBaseException):
+        return f"config error: {describe_config_error(ex)}"
+    return f"{type(ex).__name__}: {ex}"
+
+
+def _run_or_skip(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
+    """Run the job; a job whose images are all in its manifest already is skipped without loading models."""
+    from sdbatch.cli.runner import pending_images
+
+    counts = pending_images(spec, run_dir)
+    wants_sheet = spec.output.grid or spec.grid.x is not None  # grid.png, or the fused grid's grid*.png
+    sheet_missing = wants_sheet and not any(run_dir.glob("grid*.png"))
+    if counts is not None and counts[0] > 0 and counts[1] == 0 and not sheet_missing:
+        log.info("all %d image(s) already done; skipped. Output dir: %s", counts[0], run_dir)
+        return {"status": "skipped", "new_images": 0}
+    result = _run(spec, run_dir)
+    done_before = result.skipped and not result.written
+    return {"status": "skipped" if done_before else "completed", "new_images": len(result.written)}
+
+
+def _job_spec(spec: RunSpec, hydra_cfg: DictConfig) -> RunSpec:
+    """perf.device=auto in a job of a multi-process launcher (joblib, submitit, ray): cuda:(job.num % GPUs)."""
+    launcher = str(OmegaConf.select(hydra_cfg, "launcher._target_", default="") or "")
+    if spec.perf.device != "auto" or launcher.endswith(".BasicLauncher"):
+        return spec  # the basic launcher runs the jobs one after another in this process: keep one device
+    device = device_for_job(int(hydra_cfg.job.num))
+    log.info("job %s runs on %s <perf.device=auto, job number %% visible GPUs>", hydra_cfg.job.num, device)
+    return dataclasses.replace(spec, perf=dataclasses.replace(spec.perf, device=device))
+
+
+def device_for_job(num: int) -> str:
+    """cuda:(num % visible GPUs), or cpu when CUDA is not available (what perf.device=auto would pick)."""
+    import torch  # the engine imports it next anyway
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{num % torch.cuda.device_count()}"
+
+
+def guarded(main: Callable[[], None]) -> int:
+    """Run Hydra's main; user mistakes become one line on stderr and exit status 2, as do failed sweep jobs."""
+    try:
+        main()
+    except SdbatchError as ex:
+        print(f"sdbatch: error: {ex}", file=sys.stderr)
+        return 2
+    except (HydraException, OmegaConfBaseException) as ex:
+        print(f"sdbatch: config error: {describe_config_error(ex)}", file=sys.stderr)
+        return 2
+    except OSError as ex:
+        if ex.filename is None:
+            raise
+        # Hydra creates the run directory itself, before our task can turn this into an OutputError.
+        print(f"sdbatch: error: cannot write {ex.filename}: {ex.strerror}; set hydra.run.dir "
+              "(or hydra.sweep.dir) to a writable folder", file=sys.stderr)
+        return 2
+    except RuntimeError as ex:
+        missing = missing_launcher(str(ex))
+        if missing is None:
+            raise
+        print(f"sdbatch: error: {missing}", file=sys.stderr)
+        return 2
+    return sweep_exit_status()
+
+
+def missing_launcher(message: str) -> str | None:
+    """Hydra's "Unknown plugin class" for a launcher whose package is not installed → what to install."""
+    found = re.search(r"Unknown plugin class : '(hydra_plugins\.(\w+)\.[\w.]+)'", message)
+    if not found or found[2] not in _LAUNCHER_EXTRAS:
+        return None
+    extra, package = _LAUNCHER_EXTRAS[found[2]]
+    return (f"this launcher needs the {package} package ({found[1]} is not installed): "
+            f"pip install 'sdbatch[{extra}]' (in a checkout: pip install -e '.[{extra}]')")
+
+
+def sweep_exit_status() -> int:
+    """2 when a job of the sweep that just ended failed, after one line per failed job; else 0."""
+    sweep = last_sweep()
+    if sweep is None:
+        return 0
+    failed = [r for r in sweep.records if r.status in FAILED_STATUSES]
+    if not failed:
+        return 0
+    keys = swept_keys(sweep.records)
+    counts = ", ".join(f"{sum(r.status == s for r in failed)} {s}" for s in FAILED_STATUSES
+                       if any(r.status == s for r in failed))
+    print(f"sdbatch: {counts} of {len(sweep.records)} job(s); see {sweep.index}", file=sys.stderr)
+    for record in failed:
+        error = (record.error or "").strip().splitlines() or [""]
+        print(f"sdbatch: job {record.num} ({record.label(keys)}): {record.status}: {error[0]}", file=sys.stderr)
+    return 2
+
+
+def describe_config_error(ex: BaseException) -> str:
+    """Hydra's multi-line compose errors → one line that keeps the key and the reason."""
+    cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else ex
+    text = str(cause)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    full_key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
+    reason = next((ln for ln in lines if not re.match(r"(full_key|reference_type|object_type|To append)", ln)), "")
+    message = f"{reason} (key: {full_key})" if full_key and full_key not in reason else reason
+    options = re.search(r"Available options in '([^']+)':\n((?:\t.*\n?)+)", text)
+    if options:
+        message += f"; available options in '{options[1]}': {', '.join(options[2].split())}"
+    whole = str(ex)
+    if re.search(r"\b(negative_)?prompt=", whole) and ("Ambiguous value" in whole or "mismatched input" in whole):
+        message += _QUOTING_HINT
+    return message
+
+
+# ---------------------------------------------------------------- resolvers for sweeps/ and conf/hydra/launcher/
+
+
+def sweep_choices(values: Any) -> str:
+    """A list as a Hydra sweep over its items, each quoted (commas, brackets, colons kept literally).
+
+    Used in a sweeper param (`prompt_sr: ${sdbatch.choices:${prompt_sr_words}}`), which Hydra resolves once,
+    on the launching machine, from the composed config: one job per distinct item.
+    """
+    items = list(dict.fromkeys(str(v) for v in (values if isinstance(values, list | ListConfig) else [values])))
+    if not items:
+        raise ValueError("nothing to sweep over: the list is empty")
+    return ",".join(hydra_quoted(item) for item in items)
+
+
+def hydra_quoted(text: str) -> str:
+    """`text` as a double-quoted value of Hydra's override grammar (commas, brackets, colons kept literally)."""
+    text = re.sub(r'(\\+)(?="|$)', lambda m: m[1] * 2, text)  # backslashes before a quote are escapes there
+    return '"' + text.replace('"', '\\"').replace("${", "\\${") + '"'
+
+
+def sweep_seed() -> int:
+    """One base seed for a whole sweep, derived from its directory: the same on re-runs into that directory
+    (so resume finds its files), a new one for each new sweep (the default directory has the time in it)."""
+    digest = hashlib.sha256(str(HydraConfig.get().sweep.dir).encode()).digest()
+    return int.from_bytes(digest[:4], "big")  # [0, 2**32), as A1111 seeds
+
+
+def gpu_count() -> int:
+    """Visible CUDA devices, at least 1 (joblib's default number of workers: one per GPU, one on a CPU)."""
+    import torch
+
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+
+
+# registered on import: run.py imports this module, and so does every launcher worker (through the task)
+OmegaConf.register_new_resolver("sdbatch.choices", sweep_choices, replace=True)
+OmegaConf.register_new_resolver("sdbatch.sweep_seed", sweep_seed, replace=True)
+OmegaConf.register_new_resolver("sdbatch.gpu_count", gpu_count, replace=True)

@@ -1,0 +1,1 @@
+"""The sampling core: the engine, the denoising loop, the UNet-call chain, schedulers, noise and devices."""

@@ -1,0 +1,71 @@
+"""Highres. fix on one batch: stage-1 txt2img at the small size, upscale, stage-2 img2img at the final size.
+
+Stage 1 is a plain txt2img batch (the same images a run at the small size with highres.steps makes). Stage 2
+is img2img with highres.strength and sampler.steps, its randomness from a fresh generator of each image's own
+seed: in pixel mode it equals an img2img run on the stage-1 image with the same seed. Both stages run over the
+whole batch. The upscale is LANCZOS on the decoded images, interpolation of the latents (latent_upscale,
+latent_mode), or the highres.upscaler plug-in: `f(images, (width, height)) → images` on PIL images, or
+`f(latents, (height // 8, width // 8)) → latents` on a (B, 4, h, w) tensor in latent mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+
+from sdbatch.plan.batching import Batch, BatchKey
+from sdbatch.config.schema import HighresConfig
+from sdbatch.engine.features import img2img
+from sdbatch.engine.core.denoise_loop import StepCallback
+from sdbatch.plan.highres_stage import first_stage_job, load_upscaler
+
+
+def run_highres(engine, batch: Batch, on_step: StepCallback | None) -> tuple[list[Image.Image], list[Image.Image]]:
+    """(stage-1 images, final images) of a Highres. fix batch, in the order of batch.jobs."""
+    cfg: HighresConfig = batch.key.highres
+    small = tuple(first_stage_job(job) for job in batch.jobs)
+    latents = engine.denoise(Batch(BatchKey.of(small[0]), small), on_step)
+    first = engine.decode(latents)
+    final_jobs = tuple(dataclasses.replace(job, highres=None, strength=cfg.strength) for job in batch.jobs)
+    key = BatchKey.of(final_jobs[0])
+    plugin = load_upscaler(cfg.upscaler) if cfg.upscaler else None
+    if cfg.latent_upscale:
+        start = _latent_start(engine, latents, cfg, key, plugin)
+    else:
+        start = _pixel_start(engine, first, cfg, key, plugin)
+    final = engine.decode(engine.denoise(Batch(key, final_jobs), on_step, start=start))
+    return first, final
+
+
+def _pixel_start(engine, first: list[Image.Image], cfg: HighresConfig, key: BatchKey,
+                 plugin: Callable | None) -> Callable:
+    """Stage-2 start from the decoded stage-1 images, upscaled (LANCZOS or the plug-in) and VAE-encoded."""
+
+    def start(scheduler, gens: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+        size = (key.width, key.height)
+        images = list(plugin(first, size)) if plugin else [im.resize(size, Image.Resampling.LANCZOS) for im in first]
+        pixels = VaeImageProcessor(vae_scale_factor=engine.latent_factor).preprocess(
+            images, height=key.height, width=key.width)
+        return img2img.start_from_pixels(engine.bundle.vae, scheduler, pixels, gens, key.steps, cfg.strength)
+
+    return start
+
+
+def _latent_start(engine, latents: torch.Tensor, cfg: HighresConfig, key: BatchKey,
+                  plugin: Callable | None) -> Callable:
+    """Stage-2 start from the stage-1 latents, interpolated (bilinear/bicubic or the plug-in), then noised."""
+
+    def start(scheduler, gens: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+        size = (key.height // engine.latent_factor, key.width // engine.latent_factor)
+        if plugin:
+            upscaled = plugin(latents, size)
+        else:
+            upscaled = torch.nn.functional.interpolate(latents.float(), size=size, mode=cfg.latent_mode)
+        timesteps = img2img.shorten_schedule(scheduler, key.steps, cfg.strength)
+        return timesteps, img2img.add_start_noise(scheduler, timesteps, upscaled.float(), gens)
+
+    return start

@@ -1,0 +1,110 @@
+"""Inpainting: masks → the start latents, the 9-channel UNet input or the per-step blend, and the final paste.
+
+Follows diffusers' StableDiffusionInpaintPipeline draw for draw. Each image's generator gives, in order: the
+posterior sample of the init image (when strength < 1 or the UNet has 4 input channels), the start noise, then
+(9-channel UNets only) the posterior sample of the masked image. Masks are grayscale, white = repaint, resized
+to the image with LANCZOS and binarized at 0.5 (diffusers' mask processor).
+
+Two modes, chosen from the weights:
+- a true inpainting checkpoint (UNet in_channels == 9) gets the latent-size mask and the masked image's
+  latents concatenated to its input at every call (`with_inpaint_input`, a model wrapper);
+- an ordinary 4-channel UNet gets the blend: after every scheduler step the latents outside the mask are
+  replaced by the original latents noised to the level of the NEXT timestep, i.e. the level the latents are
+  at now (`blend_hook`, an `after_step` hook of `sample`). The last step blends with the clean latents.
+  diffusers also encodes the masked image here, unused; we skip that VAE call, so with ancestral/SDE samplers
+  (whose step noise follows it in the generator) blend mode differs from diffusers' legacy path by design.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+
+from sdbatch.engine.core import noise
+from sdbatch.engine.features import img2img
+from sdbatch.engine.core.model_fn import Conditioning, ModelFn
+from sdbatch.engine.core.denoise_loop import AfterStep
+from sdbatch.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class InpaintStart:
+    """What an inpainting batch starts from."""
+
+    timesteps: torch.Tensor
+    latents: torch.Tensor  # start latents, at the first timestep's noise level
+    unet_input: torch.Tensor | None  # (B, 1 + C, h, w) mask and masked-image latents: 9-channel UNets
+    after_step: tuple[AfterStep, ...]  # the blend hook: 4-channel UNets
+
+
+def load_masks(paths: Sequence[str], width: int, height: int, scale_factor: int = 8) -> torch.Tensor:
+    """Mask files → (B, 1, H, W) of 0/1 (1 = repaint): grayscale, LANCZOS resize, binarized at 0.5."""
+    processor = VaeImageProcessor(vae_scale_factor=scale_factor, do_normalize=False, do_binarize=True,
+                                  do_convert_grayscale=True)
+    return processor.preprocess([img2img.open_image(p, "L", "mask_image") for p in paths], height=height, width=width)
+
+
+def start(vae: torch.nn.Module, scheduler, unet_channels: int, init_images: Sequence[str], masks: Sequence[str],
+          gens: list[torch.Generator], steps: int, strength: float, width: int, height: int) -> InpaintStart:
+    """The inpainting batch's schedule, start latents and mask conditioning; after set_timesteps(steps)."""
+    timesteps = img2img.shorten_schedule(scheduler, steps, strength)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    pixels = img2img.load_pixels(init_images, width, height, factor)
+    mask = load_masks(masks, width, height, factor)
+    full = strength == 1.0  # diffusers' is_strength_max: start from pure noise
+    image_latents = img2img.encode(vae, pixels, gens) if unet_channels == 4 or not full else None
+    batch, channels = len(gens), vae.config.latent_channels
+    start_noise = noise.initial_noise(gens, channels, height // factor, width // factor).to(vae.device)
+    if full:
+        latents = start_noise * scheduler.init_noise_sigma
+    else:
+        latents = scheduler.add_noise(image_latents.float(), start_noise, timesteps[:1].repeat(batch))
+    small = torch.nn.functional.interpolate(mask, size=(height // factor, width // factor)).to(vae.device)
+    if unet_channels == 9:
+        masked = img2img.encode(vae, pixels * (mask < 0.5), gens)
+        return InpaintStart(timesteps, latents, torch.cat([small, masked.float()], dim=1), ())
+    if unet_channels != 4:
+        raise ConfigError(f"the UNet takes {unet_channels} input channels; inpainting needs 4 or 9 <model.checkpoint>")
+    hook = blend_hook(scheduler, timesteps, image_latents.float(), start_noise, small)
+    return InpaintStart(timesteps, latents, None, (hook,))
+
+
+def blend_hook(scheduler, timesteps: torch.Tensor, image_latents: torch.Tensor, start_noise: torch.Tensor,
+               mask: torch.Tensor) -> AfterStep:
+    """After step i: keep the latents inside the mask, outside it the original noised to timesteps[i + 1]."""
+
+    def after_step(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        proper = image_latents
+        if i < len(timesteps) - 1:  # the level the step just reached (diffusers; the reference used t itself)
+            proper = scheduler.add_noise(image_latents, start_noise, timesteps[i + 1 : i + 2])
+        m = mask.to(latents.dtype)
+        return (1 - m) * proper.to(latents.dtype) + m * latents
+
+    return after_step
+
+
+def with_inpaint_input(inner: ModelFn) -> ModelFn:
+    """9-channel UNets: the mask and masked-image latents (cond.inpaint) concatenated to every input."""
+
+    def model(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        extra = cond.inpaint
+        if extra is None:
+            return inner(x, t, cond)
+        extra = extra.to(device=x.device, dtype=x.dtype).repeat(x.shape[0] // extra.shape[0], 1, 1, 1)
+        return inner(torch.cat([x, extra], dim=1), t, cond)
+
+    return model
+
+
+def paste_original(image: Image.Image, init_image: str, mask_image: str) -> Image.Image:
+    """inpaint.keep_original: the original's pixels (resized as the model saw it) wherever the mask is 0."""
+    width, height = image.size
+    original = img2img.load_pixels([init_image], width, height)  # [-1, 1], LANCZOS, as fed to the VAE
+    original = VaeImageProcessor().postprocess(original, output_type="pil")[0]
+    mask = load_masks([mask_image], width, height)[0, 0]
+    alpha = Image.fromarray((mask.numpy() * 255).astype("uint8"), mode="L")
+    return Image.composite(image.convert("RGB"), original, alpha)

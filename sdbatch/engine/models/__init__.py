@@ -1,0 +1,1 @@
+"""Model files → diffusers modules: single-file conversion, loading and caching, export, the built-in tiny model."""

@@ -1,0 +1,244 @@
+"""Write diffusers UNet/VAE/CLIP modules as an original-layout (LDM/CompVis) single file or a diffusers folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import diffusers
+import safetensors.torch
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+from transformers import CLIPTextModel
+
+from sdbatch.engine.models.convert import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from sdbatch.engine.core.scheduler_factory import make_scheduler
+from sdbatch.engine.text.tokenizer import PAD_TOKENS, write_hf_tokenizer_files
+
+# Inverse of diffusers' update_unet_resnet_ldm_to_diffusers renames.
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+# Inverse of diffusers' update_vae_attentions_ldm_to_diffusers renames.
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+# Inverse of DIFFUSERS_TO_LDM_MAPPING["openclip"]["transformer"] within one resblock.
+_OPENCLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+_UNET_KEY = re.compile(
+    r"(down_blocks|up_blocks|mid_block)\.(?:(\d+)\.)?(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)"
+)
+_VAE_KEY = re.compile(
+    r"(encoder|decoder)\.(down_blocks|up_blocks|mid_block)\.(?:(\d+)\.)?"
+    r"(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)"
+)
+
+
+def _rename_head(rest: str, names: dict[str, str]) -> str:
+    """Rename the sub-module at the start of ``rest`` (``norm1.weight`` -> ``in_layers.0.weight``)."""
+    for old, new in names.items():
+        if rest.startswith(old + "."):
+            return new + rest[len(old) :]
+    return rest
+
+
+def _map_state(state: dict[str, torch.Tensor], fixed: dict[str, str], rename, what: str) -> dict:
+    """Apply the fixed renames, then ``rename`` (parsed block keys); an unplaceable key is a bug, not data."""
+    out = {}
+    for key, tensor in state.items():
+        new = fixed.get(key) or rename(key)
+        if new is None:
+            raise ValueError(
+                f"cannot export {what} weight {key!r}: it has no place in the original SD layout"
+            )
+        out[new] = tensor
+    return out
+
+
+def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """UNet weights under original key names, without the ``model.diffusion_model.`` prefix."""
+    n = unet.config.layers_per_block + 1  # LDM slots per level: resnets + down/upsampler
+    up_attn = {i for i, block in enumerate(unet.up_blocks) if getattr(block, "attentions", None)}
+
+    def rename(key: str) -> str | None:
+        m = _UNET_KEY.fullmatch(key)
+        if m is None:
+            return None
+        where, block, kind, index, rest = m.groups()
+        b, i = int(block or 0), int(index)
+        sub = 1 if kind == "attentions" else 0
+        rest = _rename_head(rest, _UNET_RESNET) if kind == "resnets" else rest
+        if where == "mid_block":
+            return f"middle_block.{1 if sub else 2 * i}.{rest}"
+        if where == "down_blocks":
+            if kind == "downsamplers":
+                return f"input_blocks.{b * n + n}.0.op.{rest.removeprefix('conv.')}"
+            return f"input_blocks.{1 + b * n + i}.{sub}.{rest}"
+        if kind == "upsamplers":  # the upsampler follows the level's attention when it has one
+            return f"output_blocks.{b * n + n - 1}.{2 if b in up_attn else 1}.{rest}"
+        return f"output_blocks.{b * n + i}.{sub}.{rest}"
+
+    return _map_state(unet.state_dict(), DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], rename, "UNet")
+
+
+def vae_to_ldm(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
+    """VAE weights under original key names, without the ``first_stage_model.`` prefix."""
+    # LDM numbers decoder levels from the bottom, diffusers from the top.
+    last = len(vae.decoder.up_blocks) - 1
+
+    def rename(key: str) -> str | None:
+        m = _VAE_KEY.fullmatch(key)
+        if m is None:
+            return None
+        part, where, block, kind, index, rest = m.groups()
+        b, i = int(block or 0), int(index)
+        rest = rest.replace("conv_shortcut", "nin_shortcut")
+        if where == "mid_block":
+            if kind == "attentions":
+                return f"{part}.mid.attn_1.{_rename_head(rest, _VAE_ATTN)}"
+            return f"{part}.mid.block_{i + 1}.{rest}"
+        level = b if where == "down_blocks" else last - b
+        letter = "down" if where == "down_blocks" else "up"
+        if kind in ("downsamplers", "upsamplers"):
+            return f"{part}.{letter}.{level}.{letter}sample.{rest}"
+        return f"{part}.{letter}.{level}.block.{i}.{rest}"
+
+    out = _map_state(vae.state_dict(), DIFFUSERS_TO_LDM_MAPPING["vae"], rename, "VAE")
+    # The original attention projections are 1x1 convolutions; diffusers stores them as linear weights.
+    return {k: v[:, :, None, None] if ".mid.attn_1." in k and v.ndim == 2 else v for k, v in out.items()}
+
+
+def clip_to_ldm(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
+    """SD1 CLIP weights under their original names, without ``cond_stage_model.transformer.text_model.``."""
+    # transformers < 5.6 nests the model under ``text_model.``; the original layout keeps it in the prefix.
+    return {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+
+
+def _openclip_layer(i: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+    out = {}
+    for kind in ("weight", "bias"):
+        parts = [state[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv"]
+        out[f"{dst}attn.in_proj_{kind}"] = torch.cat(parts)  # OpenCLIP packs q, k, v into one projection
+        for diffusers_name, ldm_name in _OPENCLIP_LAYER.items():
+            out[f"{dst}{ldm_name}.{kind}"] = state[f"{src}{diffusers_name}.{kind}"]
+    return out
+
+
+def openclip_to_ldm(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
+    """SD2 text encoder as OpenCLIP weights, without ``cond_stage_model.model.``, plus one extra last block.
+
+    SD2 conditions on OpenCLIP's penultimate layer, so diffusers keeps N-1 of its N blocks. A real SD2 file
+    still holds the last block; it gets a copy of the last kept one, which the loader drops again.
+    """
+    state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    layers = text_encoder.config.num_hidden_layers
+    width = text_encoder.config.hidden_size
+    out = {
+        "token_embedding.weight": state["embeddings.token_embedding.weight"],
+        "positional_embedding": state["embeddings.position_embedding.weight"],
+        "ln_final.weight": state["final_layer_norm.weight"],
+        "ln_final.bias": state["final_layer_norm.bias"],
+    }
+    for i in range(layers):
+        out.update(_openclip_layer(i, state))
+    extra = _openclip_layer(layers - 1, state)
+    last, dropped = f".resblocks.{layers - 1}.", f".resblocks.{layers}."
+    out.update({k.replace(last, dropped): v.clone() for k, v in extra.items()})
+    dtype = state["final_layer_norm.weight"].dtype
+    # (width, width) like OpenCLIP's: SD does not use it, but real SD2 files carry it.
+    out["text_projection"] = torch.eye(width, dtype=dtype)
+    out["logit_scale"] = torch.tensor(math.log(1 / 0.07), dtype=dtype)
+    return out
+
+
+def to_ldm_state_dict(
+    unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, family: str
+) -> dict[str, torch.Tensor]:
+    """The whole model as one original-layout state dict (contiguous CPU tensors)."""
+    if family not in ("sd1", "sd2"):
+        raise ValueError(f"family must be 'sd1' or 'sd2', got {family!r}")
+    text = (
+        {f"{CLIP_PREFIX}text_model.{k}": v for k, v in clip_to_ldm(text_encoder).items()}
+        if family == "sd1"
+        else {OPENCLIP_PREFIX + k: v for k, v in openclip_to_ldm(text_encoder).items()}
+    )
+    state = {
+        **{UNET_PREFIX + k: v for k, v in unet_to_ldm(unet).items()},
+        **{VAE_PREFIX + k: v for k, v in vae_to_ldm(vae).items()},
+        **text,
+    }
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_single_file(
+    path: str | Path,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    family: str,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Save as ``.safetensors`` or as a ``.ckpt``/``.pt``/``.pth`` holding ``{"state_dict": ...}``."""
+    path = Path(path)
+    state = to_ldm_state_dict(unet, vae, text_encoder, family)
+    if path.suffix.lower() == ".safetensors":
+        safetensors.torch.save_file(state, str(path), metadata={"format": "pt", **(metadata or {})})
+    elif path.suffix.lower() in (".ckpt", ".pt", ".pth"):
+        torch.save({"state_dict": state}, path)
+    else:
+        raise ValueError(f"cannot save {path}: use a .safetensors, .ckpt, .pt or .pth file name")
+    return path
+
+
+def save_diffusers_folder(
+    root: str | Path,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    family: str,
+    *,
+    weights: bool = True,
+) -> Path:
+    """Save as a diffusers StableDiffusionPipeline folder (configs only with ``weights=False``).
+
+    The folder loads offline with ``StableDiffusionPipeline.from_pretrained``; a configs-only folder is
+    what ``from_single_file(config=...)`` needs. Its scheduler is the reference's DDIM configuration.
+    """
+    root = Path(root)
+    for name, module in (("unet", unet), ("vae", vae)):
+        module.save_pretrained(root / name) if weights else module.save_config(root / name)
+    if weights:
+        text_encoder.save_pretrained(root / "text_encoder")
+    else:
+        text_encoder.config.save_pretrained(root / "text_encoder")
+    write_hf_tokenizer_files(root / "tokenizer", PAD_TOKENS[family])
+    scheduler = make_scheduler("ddim", "default", v_prediction=False)
+    scheduler.save_pretrained(root / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", type(scheduler).__name__],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return root

@@ -1,0 +1,140 @@
+"""Build tiny, seeded SD1/SD2-layout models for tests and the built-in `model=tiny` demo checkpoint."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sdbatch.engine.models.checkpoint import cache_root
+from sdbatch.engine.models.export import save_single_file
+
+TINY_FILE_NAME = "tiny-sd1.safetensors"
+# Bump when the tiny architecture or its weights change, so a cached file from an older sdbatch is rebuilt.
+TINY_VERSION = "2"
+TINY_SEED = 0
+
+# Real SD layouts at small widths. GroupNorm stays at SD's 32 groups because a single-file checkpoint does
+# not record the group count: the converter must assume 32, so every width is a multiple of 32.
+_UNET: dict[str, dict[str, Any]] = {
+    # Attention only on the lower level: at 512 px the top level has 4096 tokens, and self-attention
+    # there would make the demo ~10x slower for no benefit. Shapes, not names, tell the loader this.
+    "sd1": {
+        "block_out_channels": (32, 64),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "attention_head_dim": 8,  # SD1 convention: 8 heads per attention
+    },
+    "sd2": {
+        "block_out_channels": (64, 128),
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "attention_head_dim": (1, 2),  # SD2 convention: 64 channels per head
+        "use_linear_projection": True,
+        "upcast_attention": True,
+    },
+}
+# Four VAE levels keep SD's 8x latent downscale, which the noise shape (H/8, W/8) relies on.
+_VAE: dict[str, Any] = {
+    "block_out_channels": (32, 32, 64, 64),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "scaling_factor": 0.18215,
+    "sample_size": 64,
+}
+# The vocabulary and positions stay CLIP's real ones so the real tokenizer drives the tiny model.
+_TEXT: dict[str, dict[str, Any]] = {
+    "sd1": {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2, "hidden_act": "quick_gelu"},
+    "sd2": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "hidden_act": "gelu"},
+}
+
+
+def _unet_config(family: str, text_width: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    config = {"layers_per_block": 1, "sample_size": 8, "cross_attention_dim": text_width, **_UNET[family]}
+    return {**config, **overrides}
+
+
+def _text_config(family: str, overrides: dict[str, Any]) -> CLIPTextConfig:
+    config = {"vocab_size": 49408, "max_position_embeddings": 77, **_TEXT[family], **overrides}
+    config.setdefault("num_attention_heads", max(1, config["hidden_size"] // 64))  # 64 channels per head
+    return CLIPTextConfig(**config)
+
+
+def _jitter(*modules: torch.nn.Module) -> None:
+    """Make every tensor distinct: default init leaves norms at 1/0, which would hide swapped keys."""
+    for module in modules:
+        for param in module.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+
+
+@torch.no_grad()
+def build_tiny_components(
+    family: str = "sd1",
+    seed: int = 0,
+    *,
+    unet: dict[str, Any] | None = None,
+    vae: dict[str, Any] | None = None,
+    text: dict[str, Any] | None = None,
+) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
+    """Tiny random (unet, vae, text_encoder) of ``family``; the same seed always gives the same weights.
+
+    ``unet``, ``vae`` and ``text`` override entries of the diffusers / transformers configs.
+    """
+    if family not in _UNET:
+        raise ValueError(f"family must be 'sd1' or 'sd2', got {family!r}")
+    text_config = _text_config(family, text or {})
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(text_config)
+        unet_model = UNet2DConditionModel(**_unet_config(family, text_config.hidden_size, unet or {}))
+        vae_model = AutoencoderKL(**{**_VAE, **(vae or {})})
+        _jitter(unet_model, vae_model, text_encoder)
+    return unet_model.eval(), vae_model.eval(), text_encoder.eval()
+
+
+def tiny_checkpoint_path() -> Path:
+    """The demo checkpoint: tiny-sd1.safetensors in ``$SDBATCH_CACHE``, else in ``~/.cache/sdbatch``."""
+    return cache_root() / TINY_FILE_NAME
+
+
+def is_current(path: Path, version: str = TINY_VERSION) -> bool:
+    """Whether path is a built-in file of this version (built by this sdbatch, not an older one)."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("sdbatch_tiny_version") == version
+    except Exception:  # unreadable or partial file: rebuild it
+        return False
+
+
+def ensure_tiny_checkpoint() -> Path:
+    """Path of the demo checkpoint, building and saving it first if it is missing or from an older version."""
+    path = tiny_checkpoint_path()
+    if path.is_file() and is_current(path):
+        return path
+    # Stored in fp16 like most published checkpoints: half the size, and the loader's upcast path gets used.
+    unet, vae, text_encoder = (m.half() for m in build_tiny_components("sd1", TINY_SEED))
+    return save_atomically(path, lambda tmp: save_single_file(tmp, unet, vae, text_encoder, "sd1",
+                                                              metadata={"sdbatch_tiny_version": TINY_VERSION}))
+
+
+def save_atomically(path: Path, write: Callable[[str], object]) -> Path:
+    """`write(tmp)` a file next to path, then rename it there: a concurrent run never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tiny-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path

@@ -1,0 +1,1 @@
+"""Text conditioning: the offline CLIP tokenizer, weighted long-prompt encoding, Textual Inversion embeddings."""

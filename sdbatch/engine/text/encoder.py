@@ -1,0 +1,284 @@
+"""Text conditioning: weighted prompts → 75-token chunks of CLIP ids → text-encoder embeddings, cached.
+
+A prompt is parsed for attention syntax (:mod:`sdbatch.prompts.weighting`), each weighted run is tokenized
+on its own, and the tokens are cut into chunks of 75 (a ``BREAK`` ends a chunk early). Each chunk is
+encoded as ``BOS + 75 + EOS`` (77 ids, CLIP padding after EOS) and the chunk embeddings are concatenated,
+so a batch gives ``(B, 77·n, D)`` with ``n`` the most chunks any prompt or negative of the batch needs, at
+most ``max_embeddings_multiples``. Token weights then scale the embeddings, with the reference's mean
+renormalisation (gen_img_inventory.md §7.2-7.3). A one-chunk prompt without weights gives exactly the plain
+``text_encoder(ids)`` output.
+
+Textual Inversion (:meth:`TextEncoder.set_embeddings`): an active embedding's name in a prompt (matched as
+:mod:`sdbatch.prompts.embedding_names` says) is replaced by the token ids of its vectors, which count
+towards the 75-token budget. As in A1111, a multi-vector embedding that does not fit in the current chunk
+starts the next one instead of being split (the reference splits it).
+
+Extended Textual Inversion (XTI): an XTI name is tokenized to the ids of its first layer (IN01); passing
+``block=b`` to :meth:`TextEncoder.encode_batch` swaps in the ids of layer ``XTI_LAYERS[b]``, so the 16
+per-block encodings of :mod:`sdbatch.engine.features.xti` come from 16 calls. Texts without XTI names are the same
+for every block and come from the cache after the first.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sdbatch.engine.text.embeddings import XTI_LAYERS, Embedding, register
+from sdbatch.errors import ConfigError
+from sdbatch.prompts.embedding_names import name_pattern, split_names
+from sdbatch.prompts.weighting import is_break, parse_weights
+
+log = logging.getLogger(__name__)
+
+CHUNK = 75  # tokens per encoder pass; with BOS and EOS that is CLIP's 77 positions
+NORMALIZE_MODES = ("original", "abs", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class PromptTokens:
+    """A prompt's token ids cut into chunks of at most 75, and the weight of each id."""
+
+    chunks: tuple[tuple[int, ...], ...]  # at least one chunk; a chunk may be empty (leading BREAK)
+    weights: tuple[tuple[float, ...], ...]  # same shape as chunks
+
+
+class TextEncoder:
+    """Encodes prompts with one tokenizer and text encoder; remembers recent encodings.
+
+    ``max_multiples`` and ``normalize`` are the defaults of :meth:`encode_batch` (config keys
+    ``max_embeddings_multiples`` and ``emb_normalize_mode``); set them per run.
+
+    Textual Inversion: :meth:`set_embeddings` chooses the active embeddings; every weighted run is tokenized
+    by :meth:`_token_groups`, which splices in their ids, and every id tensor goes through :meth:`_hidden`.
+    """
+
+    def __init__(self, tokenizer, text_encoder: torch.nn.Module, cache_size: int = 256) -> None:
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.max_multiples = 1
+        self.normalize = "original"
+        # (text, embeddings, clip_skip, k, normalize, chunk count) → (77·n, D) embedding
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._token_cache: OrderedDict[tuple, PromptTokens] = OrderedDict()  # (text, k, embeddings) → tokens
+        self._ti_ids: dict[str, tuple[int, ...]] = {}  # lowercase name → token ids of its vectors
+        self._ti_names: dict[int, str] = {}  # token id → name (first id) or "" (the others), for messages
+        self._ti_pattern: re.Pattern[str] | None = None  # finds the active names; None when there are none
+        self._xti_maps: list[dict[int, int]] = []  # per XTI block: first-layer id → that block's id
+        # Identity of the active embeddings (names, file hashes, ids), part of every cache key: a run with
+        # other embeddings (or another file under a name) never reads encodings made with the old ones.
+        self._ti_key: tuple = ()
+        # Identity of the LoRA state of the text encoder (file hashes, multipliers), also part of every key.
+        self.network_key: tuple = ()
+        self._cache_size = cache_size
+        self.encoded = 0  # prompts actually run through the text encoder (cache misses)
+
+    def set_embeddings(self, embeddings: Sequence[Embedding]) -> None:
+        """Make exactly these (X)TI embeddings active, writing them into the text encoder."""
+        ids = register(self.text_encoder, embeddings)
+        self._ti_ids, self._ti_names = {}, {}
+        self._xti_maps = [{} for _ in XTI_LAYERS] if any(emb.xti for emb in embeddings) else []
+        for emb, all_ids in zip(embeddings, ids, strict=True):
+            n = emb.vectors.shape[-2]  # vectors per layer
+            first = all_ids[:n]
+            self._ti_ids[emb.name.lower()] = first
+            self._ti_names.update((t, emb.name if j == 0 else "") for j, t in enumerate(first))
+            if emb.xti:
+                for b, mapping in enumerate(self._xti_maps):
+                    mapping.update(zip(first, all_ids[b * n : (b + 1) * n], strict=True))
+        self._ti_pattern = name_pattern(emb.name for emb in embeddings)
+        self._ti_key = tuple(sorted((e.name.lower(), e.hash, e.xti, i) for e, i in zip(embeddings, ids, strict=True)))
+
+    def uses_xti(self, texts: list[str]) -> bool:
+        """Whether any of ``texts`` holds an XTI name (at the current max_embeddings_multiples)."""
+        return bool(self._xti_maps) and any(self._xti_block(self.tokenize(t, self.max_multiples), 1) for t in texts)
+
+    def encode(self, prompts: list[str], clip_skip: int) -> torch.Tensor:
+        """Embeddings for each prompt, (B, 77·n, D); clip_skip 1 = last layer, n = n-th layer from the end."""
+        return self.encode_batch(prompts, None, clip_skip=clip_skip)[0]
+
+    def encode_batch(
+        self, prompts: list[str], negatives: list[str] | None, *, clip_skip: int, max_multiples: int | None = None,
+        normalize: str | None = None, origins: list[str] | None = None, block: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cond, uncond) embeddings, both (B, 77·n, D) with the same n; uncond is None without negatives.
+
+        ``max_multiples`` (k) caps n: longer prompts are cut to 75·k tokens with one warning each, naming
+        ``origins[i]`` (e.g. ``prompts.txt:4``). ``normalize`` is original | abs | none. ``block`` (an index
+        into XTI_LAYERS) encodes XTI names with that block's vectors; None (or 0) uses the first block's.
+        """
+        k = self.max_multiples if max_multiples is None else max_multiples
+        mode = self.normalize if normalize is None else normalize
+        if not isinstance(k, int) or k < 1:
+            raise ConfigError(f"max_embeddings_multiples must be an integer >= 1, got {k!r}")
+        if mode not in NORMALIZE_MODES:
+            raise ConfigError(f"emb_normalize_mode must be one of {', '.join(NORMALIZE_MODES)}, got {mode!r}")
+        if negatives is not None and len(negatives) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        origins = origins or ["prompt"] * len(prompts)
+        pos = [self.tokenize(p, k, o) for p, o in zip(prompts, origins, strict=True)]
+        neg = [] if negatives is None else [
+            self.tokenize(p, k, o, "negative prompt") for p, o in zip(negatives, origins, strict=True)]
+        # Prompts and negatives share one chunk count: the UNet gets both halves in one CFG call.
+        n = max(len(t.chunks) for t in pos + neg)
+        settings = (clip_skip, k, mode, n)
+        cond = self._embed(prompts, pos, settings, block)
+        uncond = self._embed(negatives, neg, settings, block) if negatives is not None else None
+        return cond, uncond
+
+    def tokenize(self, text: str, k: int, origin: str = "prompt", what: str = "prompt") -> PromptTokens:
+        """Weighted token chunks of ``text``, at most k chunks (cached; a truncation warns when computed)."""
+        key = (text, k, self._ti_key)
+        hit = self._token_cache.get(key)
+        if hit is None:
+            hit = self._chunk(text, k, origin, what)
+        _remember(self._token_cache, key, hit, self._cache_size)
+        return hit
+
+    def _chunk(self, text: str, k: int, origin: str, what: str) -> PromptTokens:
+        """Tokenize each weighted run, cut into chunks of 75 (BREAK ends one early), keep the first k."""
+        chunks: list[list[int]] = [[]]
+        weights: list[list[float]] = [[]]
+        for run in parse_weights(text):
+            if is_break(run):  # pad the current chunk (even an empty one) and start a new one
+                chunks.append([])
+                weights.append([])
+                continue
+            for group in self._token_groups(run[0]):
+                if len(chunks[-1]) + len(group) > CHUNK:  # an embedding's vectors stay in one chunk
+                    chunks.append([])
+                    weights.append([])
+                chunks[-1].extend(group)
+                weights[-1].extend([run[1]] * len(group))
+        if len(chunks) > 1 and not chunks[-1]:
+            chunks.pop()  # a trailing BREAK adds no empty chunk (as A1111)
+            weights.pop()
+        dropped = [t for chunk in chunks[k:] for t in chunk]
+        if dropped:
+            log.warning("%s: %s %r is longer than %d tokens and was truncated; dropped: %r "
+                        "<max_embeddings_multiples=%d>", origin, what, _short(text), CHUNK * k,
+                        _short(self._decode(dropped)), k)
+        return PromptTokens(tuple(map(tuple, chunks[:k])), tuple(map(tuple, weights[:k])))
+
+    def _tokens(self, text: str) -> list[int]:
+        """Token ids of one weighted run, without BOS/EOS; embedding names give their vectors' ids."""
+        return [t for group in self._token_groups(text) for t in group]
+
+    def _token_groups(self, text: str) -> list[tuple[int, ...]]:
+        """Token ids of one weighted run in groups that stay in one chunk: one BPE token, or one embedding."""
+        groups: list[tuple[int, ...]] = []
+        for j, piece in enumerate(split_names(text, self._ti_pattern)):
+            ids = self._ti_ids.get(piece.lower()) if j % 2 else None  # odd pieces: names as typed
+            if ids is not None:
+                groups.append(ids)
+            elif piece:
+                groups.extend((t,) for t in self.tokenizer.encode(piece))
+        return groups
+
+    def _decode(self, ids: list[int]) -> str:
+        """Text of token ids for messages; an embedding's ids read as its name."""
+        parts: list[str] = []
+        plain: list[int] = []
+        for t in [*ids, None]:
+            if t is not None and t not in self._ti_names:
+                plain.append(t)
+                continue
+            if plain:
+                parts.append(self.tokenizer.decode(plain))
+                plain = []
+            if t is not None and self._ti_names[t]:
+                parts.append(self._ti_names[t])
+        return " ".join(parts)
+
+    def _embed(self, texts: list[str], tokens: list[PromptTokens], settings: tuple, block: int | None = None,
+               ) -> torch.Tensor:
+        """(B, 77·n, D) for texts; one text-encoder call for all the chunks of the cache misses."""
+        clip_skip, _, mode, n = settings
+        keys = [(text, self._ti_key, self.network_key, self._xti_block(tok, block), *settings)
+                for text, tok in zip(texts, tokens, strict=True)]
+        found = {key: self._cache[key] for key in keys if key in self._cache}
+        missing = {key: tok for key, tok in zip(keys, tokens, strict=True) if key not in found}
+        if missing:
+            rows = [row for key, tok in missing.items() for row in self._chunk_ids(tok, n, key[3])]
+            hidden = self._hidden(torch.tensor(rows, device=self.text_encoder.device), clip_skip)
+            self.encoded += len(missing)
+            for j, (key, tok) in enumerate(missing.items()):
+                emb = hidden[j * n : (j + 1) * n].reshape(n * hidden.shape[1], hidden.shape[2])
+                found[key] = apply_weights(emb, _chunk_weights(tok, n), mode)
+        for key, emb in found.items():
+            _remember(self._cache, key, emb, self._cache_size)
+        return torch.stack([found[key] for key in keys])
+
+    def _chunk_ids(self, tok: PromptTokens, n: int, block: int | None = None) -> list[list[int]]:
+        """n rows of 77 ids: BOS + chunk + EOS + pad each; chunks the prompt does not need are empty.
+
+        With an XTI ``block``, XTI names get that block's ids.
+        """
+        chunks = [*tok.chunks, *[()] * (n - len(tok.chunks))]
+        if block is not None:
+            chunks = [[self._xti_maps[block].get(t, t) for t in chunk] for chunk in chunks]
+        return [self.tokenizer.pad(list(chunk), CHUNK + 2) for chunk in chunks]
+
+    def _xti_block(self, tok: PromptTokens, block: int | None) -> int | None:
+        """``block`` when it changes the ids of ``tok`` (an XTI name in it, block > 0), else None (cache key)."""
+        if not block or not self._xti_maps:
+            return None
+        return block if any(t in self._xti_maps[0] for chunk in tok.chunks for t in chunk) else None
+
+    @torch.no_grad()
+    def _hidden(self, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
+        """Text-encoder output for (N, 77) ids, (N, 77, D); the one place the encoder runs."""
+        out = self.text_encoder(ids, output_hidden_states=clip_skip > 1)
+        if clip_skip == 1:
+            return out.last_hidden_state  # (N, 77, D), final layer norm applied
+        layers = len(out.hidden_states) - 1
+        if clip_skip > layers:
+            raise ConfigError(f"model.clip_skip={clip_skip} but the text encoder has only {layers} layers")
+        hidden = out.hidden_states[-clip_skip]  # hidden_states[-1] is the last layer's output
+        # transformers 5 flattened CLIPTextModel (no .text_model); older releases nest it
+        return getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm(hidden)
+
+
+def apply_weights(emb: torch.Tensor, weights: list[float], mode: str) -> torch.Tensor:
+    """Scale each token's embedding (rows of ``emb``, (T, D)) by its weight, then renormalise (§7.3).
+
+    ``original``: rescale so the mean of the whole tensor is what it was before weighting; ``abs``: the same
+    with the mean of absolute values; ``none``: only scale. Means are taken in fp32 and cast back, as the
+    reference does. All weights 1.0 return ``emb`` itself, so unweighted prompts stay exact.
+    """
+    if all(w == 1.0 for w in weights):
+        return emb
+    scaled = emb * torch.tensor(weights, dtype=emb.dtype, device=emb.device)[:, None]
+    if mode == "none":
+        return scaled
+    stat = torch.abs if mode == "abs" else (lambda x: x)
+    before = stat(emb).float().mean().to(emb.dtype)
+    after = stat(scaled).float().mean().to(emb.dtype)
+    # A zero mean after weighting (all weights ~0) has no meaningful rescale; the reference would give inf.
+    return scaled * torch.where(after != 0, before / after, torch.ones_like(after))
+
+
+def _chunk_weights(tok: PromptTokens, n: int) -> list[float]:
+    """77·n weights matching _chunk_ids: 1.0 for BOS, EOS, padding and unused chunks."""
+    out: list[float] = []
+    for j in range(n):
+        w = list(tok.weights[j]) if j < len(tok.weights) else []
+        out += [1.0, *w, *[1.0] * (CHUNK + 1 - len(w))]
+    return out
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _remember(cache: OrderedDict, key: Any, value: Any, size: int) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > size:
+        cache.popitem(last=False)

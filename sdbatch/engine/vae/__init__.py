@@ -1,0 +1,1 @@
+"""Latents → images: VAE decode in batches, exact sliced decode."""

@@ -1,0 +1,314 @@
+"""Sweep index: each job's job.json, and at the end of a multirun sweep.jsonl, contact_sheet.png and a summary.
+
+A multirun job (the Hydra task, on whatever machine the launcher put it) writes `job.json` into its run
+directory when it ends: status, seconds, error. The `SweepIndex` callback (registered under `hydra.callbacks`
+in conf/config.yaml) runs on the launching machine when the sweep ends: it reads every job directory of
+this sweep and writes `sweep.jsonl` (one line per job) and `contact_sheet.png` (the jobs' first images with
+the swept keys as axes) into the sweep directory, and keeps the result for the exit status (`last_sweep`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger("sdbatch")
+
+JOB_FILE = "job.json"  # in each job's run directory
+INDEX_FILE = "sweep.jsonl"  # in the sweep directory
+SHEET_FILE = "contact_sheet.png"  # in the sweep directory
+STOP_FILE = ".sdbatch-stop"  # in the sweep directory while stop_on_error has stopped the sweep
+MAX_SHEET_PIXELS = 64_000_000  # larger contact sheets get smaller cells
+NO_RESULT = "the job ended without a result (killed, or out of memory?); see its run.log"
+
+# statuses: completed (made images), skipped (everything was already done), failed, cancelled (not run
+# because an earlier job failed and stop_on_error is set)
+FAILED_STATUSES = ("failed", "cancelled")
+
+
+@dataclass
+class JobRecord:
+    """One line of sweep.jsonl."""
+
+    num: int
+    overrides: list[str]
+    run_dir: str  # relative to the sweep directory
+    status: str
+    images: list[str] = field(default_factory=list)  # file names in the job's manifest.jsonl
+    image_count: int = 0
+    new_images: int | None = None  # made by this attempt (the rest were done by an earlier one)
+    seconds: float | None = None
+    device: str | None = None
+    error: str | None = None
+
+    def label(self, keys: Iterable[str]) -> str:
+        """The job's values of `keys` (its swept keys), or all its overrides when none are given."""
+        keys = set(keys)
+        chosen = [o for o in self.overrides if not keys or _split(o)[0] in keys]
+        return " ".join(chosen) or "(no overrides)"
+
+
+# ---------------------------------------------------------------- written by each job
+
+
+def write_job_result(run_dir: Path, result: dict[str, Any]) -> Path:
+    """Write job.json atomically (a job killed mid-write leaves the previous one or none)."""
+    target = Path(run_dir) / JOB_FILE
+    tmp = target.with_name(f".{JOB_FILE}.tmp")
+    tmp.write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, target)
+    return target
+
+
+def stop_requested(sweep_dir: Path) -> bool:
+    return (Path(sweep_dir) / STOP_FILE).exists()
+
+
+def request_stop(sweep_dir: Path) -> None:
+    """Tell the jobs that have not started yet not to run (stop_on_error)."""
+    (Path(sweep_dir) / STOP_FILE).touch()
+
+
+# ---------------------------------------------------------------- read at the end of the sweep
+
+
+def _split(override: str) -> tuple[str, str]:
+    """Hydra's override text → (key, value as the user meant it): quotes and backslash escapes removed."""
+    key, _, value = override.partition("=")
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return key, value[1:-1].replace("\\" + value[0], value[0])
+    return key, re.sub(r"\\(.)", r"\1", value)  # Hydra writes 'a cat' as a\ cat
+
+
+def _load(path: Path) -> Any:
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def manifest_files(run_dir: Path) -> list[str]:
+    """File names listed by the complete lines of run_dir/manifest.jsonl, in order, each once."""
+    try:
+        text = (run_dir / "manifest.jsonl").read_text(encoding="utf-8")
+    except OSError:
+        return []
+    files: dict[str, None] = {}
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("file"), str):
+            files[record["file"]] = None
+    return list(files)
+
+
+def _job_dirs(sweep_dir: Path, output_subdir: str | None) -> dict[Path, Path | None]:
+    """{job run dir: its overrides.yaml written by Hydra (None without .hydra)} below sweep_dir."""
+    found: dict[Path, Path | None] = {}
+    if output_subdir:
+        for marker in sweep_dir.rglob(f"{output_subdir}/overrides.yaml"):
+            found[marker.parent.parent] = marker
+    for marker in sweep_dir.rglob(JOB_FILE):
+        found.setdefault(marker.parent, None)
+    return found
+
+
+def _mtime(path: Path | None) -> int | None:
+    try:
+        return path.stat().st_mtime_ns if path else None
+    except OSError:
+        return None
+
+
+def _record(sweep_dir: Path, run_dir: Path, hydra_file: Path | None, since: int) -> JobRecord | None:
+    """The job in run_dir, or None when it belongs to an earlier sweep into the same directory."""
+    started, finished = _mtime(hydra_file), _mtime(run_dir / JOB_FILE)
+    if (started if started is not None else finished or 0) < since:
+        return None
+    fresh = finished is not None and (started is None or finished >= started)
+    result = (_load_json(run_dir / JOB_FILE) if fresh else None) or {}
+    num = result.get("num")
+    if num is None and hydra_file:
+        num = _select(_load(hydra_file.with_name("hydra.yaml")), "hydra", "job", "num")
+    overrides = result.get("overrides") or (_load(hydra_file) if hydra_file else None) or []
+    files = manifest_files(run_dir)
+    return JobRecord(num=int(num) if isinstance(num, int) else -1, overrides=[str(o) for o in overrides],
+                     run_dir=_relative(run_dir, sweep_dir), status=result.get("status", "failed"),
+                     images=files, image_count=len(files), new_images=result.get("new_images"),
+                     seconds=result.get("seconds"), device=result.get("device"),
+                     error=result.get("error") if result else NO_RESULT)
+
+
+def _select(data: Any, *keys: str) -> Any:
+    for key in keys:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
+def _load_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(path.relative_to(base))
+    except ValueError:
+        return str(path)
+
+
+def collect(sweep_dir: Path, output_subdir: str | None = ".hydra") -> list[JobRecord]:
+    """Every job of the latest sweep into sweep_dir, by job number.
+
+    Hydra writes multirun.yaml when a sweep starts and each job's .hydra/ when the job starts, so job
+    directories older than multirun.yaml belong to an earlier, different sweep into the same directory.
+    """
+    marker = sweep_dir / "multirun.yaml"
+    since = marker.stat().st_mtime_ns if marker.exists() else 0
+    records = [_record(sweep_dir, run_dir, hydra_file, since)
+               for run_dir, hydra_file in _job_dirs(sweep_dir, output_subdir).items()]
+    return sorted((r for r in records if r is not None), key=lambda r: (r.num, r.run_dir))
+
+
+def write_index(sweep_dir: Path, records: list[JobRecord]) -> Path:
+    target = sweep_dir / INDEX_FILE
+    tmp = target.with_name(f".{INDEX_FILE}.tmp")
+    tmp.write_text("".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, target)
+    return target
+
+
+def _value(record: JobRecord, key: str) -> str | None:
+    return next((o for o in record.overrides if _split(o)[0] == key), None)
+
+
+def swept_keys(records: list[JobRecord]) -> list[str]:
+    """Override keys whose value differs between jobs, in the order they first appear (Hydra's sweep order)."""
+    keys = dict.fromkeys(_split(o)[0] for r in records for o in r.overrides)
+    return [key for key in keys if len({_value(r, key) for r in records}) > 1]
+
+
+# ---------------------------------------------------------------- contact sheet
+
+
+def _first_image(sweep_dir: Path, record: JobRecord):
+    from PIL import Image
+
+    if not record.images:
+        return None
+    path = sweep_dir / record.run_dir / sorted(record.images)[0]  # default names start with the run index
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError:
+        return None
+
+
+def _shrink(images: dict[int, Any], cells: int) -> None:
+    """Thumbnail every image in place so that `cells` cells stay under MAX_SHEET_PIXELS."""
+    present = [im for im in images.values() if im is not None]
+    if not present:
+        return
+    area = max(im.width for im in present) * max(im.height for im in present)
+    if area * cells <= MAX_SHEET_PIXELS:
+        return
+    scale = (MAX_SHEET_PIXELS / (area * cells)) ** 0.5
+    for im in present:
+        im.thumbnail((max(8, int(im.width * scale)), max(8, int(im.height * scale))))
+
+
+def contact_sheet(sweep_dir: Path, records: list[JobRecord]):
+    """The jobs' first images: last swept key across (X), the one before down (Y), one titled sheet per
+    combination of the other swept keys (Z), stacked. Failed jobs leave a grey cell."""
+    from sdbatch.outputs.contact_sheet import labelled_grid, stack
+
+    keys = swept_keys(records)
+    x_key, y_key, z_keys = (keys[-1] if keys else None), (keys[-2] if len(keys) > 1 else None), keys[:-2]
+
+    def value(record: JobRecord, key: str | None) -> str:
+        return "" if key is None else _value(record, key) or f"{key}=(default)"
+
+    xs = list(dict.fromkeys(value(r, x_key) for r in records))
+    ys = list(dict.fromkeys(value(r, y_key) for r in records))
+    images = {r.num: _first_image(sweep_dir, r) for r in records}
+    _shrink(images, len(records))
+    sheets = []
+    for z in dict.fromkeys(tuple(value(r, k) for k in z_keys) for r in records):
+        cells: list[list[Any]] = [[None] * len(xs) for _ in ys]
+        for r in records:
+            if tuple(value(r, k) for k in z_keys) == z:
+                cells[ys.index(value(r, y_key))][xs.index(value(r, x_key))] = images[r.num]
+        sheets.append(labelled_grid(cells, [_label(x) for x in xs], [_label(y) for y in ys],
+                                    title=", ".join(_label(v) for v in z) or None))
+    return stack(sheets)
+
+
+def _label(override: str) -> str:
+    if not override:
+        return ""
+    key, value = _split(override)
+    return f"{key}={value}"
+
+
+# ---------------------------------------------------------------- the callback
+
+@dataclass(frozen=True)
+class SweepResult:
+    index: Path  # sweep.jsonl
+    records: list[JobRecord]
+
+
+_LAST: list[SweepResult] = []  # sweeps that ended in this process, for the exit status
+
+
+def last_sweep() -> SweepResult | None:
+    """The latest sweep this process ran (None when it ran none), for cli.guarded's exit status."""
+    return _LAST[-1] if _LAST else None
+
+
+class SweepIndex(Callback):
+    """Hydra callback: sweep.jsonl and contact_sheet.png at the end of every multirun.
+
+    Configured in conf/config.yaml under hydra.callbacks.sweep_index; `stop_on_error=true` makes the jobs
+    that have not started yet skip themselves (status cancelled) once one job has failed.
+    """
+
+    def __init__(self, stop_on_error: bool = False, contact_sheet: bool = True) -> None:
+        self.stop_on_error = stop_on_error
+        self.contact_sheet = contact_sheet
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        (Path(config.hydra.sweep.dir) / STOP_FILE).unlink(missing_ok=True)  # a re-run retries everything
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir).absolute()
+        records = collect(sweep_dir, config.hydra.output_subdir)
+        index = write_index(sweep_dir, records)
+        _LAST.append(SweepResult(index, records))
+        (sweep_dir / STOP_FILE).unlink(missing_ok=True)
+        counts = {s: sum(r.status == s for r in records) for s in ("completed", "skipped", *FAILED_STATUSES)}
+        log.info("sweep: %d job(s): %s; index: %s", len(records),
+                 ", ".join(f"{n} {s}" for s, n in counts.items() if n), index)
+        if self.contact_sheet and records:
+            try:
+                sheet = contact_sheet(sweep_dir, records)
+                sheet.save(sweep_dir / SHEET_FILE)
+                log.info("contact sheet: %s (axes: %s)", sweep_dir / SHEET_FILE,
+                         ", ".join(reversed(swept_keys(records))) or "none")
+            except Exception as ex:  # the images and the index are what matters; never fail the sweep here
+                log.warning("contact sheet not written: %s: %s", type(ex).__name__, ex)

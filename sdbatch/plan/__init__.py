@@ -1,0 +1,1 @@
+"""Prompt lines → ImageJobs (seeds, names, grid cells, feature settings) → batches that share a UNet call."""

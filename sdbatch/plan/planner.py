@@ -1,0 +1,253 @@
+"""RunSpec + prompt lines → one ImageJob per image: options, dynamic prompts, seeds and file names."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdbatch.config.schema import DeepShrinkConfig, NetworkConfig, RunSpec, complete_muls
+from sdbatch.errors import ConfigError, PromptError
+from sdbatch.prompts.init_images import image_size
+from sdbatch.plan.jobs import ImageJob
+from sdbatch.prompts.dynamic import Wildcards, enumerate_variants, expand
+from sdbatch.prompts.sources import PromptLine
+from sdbatch.prompts.syntax import OFF, DeepShrink, GradualLatent, Off, ParsedLine, parse_line
+from sdbatch.config.sampler_registry import effective_schedule
+
+log = logging.getLogger(__name__)
+
+SEED_LIMIT = 2**32  # seeds live in [0, 2**32), as in A1111 and the reference tool
+
+
+def random_base_seed() -> int:
+    """A fresh base seed for a run whose `seed` is null (it is recorded, so the run can be redone)."""
+    return random.SystemRandom().randrange(SEED_LIMIT)
+
+
+DEFAULT_SIZE = 512
+
+
+@dataclass(frozen=True, slots=True)
+class _Line:
+    """A parsed prompt line with the run's default negative prompt and its init image (img2img)."""
+
+    parsed: ParsedLine
+    default_negative: str
+    parsed_init: str | None = None
+    init_size: tuple[int, int] | None = None  # the init image's (width, height)
+    parsed_mask: str | None = None  # inpainting: the init image's mask
+
+
+def parse_lines(spec: RunSpec, lines: list[PromptLine]) -> list[_Line]:
+    """Parse every line's in-prompt options; with on_error=skip a bad line is dropped with a warning."""
+    parsed = []
+    for line in lines:
+        try:
+            one = parse_line(line.text, line.origin)
+            init_size = _init_size(spec, one, line.init_image) if line.init_image else None
+            if line.mask_image:
+                _check_mask(line.mask_image, line.init_image)
+            _warn_unused_multipliers(spec, one)
+            if " AND " in one.prompt:
+                log.warning("%s: ' AND ' (regional prompts, attention couple) is not supported yet: the line is "
+                            "encoded as one prompt, AND included", one.origin)
+            parsed.append(_Line(one, line.negative, line.init_image, init_size, line.mask_image))
+        except PromptError as ex:
+            if spec.on_error != "skip":
+                raise
+            log.warning("skipped: %s <on_error=skip>", ex)
+    return parsed
+
+
+def plan(spec: RunSpec, lines: list[PromptLine], base_seed: int, *, start: int = 0,
+         taken: set[str] | None = None) -> list[ImageJob]:
+    """Every image of the run in order: n_iter passes over the lines, images_per_prompt per prompt variant.
+
+    Image k of the run gets seed base_seed + k (A1111 style) unless the line gives seeds with --d or
+    iter_same_seed is set, so any image can be redone alone from its recorded seed. `start` and
+    `taken` continue the numbering and names of earlier images (interactive mode).
+    """
+    parsed = parse_lines(spec, lines)
+    if spec.shuffle_prompts:
+        random.Random(base_seed).shuffle(parsed)
+    wildcards = Wildcards(Path(spec.prompts.wildcards_dir) if spec.prompts.wildcards_dir else None)
+    jobs: list[ImageJob] = []
+    names = taken if taken is not None else set()
+    line_counts: dict[int, int] = {}
+    for pass_index in range(spec.n_iter):
+        for number, line in enumerate(parsed):
+            for variant in enumerate_variants(line.parsed.prompt, wildcards, origin=line.parsed.origin):
+                for _ in range(spec.images_per_prompt):
+                    index, nth = start + len(jobs), line_counts.get(number, 0)
+                    line_counts[number] = nth + 1
+                    seed = _seed(spec, line.parsed, base_seed, index, pass_index, nth)
+                    name = _unique(_file_name(spec, line, index, seed, nth), names)
+                    jobs.append(_job(spec, line, variant, wildcards, index, seed, name))
+    return jobs
+
+
+def _seed(spec: RunSpec, line: ParsedLine, base_seed: int, index: int, pass_index: int, nth: int) -> int:
+    seeds = line.options.seeds
+    if seeds:
+        if nth < len(seeds):
+            return seeds[nth]
+        if nth == len(seeds):
+            log.warning("%s: more images than --d seeds (%d); the rest get derived seeds", line.origin, len(seeds))
+    if spec.iter_same_seed:
+        return (base_seed + pass_index) % SEED_LIMIT
+    return (base_seed + index) % SEED_LIMIT
+
+
+def file_name(naming: str, index: int, seed: int) -> str:
+    """Deterministic names (no timestamps), so a re-run finds the images it already made."""
+    if naming == "sequential":
+        return f"im_{index + 1:06d}.png"
+    return f"{index:05d}-{seed}.png"
+
+
+def _file_name(spec: RunSpec, line: _Line, index: int, seed: int, nth: int) -> str:
+    """--f names a line's images (stem, stem-1, stem-2, ...); otherwise the run's naming scheme."""
+    given = line.parsed.options.file_name
+    if not given and spec.output.naming == "original" and line.parsed_init:
+        given = Path(line.parsed_init).stem + ".png"
+    if not given:
+        return file_name(spec.output.naming, index, seed)
+    stem, dot, ext = given.rpartition(".")
+    return given if nth == 0 else f"{stem}-{nth}{dot}{ext}"
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """Never overwrite another image of the run: a clash gets a numbered suffix."""
+    stem, dot, ext = name.rpartition(".")
+    candidate, n = name, 1
+    while candidate in taken:
+        candidate, n = f"{stem}_{n}{dot}{ext}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _job(spec: RunSpec, line: _Line, variant: str, wildcards: Wildcards, index: int, seed: int,
+         name: str) -> ImageJob:
+    opts, sampler, origin = line.parsed.options, spec.sampler, line.parsed.origin
+    negative = opts.negative if opts.negative is not None else line.default_negative
+    width, height = _size(spec, line)
+    return ImageJob(
+        index=index, file_name=name, seed=seed,
+        prompt=expand(variant, seed, wildcards, origin=origin),
+        negative_prompt=expand(negative, seed, wildcards, origin=origin),
+        width=width, height=height, init_image=line.parsed_init, mask_image=line.parsed_mask,
+        highres=spec.highres if spec.highres.name == "on" else None,
+        steps=_given(opts.steps, sampler.steps), cfg_scale=_given(opts.cfg_scale, sampler.cfg_scale),
+        sampler=sampler.name, schedule=effective_schedule(sampler.name, sampler.schedule), eta=sampler.eta,
+        origin=origin, raw_prompt=line.parsed.raw,
+        negative_scale=_negative_scale(opts.negative_scale, sampler.negative_scale),
+        strength=_given(opts.strength, spec.strength) if line.parsed_init else opts.strength,
+        network_muls=network_muls(opts.network_muls, spec.network), clip_prompt=opts.clip_prompt,
+        deep_shrink=_deep_shrink(opts.deep_shrink, spec.deep_shrink),
+        gradual_latent=_gradual_latent(opts.gradual_latent, spec, line),
+    )
+
+
+def network_muls(given: tuple[float, ...] | None, network: NetworkConfig) -> tuple[float, ...] | None:
+    """One multiplier per network: --am values (the last one repeated for the rest, extras dropped, as in the
+    reference), else network.muls or each file's mul; merge mode always uses the run's. None: no networks."""
+    if not network.loras:
+        return None
+    if given is None or network.mode == "merge":
+        return network.multipliers()
+    return complete_muls(given, len(network.loras))
+
+
+def _warn_unused_multipliers(spec: RunSpec, line: ParsedLine) -> None:
+    given, network = line.options.network_muls, spec.network
+    if given is None:
+        return
+    if not network.loras:
+        log.warning("%s: --am is ignored: no networks (network=lora network.loras=...)", line.origin)
+    elif network.mode == "merge":
+        log.warning("%s: --am is ignored: network.mode=merge merges the run's multipliers once; use hooked or "
+                    "precalc for per-prompt multipliers", line.origin)
+    elif len(given) > len(network.loras):
+        log.warning("%s: --am has %d values for %d network(s); the extra ones are ignored", line.origin,
+                    len(given), len(network.loras))
+
+
+def _negative_scale(option: float | Off | None, default: float | None) -> float | None:
+    """--nl N, --nl none (off for this line), or sampler.negative_scale."""
+    if option is OFF:
+        return None
+    return default if option is None else option
+
+
+def _size(spec: RunSpec, line: _Line) -> tuple[int, int]:
+    """--w/--h, else width/height, else the init image's size (rounded down to a multiple of 8), else 512."""
+    opts = line.parsed.options
+    own_w, own_h = line.init_size or (DEFAULT_SIZE, DEFAULT_SIZE)
+    return _given(opts.width, _given(spec.width, own_w)), _given(opts.height, _given(spec.height, own_h))
+
+
+def _init_size(spec: RunSpec, parsed: ParsedLine, init: str) -> tuple[int, int]:
+    """The init image's size as multiples of 8, warning once per line when rounding changes it."""
+    size = image_size(Path(init))
+    rounded = (size[0] // 8 * 8, size[1] // 8 * 8)
+    if min(rounded) == 0:
+        raise ConfigError(f"init_image {init} is {size[0]}x{size[1]}: too small; give width and height")
+    explicit = (_given(parsed.options.width, spec.width), _given(parsed.options.height, spec.height))
+    if rounded != size and None in explicit:
+        log.warning("%s: init image %s is %dx%d; using %dx%d (multiples of 8) <width, height>", parsed.origin,
+                    Path(init).name, *size, *rounded)
+    return rounded
+
+
+def _check_mask(mask: str, init: str | None) -> None:
+    """A readable mask image, warned about when its aspect ratio differs from its init image's."""
+    if init is None:
+        raise ConfigError(f"mask_image {mask} needs an init image to inpaint; set init_image too <mask_image>")
+    (mw, mh), (iw, ih) = image_size(Path(mask), "mask_image"), image_size(Path(init))
+    if abs(mw / mh - iw / ih) > 0.01:
+        log.warning("mask %s (%dx%d) has another aspect ratio than init image %s (%dx%d); it is resized "
+                    "(stretched) to the image <mask_image>", mask, mw, mh, init, iw, ih)
+
+
+def _deep_shrink(line: DeepShrink | None, run: DeepShrinkConfig) -> DeepShrink | None:
+    """The image's Deep Shrink settings: the line's --dsd1 --dst1 --dsd2 --dst2 --dsr over deep_shrink.*.
+
+    Off unless deep_shrink.depth_1 is set or the line gives any of them; a line without --dsd1 shrinks the
+    run's depth_1, or block 3 (the reference's rule).
+    """
+    if line is None and run.depth_1 is None:
+        return None
+    line = line or DeepShrink()
+    return DeepShrink(depth_1=_given(line.depth_1, _given(run.depth_1, 3)),
+                      timesteps_1=_given(line.timesteps_1, run.timesteps_1),
+                      depth_2=_given(line.depth_2, run.depth_2), timesteps_2=_given(line.timesteps_2, run.timesteps_2),
+                      ratio=_given(line.ratio, run.ratio))
+
+
+def _gradual_latent(line: GradualLatent | None, spec: RunSpec, parsed: _Line) -> GradualLatent | None:
+    """The image's Gradual Latent settings: the line's --glt --glr --gle --gls --glsn --glus over
+    gradual_latent.*; off unless gradual_latent.timesteps is set or the line gives any of them."""
+    run = spec.gradual_latent
+    if line is None and run.timesteps is None:
+        return None
+    origin = parsed.parsed.origin
+    if spec.sampler.name not in ("euler_a", "k_euler_a"):
+        raise PromptError(f"{origin}: Gradual Latent grows the latents inside the Euler ancestral step; use "
+                          f"sampler=euler_a (not {spec.sampler.name}) <gradual_latent.*, --glt ...>")
+    if parsed.parsed_mask is not None:
+        raise PromptError(f"{origin}: Gradual Latent cannot be combined with inpainting (mask_image)")
+    line = line or GradualLatent()
+    unsharp = line.unsharp if line.unsharp is not None else run.unsharp
+    return GradualLatent(timesteps=_given(line.timesteps, _given(run.timesteps, 650)),
+                         ratio=_given(line.ratio, run.ratio),
+                         every_n_steps=_given(line.every_n_steps, run.every_n_steps),
+                         ratio_step=_given(line.ratio_step, run.ratio_step), s_noise=_given(line.s_noise, run.s_noise),
+                         unsharp=tuple(float(v) for v in unsharp) if unsharp else None)
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
