@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from sdbatch.plan.batching import Batch, make_batches, neighbour_batches
-from sdbatch.config.schema import (
+from sdbatch.config.spec import (
     GuidanceConfig,
     HighresConfig,
     ModelConfig,

@@ -36,7 +36,7 @@ from PIL import Image  # noqa: E402
 from sdbatch import __version__  # noqa: E402
 from sdbatch.plan.batching import Batch, make_batches  # noqa: E402
 from sdbatch.config.resolve import to_plain  # noqa: E402
-from sdbatch.config.schema import (  # noqa: E402
+from sdbatch.config.spec import (  # noqa: E402
     GuidanceConfig,
     HighresConfig,
     ModelConfig,

@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import CLIPTokenizer
 
 from sdbatch.plan.batching import Batch, BatchKey
-from sdbatch.config.schema import (
+from sdbatch.config.spec import (
     GuidanceConfig,
     HighresConfig,
     ModelConfig,

@@ -12,7 +12,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sdbatch.cli.hydra_app import describe_config_error
 from sdbatch.config.resolve import resolve
-from sdbatch.config.schema import GROUPS, RunSpec, register_configs
+from sdbatch.config.schema import register_configs
+from sdbatch.config.spec import GROUPS, RunSpec
 from sdbatch.errors import ConfigError
 from sdbatch.config.sampler_registry import SAMPLERS
 

@@ -9,7 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from engine_helpers import max_diff, run_images, spec
 
-from sdbatch.config.schema import DeepShrinkConfig
+from sdbatch.config.spec import DeepShrinkConfig
 from sdbatch.engine.features.deep_shrink import active_depth, shrunk
 from sdbatch.errors import ModelError
 from sdbatch.plan.planner import plan

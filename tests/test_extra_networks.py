@@ -10,7 +10,7 @@ from engine_helpers import max_diff, pixels, run_images, spec
 from lora_files import make_lora
 from test_run import manifest
 
-from sdbatch.config.schema import GridConfig, LoraConfig, NetworkConfig
+from sdbatch.config.spec import GridConfig, LoraConfig, NetworkConfig
 from sdbatch.errors import PromptError
 from sdbatch.outputs.run_dir import read_png_params
 from sdbatch.plan.planner import plan

@@ -10,7 +10,7 @@ import torch
 from engine_helpers import init_images, max_diff, run_images, spec
 from scipy.ndimage import correlate1d
 
-from sdbatch.config.schema import GradualLatentConfig
+from sdbatch.config.spec import GradualLatentConfig
 from sdbatch.engine.features.gradual_latent import GradualLatentScheduler, gaussian_blur, start_latents
 from sdbatch.engine.core.scheduler_factory import make_scheduler
 from sdbatch.errors import PromptError

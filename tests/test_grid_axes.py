@@ -9,7 +9,7 @@ from engine_helpers import pixels, spec
 
 from sdbatch.plan.batching import make_batches
 from sdbatch.config.resolve import grid_axes
-from sdbatch.config.schema import GridConfig
+from sdbatch.config.spec import GridConfig
 from sdbatch.errors import ConfigError
 from sdbatch.plan.grid import expand, parse_axis, sheets
 from sdbatch.plan.planner import plan

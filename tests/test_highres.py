@@ -16,7 +16,7 @@ from PIL import Image
 from test_run import ROOT, manifest, run_cli
 
 from sdbatch.plan.batching import Batch, BatchKey
-from sdbatch.config.schema import HighresConfig
+from sdbatch.config.spec import HighresConfig
 from sdbatch.engine.core.engine import get_engine
 from sdbatch.errors import ConfigError
 from sdbatch.plan.highres_stage import check, first_stage_size

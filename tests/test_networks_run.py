@@ -11,7 +11,7 @@ from engine_helpers import max_diff, run_images, spec
 from lora_files import make_lora
 from test_run import SMALL, manifest, run_cli
 
-from sdbatch.config.schema import GridConfig, LoraConfig, NetworkConfig
+from sdbatch.config.spec import GridConfig, LoraConfig, NetworkConfig
 from sdbatch.engine.core.engine import Engine, get_engine
 from sdbatch.errors import ConfigError, ModelError
 from sdbatch.outputs.run_dir import read_png_params

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from sdbatch.plan.batching import BatchKey, make_batches
-from sdbatch.config.schema import ModelConfig, RunSpec, SamplerConfig
+from sdbatch.config.spec import ModelConfig, RunSpec, SamplerConfig
 from sdbatch.errors import ConfigError
 from sdbatch.plan.planner import file_name, plan
 from sdbatch.prompts.sources import PromptLine, read_prompt_file, read_prompts
 
 
 def _spec(**changes) -> RunSpec:
-    from sdbatch.config.schema import GuidanceConfig, HighresConfig, NetworkConfig
+    from sdbatch.config.spec import GuidanceConfig, HighresConfig, NetworkConfig
 
     base = RunSpec(model=ModelConfig(checkpoint="builtin:tiny"), sampler=SamplerConfig(name="ddim"),
                    network=NetworkConfig(), guidance=GuidanceConfig(), highres=HighresConfig(), prompt="x")
@@ -84,7 +84,7 @@ def test_prompt_file_errors(tmp_path: Path) -> None:
     ("a cat --am 0.2", "merge", None, (0.5, 1.0)),  # merged once: --am cannot change it
 ])
 def test_network_multipliers_per_image(line, mode, muls, expected) -> None:
-    from sdbatch.config.schema import LoraConfig, NetworkConfig
+    from sdbatch.config.spec import LoraConfig, NetworkConfig
 
     network = NetworkConfig(name="lora", loras=[LoraConfig("a.safetensors", 0.5), LoraConfig("b.safetensors")],
                             mode=mode, muls=muls)

@@ -143,7 +143,7 @@ def test_wildcards_dir_feeds_the_prompts(sd1_single_file, tmp_path) -> None:
     cards = tmp_path / "cards"
     cards.mkdir()
     (cards / "color.txt").write_text("crimson\nteal\n", encoding="utf-8")
-    from sdbatch.config.schema import PromptsConfig
+    from sdbatch.config.spec import PromptsConfig
 
     run_dir = _run_file(tmp_path, sd1_single_file, "a __color__ car\n", "w", images_per_prompt=6,
                         prompts=PromptsConfig(wildcards_dir=str(cards)))
@@ -155,7 +155,7 @@ def test_done_when_one_file_mixes_everything(sd1_single_file, sd1_components, tm
     """Weights, a long prompt, a TI embedding, wildcards and per-line options in one prompt file and run."""
     from safetensors.torch import save_file
 
-    from sdbatch.config.schema import ModelConfig, PromptsConfig
+    from sdbatch.config.spec import ModelConfig, PromptsConfig
 
     width = sd1_components[2].config.hidden_size
     embedding = tmp_path / "shinystyle.safetensors"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from engine_helpers import max_diff, ours, pixels, spec
 
-from sdbatch.config.schema import ModelConfig, PerfConfig
+from sdbatch.config.spec import ModelConfig, PerfConfig
 from sdbatch.engine.models import loading
 from sdbatch.engine.core.engine import Engine, get_engine
 from sdbatch.errors import ConfigError

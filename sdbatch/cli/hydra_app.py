@@ -20,7 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sdbatch.config.resolve import resolve
-from sdbatch.config.schema import RunSpec
+from sdbatch.config.spec import RunSpec
 from sdbatch.errors import SdbatchError
 from sdbatch.outputs.sweep_index import (
     FAILED_STATUSES,

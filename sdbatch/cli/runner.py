@@ -16,7 +16,7 @@ from tqdm import tqdm
 from sdbatch import __version__
 from sdbatch.plan.batching import make_batches
 from sdbatch.config.resolve import grid_axes, to_plain
-from sdbatch.config.schema import NetworkConfig, RunSpec
+from sdbatch.config.spec import NetworkConfig, RunSpec
 from sdbatch.errors import ConfigError, PromptError
 from sdbatch.plan.grid import Sheet, check_search_word, expand, search_replace, sheets
 from sdbatch.prompts.init_images import list_images, pair_with_images, prompt_from_image

@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from sdbatch.config.schema import RunSpec
+from sdbatch.config.spec import RunSpec
 from sdbatch.errors import ConfigError
 from sdbatch.config.sampler_registry import effective_schedule
 

@@ -10,7 +10,7 @@ import dataclasses
 import itertools
 from dataclasses import dataclass
 
-from sdbatch.config.schema import NetworkConfig
+from sdbatch.config.spec import NetworkConfig
 from sdbatch.errors import ConfigError
 from sdbatch.plan.jobs import ImageJob
 from sdbatch.plan.planner import SEED_LIMIT, file_name, network_muls

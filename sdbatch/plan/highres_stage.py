@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from sdbatch.config.schema import HighresConfig
+from sdbatch.config.spec import HighresConfig
 from sdbatch.errors import ConfigError
 from sdbatch.plan.jobs import ImageJob
 

@@ -32,7 +32,7 @@ class ImageJob:
     gradual_latent: Any = None  # --glt ... (sdbatch.prompts.syntax.GradualLatent)
     init_image: str | None = None  # img2img: path of the init image file (None = txt2img)
     mask_image: str | None = None  # inpainting: path of the mask file (white = repaint); needs init_image
-    highres: Any = None  # Highres. fix settings (sdbatch.config.schema.HighresConfig) or None
+    highres: Any = None  # Highres. fix settings (sdbatch.config.spec.HighresConfig) or None
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdbatch.config.schema import DeepShrinkConfig, NetworkConfig, RunSpec, complete_muls
+from sdbatch.config.spec import DeepShrinkConfig, NetworkConfig, RunSpec, complete_muls
 from sdbatch.errors import ConfigError, PromptError
 from sdbatch.prompts.init_images import image_size
 from sdbatch.plan.jobs import ImageJob

@@ -11,7 +11,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from sdbatch.config.schema import LoraConfig, NetworkConfig
+from sdbatch.config.spec import LoraConfig, NetworkConfig
 from sdbatch.errors import PromptError
 from sdbatch.plan.jobs import ImageJob
 

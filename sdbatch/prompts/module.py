@@ -3,7 +3,7 @@
 The file must define a function ``get_prompter(spec, engine)``. sdbatch calls it once, after the model is
 loaded, with two arguments, both passed through untouched:
 
-- ``spec``: the run's resolved config, a frozen ``sdbatch.config.schema.RunSpec``. Read any value from it,
+- ``spec``: the run's resolved config, a frozen ``sdbatch.config.spec.RunSpec``. Read any value from it,
   e.g. ``spec.width``, ``spec.seed``, ``spec.negative_prompt``, ``spec.model.checkpoint``. It cannot be changed.
 - ``engine``: the loaded ``sdbatch.engine.core.engine.Engine``, giving access to the models, e.g.
   ``engine.bundle.tokenizer`` or ``engine.bundle.text_encoder``.

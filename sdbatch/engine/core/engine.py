@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from sdbatch.plan.batching import Batch, BatchKey
-from sdbatch.config.schema import ModelConfig, NetworkConfig, PerfConfig
+from sdbatch.config.spec import ModelConfig, NetworkConfig, PerfConfig
 from sdbatch.engine.core import noise
 from sdbatch.engine.features import img2img, inpaint, xti
 from sdbatch.engine.vae import decode as vae

@@ -18,7 +18,7 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from sdbatch.plan.batching import Batch, BatchKey
-from sdbatch.config.schema import HighresConfig
+from sdbatch.config.spec import HighresConfig
 from sdbatch.engine.features import img2img
 from sdbatch.engine.core.denoise_loop import StepCallback
 from sdbatch.plan.highres_stage import first_stage_job, load_upscaler

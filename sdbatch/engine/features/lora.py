@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sdbatch.config.schema import NetworkConfig
+from sdbatch.config.spec import NetworkConfig
 from sdbatch.engine.features.lora_network import LoraFile, NetworkPatch, load_lora
 from sdbatch.engine.models.tiny_lora import lora_path
 from sdbatch.plan.jobs import NetworkRef

@@ -1,0 +1,195 @@
+"""The frozen run spec: one dataclass per config group, the RunSpec the planner and the engine read.
+
+Plain Python (no Hydra, no OmegaConf): the engine and the planner import it without the config machinery.
+`sdbatch.config.schema` generates the mutable twins Hydra composes into; `resolve` freezes them into these.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+MISSING: Any = "???"  # OmegaConf's marker for a mandatory value (the same string, so Hydra reports it as missing)
+
+_SPEC = dict(frozen=True, slots=True)
+
+
+@dataclass(**_SPEC)
+class ModelConfig:
+    checkpoint: str = MISSING  # .safetensors/.ckpt file, diffusers folder, cached hub id, or builtin:tiny
+    vae: str | None = None  # separate VAE: single file or diffusers folder
+    v2: str = "auto"  # auto | true | false: SD2 layout (auto = read from the weights)
+    v_parameterization: str = "auto"  # auto | true | false: v-prediction (auto = false; sd21 sets true)
+    clip_skip: int = 1  # 1 = last text-encoder layer, 2 = penultimate, ...
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16 (auto = fp16 on CUDA, fp32 on CPU)
+    no_half_vae: bool = False  # keep the VAE in fp32 when precision is fp16/bf16
+    # Textual Inversion embedding files (.pt/.safetensors/.bin); write a file's name (no extension) in a prompt
+    textual_inversion: list[str] = field(default_factory=list)
+    # Extended Textual Inversion files (16 per-UNet-block vector sets, kohya XTI); used like textual_inversion
+    xti_embeddings: list[str] = field(default_factory=list)
+
+
+@dataclass(**_SPEC)
+class SamplerConfig:
+    name: str = MISSING  # registry name, see sdbatch/samplers.py
+    steps: int = 50  # denoising steps
+    cfg_scale: float = 7.5  # classifier-free guidance scale; <= 1 disables CFG
+    eta: float = 0.0  # DDIM eta (0 = deterministic)
+    schedule: str = "default"  # default | karras | exponential
+    # a separate scale for the negative prompt (gcem156's method, the reference's --negative_scale): the real
+    # unconditional prediction becomes the base and the negative prompt is pushed away from with this scale
+    negative_scale: float | None = None
+
+
+@dataclass(**_SPEC)
+class LoraConfig:
+    path: str = MISSING  # kohya LoRA/LoCon or diffusers LoRA file (.safetensors preferred; .pt/.ckpt load safely)
+    mul: float = 1.0  # multiplier (a prompt line's --am replaces it, except in merge mode)
+
+
+@dataclass(**_SPEC)
+class NetworkConfig:
+    name: str = "none"  # none | lora
+    loras: list[LoraConfig] = field(default_factory=list)  # network=lora: [{path: FILE, mul: 0.8}, ...]
+    # hooked: added to each layer's output, multipliers per batch (--am); merge: added into the weights once
+    # (fastest, --am ignored); precalc: merged again for each batch's multipliers (fast sampling, --am works)
+    mode: str = "hooked"
+    strict: bool = False  # true: a LoRA module the model does not have is an error (default: warn and skip)
+    # the run's multipliers, one per file in order (the last repeats, like --am), replacing loras[].mul;
+    # what +sweeps=lora_weights sweeps: network.muls='[0.5]'
+    muls: list[float] | None = None
+    lora_dir: str | None = None  # folder of LoRA files for A1111's <lora:NAME:WEIGHT> prompt tags
+
+    def multipliers(self) -> tuple[float, ...]:
+        """The run's multiplier for each network: network.muls, else each file's mul."""
+        if self.muls:
+            return complete_muls(self.muls, len(self.loras))
+        return tuple(float(lora.mul) for lora in self.loras)
+
+
+def complete_muls(values: typing.Sequence[float], count: int) -> tuple[float, ...]:
+    """`count` multipliers from `values`: the last value repeats, extra values are dropped (the reference's --am)."""
+    return tuple(float(v) for v in (*values, *[values[-1]] * count)[:count])
+
+
+@dataclass(**_SPEC)
+class GuidanceConfig:
+    name: str = "none"  # none (ControlNet and guided generation come later)
+
+
+@dataclass(**_SPEC)
+class HighresConfig:
+    name: str = "off"  # off | on: Highres. fix (txt2img at a smaller size, upscale, then img2img)
+    scale: float = 0.5  # stage-1 size = scale × width/height, rounded down to a multiple of 8
+    steps: int = 28  # stage-1 (txt2img) steps; stage 2 uses sampler.steps × strength
+    strength: float = 0.5  # stage-2 img2img strength, 0 < strength <= 1
+    latent_upscale: bool = False  # false: upscale the decoded images (LANCZOS); true: upscale the latents
+    latent_mode: str = "bilinear"  # bilinear | bicubic: interpolation of latent_upscale
+    save_first_stage: bool = False  # also write the stage-1 images (NAME-first.png, "stage": 1 in the manifest)
+    upscaler: str | None = None  # "module:function" replacing the built-in upscale (see README "Highres. fix")
+    disable_controlnet: bool = False  # stage 1 without ControlNet (recorded; ControlNet does not exist yet)
+
+
+@dataclass(**_SPEC)
+class DeepShrinkConfig:
+    """Deep Shrink (the reference's --ds_*): a UNet down block sees a downscaled input while t is high."""
+
+    depth_1: int | None = None  # down block 0..3 to shrink; null = off (a prompt's --dsd1/--dst1/--dsr turn it on)
+    timesteps_1: int = 650  # depth_1 is shrunk while t >= this
+    depth_2: int | None = None  # a second block, shrunk while timesteps_2 <= t < timesteps_1
+    timesteps_2: int = 650
+    ratio: float = 0.5  # input scale of the shrunk block, 0 < ratio <= 1 (bicubic)
+
+
+@dataclass(**_SPEC)
+class GradualLatentConfig:
+    """Gradual Latent (the reference's --gradual_latent_*; sampler euler_a): latents start small and grow."""
+
+    timesteps: int | None = None  # growing starts once t < this; null = off (a prompt's --glt/--glr/... turn it on)
+    ratio: float = 0.5  # start scale of the latents, 0 < ratio <= 1
+    ratio_step: float = 0.125  # added to the scale at each growth
+    every_n_steps: int = 3  # steps between growths
+    s_noise: float = 1.0  # ancestral noise multiplier on growth steps
+    unsharp: list[float] | None = None  # [ksize, sigma, strength(, target_x 0/1)] unsharp mask after each resize
+
+
+@dataclass(**_SPEC)
+class InpaintConfig:
+    keep_original: bool = True  # paste the original's pixels back outside the mask after decoding
+
+
+@dataclass(**_SPEC)
+class PerfConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    attention: str = "sdpa"  # sdpa | xformers | eager
+    vae_batch_size: int = 0  # images per VAE decode call; 0 = the whole batch
+    # decode in this many horizontal bands (full activations kept on the CPU, GroupNorm over the whole image,
+    # so the pixels are the same): less GPU memory for large images, slower; null = whole image at once
+    vae_slices: int | None = None
+    channels_last: bool = False  # channels_last memory format for UNet and VAE (GPU)
+    compile: bool = False  # torch.compile the UNet (GPU; first batch is slow)
+    progress: bool = True  # tqdm bars for images and steps
+
+
+@dataclass(**_SPEC)
+class OutputConfig:
+    naming: str = "default"  # default ("00007-1234.png") | sequential ("im_000008.png") | original (init image)
+    grid: bool = False  # also write grid.png with all images of the run
+    resume: bool = True  # skip images already listed in manifest.jsonl
+
+
+@dataclass(**_SPEC)
+class PromptsConfig:
+    wildcards_dir: str | None = None  # folder of NAME.txt files for __NAME__ wildcards (one option per line)
+
+
+@dataclass(**_SPEC)
+class GridConfig:
+    x: str | None = None  # fused grid axis "KEY:V1,V2,..." e.g. "sampler.cfg_scale:5,7,9" (columns)
+    y: str | None = None  # rows, e.g. "seed:1,2,3,4"
+    z: str | None = None  # one sheet per value, e.g. "prompt_sr:red,blue"
+
+
+@dataclass(**_SPEC)
+class RunSpec:
+    model: ModelConfig = MISSING
+    sampler: SamplerConfig = MISSING
+    network: NetworkConfig = MISSING
+    guidance: GuidanceConfig = MISSING
+    highres: HighresConfig = MISSING
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+    inpaint: InpaintConfig = field(default_factory=InpaintConfig)
+    deep_shrink: DeepShrinkConfig = field(default_factory=DeepShrinkConfig)
+    gradual_latent: GradualLatentConfig = field(default_factory=GradualLatentConfig)
+    prompt: Any = None  # a string or a list of strings; in-prompt options (--w 768 --n ...) allowed
+    negative_prompt: str = ""  # default negative prompt (a line's --n replaces it)
+    # A1111's Prompt S/R: the first of prompt_sr_words is replaced by prompt_sr in every prompt and negative
+    # prompt of the run (+sweeps=prompt_sr runs one job per word)
+    prompt_sr: str | None = None
+    prompt_sr_words: list[str] = field(default_factory=list)
+    prompt_file: str | None = None  # UTF-8, one prompt per line; blank lines and '#' comments skipped
+    prompt_module: str | None = None  # Python file with get_prompter(spec, engine) yielding prompt lines
+    interactive: bool = False  # read prompts from standard input, generate each as it comes
+    no_preview: bool = False  # interactive: never open a preview window
+    on_error: str = "stop"  # stop | skip: what a malformed prompt line does
+    width: int | None = None  # pixels, multiple of 8; null = 512, or the init image's own size (img2img)
+    height: int | None = None  # pixels, multiple of 8; null = 512, or the init image's own size (img2img)
+    init_image: str | None = None  # img2img: an image file or a folder of images (used in turn)
+    strength: float = 0.8  # img2img: how much of the image is redrawn, 0 < strength <= 1
+    mask_image: str | None = None  # inpainting: a mask file or folder (white = repaint), mask i for init image i
+    seed: int | None = None  # image k gets seed + k; null = random (recorded)
+    images_per_prompt: int = 1
+    n_iter: int = 1  # repeat the whole prompt list this many times
+    batch_size: int = 1  # images per UNet call
+    iter_same_seed: bool = False  # every image of one n_iter pass shares that pass's seed
+    shuffle_prompts: bool = False  # shuffle the prompt lines (seeded by the run's base seed)
+    max_embeddings_multiples: int = 1  # prompt length in 75-token chunks: 1 = 75 tokens, 3 = 225
+    emb_normalize_mode: str = "original"  # original | abs | none: rescaling after prompt weights
+
+
+GROUPS = {"model": ModelConfig, "sampler": SamplerConfig, "network": NetworkConfig,
+          "guidance": GuidanceConfig, "highres": HighresConfig}
