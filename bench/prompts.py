@@ -19,7 +19,6 @@ import time
 import numpy as np
 import torch
 
-from sdbatch.plan.batching import Batch, make_batches, neighbour_batches
 from sdbatch.config.spec import (
     GuidanceConfig,
     HighresConfig,
@@ -30,6 +29,7 @@ from sdbatch.config.spec import (
     SamplerConfig,
 )
 from sdbatch.engine.core.engine import Engine, get_engine
+from sdbatch.plan.batching import Batch, make_batches, neighbour_batches
 from sdbatch.plan.jobs import ImageJob
 from sdbatch.plan.planner import plan
 from sdbatch.prompts.sources import PromptLine

@@ -34,7 +34,6 @@ import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from sdbatch import __version__  # noqa: E402
-from sdbatch.plan.batching import Batch, make_batches  # noqa: E402
 from sdbatch.config.resolve import to_plain  # noqa: E402
 from sdbatch.config.spec import (  # noqa: E402
     GuidanceConfig,
@@ -47,11 +46,13 @@ from sdbatch.config.spec import (  # noqa: E402
 )
 from sdbatch.engine.core.device import Placement, pick_placement  # noqa: E402
 from sdbatch.engine.core.engine import Engine, get_engine  # noqa: E402
+from sdbatch.engine.core.scheduler_factory import make_scheduler  # noqa: E402
 from sdbatch.engine.models.export import save_diffusers_folder, save_single_file  # noqa: E402
 from sdbatch.engine.models.loading import ModelBundle, clear_model_cache, load_count, load_models  # noqa: E402
-from sdbatch.engine.core.scheduler_factory import make_scheduler  # noqa: E402
 from sdbatch.engine.models.tiny import build_tiny_components  # noqa: E402
-from sdbatch.outputs.run_dir import RunDir, image_params  # noqa: E402
+from sdbatch.outputs.metadata import image_params  # noqa: E402
+from sdbatch.outputs.run_dir import RunDir  # noqa: E402
+from sdbatch.plan.batching import Batch, make_batches  # noqa: E402
 from sdbatch.plan.planner import plan  # noqa: E402
 from sdbatch.prompts.sources import read_prompts  # noqa: E402
 

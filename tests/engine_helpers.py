@@ -12,7 +12,7 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 from transformers import CLIPTokenizer
 
-from sdbatch.plan.batching import Batch, BatchKey
+from sdbatch.cli.runner import run
 from sdbatch.config.spec import (
     GuidanceConfig,
     HighresConfig,
@@ -24,9 +24,9 @@ from sdbatch.config.spec import (
 from sdbatch.engine.core.engine import get_engine
 from sdbatch.engine.core.scheduler_factory import make_scheduler
 from sdbatch.engine.text.tokenizer import write_hf_tokenizer_files
+from sdbatch.plan.batching import Batch, BatchKey
 from sdbatch.plan.planner import plan
 from sdbatch.prompts.sources import PromptLine
-from sdbatch.cli.runner import run
 
 SIZE = 64  # pixels; latents 8×8 keep the tiny models fast on one CPU thread
 

@@ -12,10 +12,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sdbatch.cli.hydra_app import describe_config_error
 from sdbatch.config.resolve import resolve
+from sdbatch.config.sampler_registry import SAMPLERS
 from sdbatch.config.schema import register_configs
 from sdbatch.config.spec import GROUPS, RunSpec
 from sdbatch.errors import ConfigError
-from sdbatch.config.sampler_registry import SAMPLERS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")

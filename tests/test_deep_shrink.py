@@ -9,13 +9,13 @@ import torch
 from diffusers import UNet2DConditionModel
 from engine_helpers import max_diff, run_images, spec
 
+from sdbatch.cli.runner import run
+from sdbatch.config.deep_shrink_schema import DeepShrink
 from sdbatch.config.spec import DeepShrinkConfig
 from sdbatch.engine.features.deep_shrink import active_depth, shrunk
 from sdbatch.errors import ModelError
 from sdbatch.plan.planner import plan
 from sdbatch.prompts.sources import PromptLine
-from sdbatch.prompts.syntax import DeepShrink
-from sdbatch.cli.runner import run
 
 torch.set_num_threads(1)
 

@@ -10,13 +10,14 @@ from engine_helpers import max_diff, pixels, run_images, spec
 from lora_files import make_lora
 from test_run import manifest
 
+from sdbatch.cli.runner import run
 from sdbatch.config.spec import GridConfig, LoraConfig, NetworkConfig
 from sdbatch.errors import PromptError
-from sdbatch.outputs.run_dir import read_png_params
+from sdbatch.plan.lora_tags import apply_tags
 from sdbatch.plan.planner import plan
-from sdbatch.prompts.extra_networks import apply_tags, strip_tags, tags
+from sdbatch.prompts.extra_networks import strip_tags, tags
+from sdbatch.prompts.png_info import read_png_params
 from sdbatch.prompts.sources import PromptLine
-from sdbatch.cli.runner import run
 
 torch.set_num_threads(1)
 

@@ -10,13 +10,13 @@ import torch
 from engine_helpers import init_images, max_diff, run_images, spec
 from scipy.ndimage import correlate1d
 
+from sdbatch.config.gradual_latent_schema import GradualLatent
 from sdbatch.config.spec import GradualLatentConfig
-from sdbatch.engine.features.gradual_latent import GradualLatentScheduler, gaussian_blur, start_latents
 from sdbatch.engine.core.scheduler_factory import make_scheduler
+from sdbatch.engine.features.gradual_latent import GradualLatentScheduler, gaussian_blur, start_latents
 from sdbatch.errors import PromptError
 from sdbatch.plan.planner import plan
 from sdbatch.prompts.sources import PromptLine
-from sdbatch.prompts.syntax import GradualLatent
 
 torch.set_num_threads(1)
 

@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 from engine_helpers import pixels, spec
 
-from sdbatch.plan.batching import make_batches
-from sdbatch.config.resolve import grid_axes
+from sdbatch.config.grid_axes import grid_axes, parse_axis
 from sdbatch.config.spec import GridConfig
 from sdbatch.errors import ConfigError
-from sdbatch.plan.grid import expand, parse_axis, sheets
+from sdbatch.plan.batching import make_batches
+from sdbatch.plan.grid import expand, sheets
 from sdbatch.plan.planner import plan
 from sdbatch.prompts.sources import PromptLine
 

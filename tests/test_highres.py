@@ -15,15 +15,15 @@ from engine_helpers import max_diff, ours_img2img, spec
 from PIL import Image
 from test_run import ROOT, manifest, run_cli
 
-from sdbatch.plan.batching import Batch, BatchKey
+from sdbatch.cli.runner import run
+from sdbatch.config.highres_schema import check, first_stage_size
 from sdbatch.config.spec import HighresConfig
 from sdbatch.engine.core.engine import get_engine
 from sdbatch.errors import ConfigError
-from sdbatch.plan.highres_stage import check, first_stage_size
-from sdbatch.outputs.run_dir import parse_infotext, read_png_params
+from sdbatch.plan.batching import Batch, BatchKey
 from sdbatch.plan.planner import plan
+from sdbatch.prompts.png_info import parse_infotext, read_png_params
 from sdbatch.prompts.sources import PromptLine
-from sdbatch.cli.runner import run
 
 torch.set_num_threads(1)
 

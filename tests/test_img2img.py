@@ -20,16 +20,16 @@ from engine_helpers import (
 from PIL import Image
 from test_parity import assert_same_image
 
-from sdbatch.plan.batching import Batch, BatchKey
-from sdbatch.engine.features import img2img
-from sdbatch.engine.core.model_fn import Conditioning
-from sdbatch.engine.core.engine import get_engine
+from sdbatch.config.sampler_registry import BASE_CONFIG, effective_schedule
 from sdbatch.engine.core.denoise_loop import sample
+from sdbatch.engine.core.engine import get_engine
+from sdbatch.engine.core.model_fn import Conditioning
 from sdbatch.engine.core.scheduler_factory import make_scheduler
+from sdbatch.engine.features import img2img
 from sdbatch.errors import ConfigError
+from sdbatch.plan.batching import Batch, BatchKey
 from sdbatch.plan.planner import plan
 from sdbatch.prompts.sources import PromptLine
-from sdbatch.config.sampler_registry import BASE_CONFIG, effective_schedule
 
 torch.set_num_threads(1)
 

@@ -11,10 +11,10 @@ from engine_helpers import spec
 from PIL import Image, PngImagePlugin
 
 from sdbatch.errors import ConfigError
-from sdbatch.prompts.init_images import list_images, pair_with_images, prompt_from_image
 from sdbatch.plan.planner import plan
+from sdbatch.plan.stage import prompt_lines as _prompt_lines
+from sdbatch.prompts.init_images import list_images, pair_with_images, prompt_from_image
 from sdbatch.prompts.sources import PromptLine
-from sdbatch.cli.runner import _prompt_lines
 
 
 def _png(path: Path, size=(64, 64), **text: str) -> Path:

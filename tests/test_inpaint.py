@@ -14,18 +14,18 @@ from diffusers import StableDiffusionInpaintPipeline
 from engine_helpers import SIZE, init_images, max_diff, pipeline, spec
 from PIL import Image
 
-from sdbatch.plan.batching import Batch, BatchKey
-from sdbatch.engine.features import img2img
-from sdbatch.engine.vae import decode as vae_mod
-from sdbatch.engine.core.engine import get_engine
-from sdbatch.engine.models.export import save_single_file
-from sdbatch.engine.features.inpaint import paste_original
-from sdbatch.engine.models.tiny import build_tiny_components
-from sdbatch.errors import ConfigError
-from sdbatch.outputs.run_dir import read_png_params
-from sdbatch.plan.planner import plan
-from sdbatch.prompts.sources import PromptLine
 from sdbatch.cli.runner import run
+from sdbatch.engine.core.engine import get_engine
+from sdbatch.engine.features import img2img
+from sdbatch.engine.features.inpaint import paste_original
+from sdbatch.engine.models.export import save_single_file
+from sdbatch.engine.models.tiny import build_tiny_components
+from sdbatch.engine.vae import decode as vae_mod
+from sdbatch.errors import ConfigError
+from sdbatch.plan.batching import Batch, BatchKey
+from sdbatch.plan.planner import plan
+from sdbatch.prompts.png_info import read_png_params
+from sdbatch.prompts.sources import PromptLine
 
 torch.set_num_threads(1)
 

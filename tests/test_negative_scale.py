@@ -8,7 +8,8 @@ import pytest
 import torch
 from engine_helpers import max_diff, ours, pipeline, reference, spec
 
-from sdbatch.engine.core.model_fn import Conditioning, with_cfg
+from sdbatch.engine.core.model_fn import Conditioning
+from sdbatch.engine.features.cfg import with_cfg
 from sdbatch.plan.planner import plan
 from sdbatch.prompts.sources import PromptLine
 

@@ -11,11 +11,11 @@ from engine_helpers import max_diff, run_images, spec
 from lora_files import make_lora
 from test_run import SMALL, manifest, run_cli
 
+from sdbatch.cli.runner import run
 from sdbatch.config.spec import GridConfig, LoraConfig, NetworkConfig
 from sdbatch.engine.core.engine import Engine, get_engine
 from sdbatch.errors import ConfigError, ModelError
-from sdbatch.outputs.run_dir import read_png_params
-from sdbatch.cli.runner import run
+from sdbatch.prompts.png_info import read_png_params
 
 torch.set_num_threads(1)
 
@@ -140,8 +140,9 @@ def test_sd2_lora_applies_in_every_mode(sd2_single_file, sd2_components, tmp_pat
 
 
 def test_per_image_multipliers_in_one_unet_call(sd1_components, lora) -> None:
-    """Rows [0, 1] tiled over the CFG halves: image 0 gets the plain UNet, image 1 the full LoRA."""
-    from sdbatch.engine.features.lora_network import NetworkPatch, load_lora
+    """Rows [0, 1] over the CFG halves: image 0 gets the plain UNet, image 1 the full LoRA."""
+    from sdbatch.engine.core.rows import NEGATIVE, PROMPT, Rows, calling
+    from sdbatch.engine.features.lora_network import ROW_MULTIPLIERS, NetworkPatch, load_lora
 
     unet, _, text_encoder = sd1_components
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)  # 2 images × 2 halves
@@ -157,8 +158,9 @@ def test_per_image_multipliers_in_one_unet_call(sd1_components, lora) -> None:
         patch.hook()
         patch.set_multipliers([1.0])
         full = call()
-        patch.set_image_multipliers([[0.0], [1.0]])
-        mixed = call()
+        rows = Rows.of_images(2).stacked([NEGATIVE, PROMPT])  # the call's row contract: 2 images × 2 CFG parts
+        with calling(rows.with_image_data(**{ROW_MULTIPLIERS: torch.tensor([[0.0], [1.0]])})):
+            mixed = call()
     finally:
         patch.remove()
     rows_plain, rows_full = [0, 2], [1, 3]  # image 0 and image 1 in each CFG half

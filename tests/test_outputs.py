@@ -12,8 +12,10 @@ from PIL import Image
 
 from sdbatch import __version__
 from sdbatch.errors import OutputError
+from sdbatch.outputs.metadata import image_params, infotext
+from sdbatch.outputs.run_dir import RunDir
 from sdbatch.plan.jobs import ImageJob, ModelInfo
-from sdbatch.outputs.run_dir import RunDir, image_params, infotext, parse_infotext, read_png_params
+from sdbatch.prompts.png_info import parse_infotext, read_png_params
 
 MODEL = ModelInfo(name="v1-5-pruned-emaonly", hash="6ce0161689", family="sd1", v_prediction=False,
                   clip_skip=1, precision="fp32")

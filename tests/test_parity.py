@@ -54,8 +54,8 @@ def test_cfg_scales_are_per_image(sd1_single_file) -> None:
     """Images with different CFG scales share a batch and each equals its own single-scale run."""
     import dataclasses
 
-    from sdbatch.plan.batching import Batch, BatchKey
     from sdbatch.engine.core.engine import get_engine
+    from sdbatch.plan.batching import Batch, BatchKey
     from sdbatch.plan.planner import plan
     from sdbatch.prompts.sources import PromptLine
 

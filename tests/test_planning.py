@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sdbatch.plan.batching import BatchKey, make_batches
 from sdbatch.config.spec import ModelConfig, RunSpec, SamplerConfig
 from sdbatch.errors import ConfigError
+from sdbatch.plan.batching import BatchKey, make_batches
 from sdbatch.plan.planner import file_name, plan
 from sdbatch.prompts.sources import PromptLine, read_prompt_file, read_prompts
 

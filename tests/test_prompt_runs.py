@@ -12,10 +12,10 @@ import torch
 from engine_helpers import pixels, spec
 from PIL import Image
 
+from sdbatch.cli.runner import run
 from sdbatch.errors import PromptError
 from sdbatch.plan.planner import plan
 from sdbatch.prompts.sources import PromptLine, read_prompts
-from sdbatch.cli.runner import run
 
 torch.set_num_threads(1)
 

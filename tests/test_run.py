@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sdbatch.outputs.run_dir import parse_infotext
+from sdbatch.prompts.png_info import parse_infotext
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["width=64", "height=64", "sampler.steps=3", "perf.progress=false"]

@@ -11,11 +11,11 @@ import pytest
 import torch
 from engine_helpers import max_diff, ours, pixels, spec
 
-from sdbatch.config.spec import ModelConfig, PerfConfig
-from sdbatch.engine.models import loading
-from sdbatch.engine.core.engine import Engine, get_engine
-from sdbatch.errors import ConfigError
 from sdbatch.cli.runner import run
+from sdbatch.config.spec import ModelConfig, PerfConfig
+from sdbatch.engine.core.engine import Engine, get_engine
+from sdbatch.engine.models import loading
+from sdbatch.errors import ConfigError
 
 torch.set_num_threads(1)
 

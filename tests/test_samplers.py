@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from sdbatch.config.sampler_registry import SAMPLERS, a1111_name, effective_schedule, scheduler_options
+from sdbatch.engine.core.denoise_loop import sample
 from sdbatch.engine.core.model_fn import Conditioning, ModelFn
 from sdbatch.engine.core.noise import generators, initial_noise
-from sdbatch.engine.core.denoise_loop import sample
 from sdbatch.engine.core.scheduler_factory import STEP_KWARGS, make_scheduler
-from sdbatch.config.sampler_registry import SAMPLERS, a1111_name, effective_schedule, scheduler_options
 
 torch.set_num_threads(1)
 MU, SD = 0.5, 0.5  # the toy data distribution: every latent element ~ N(MU, SD²)

@@ -8,8 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sdbatch.config.deep_shrink_schema import DeepShrink
+from sdbatch.config.gradual_latent_schema import GradualLatent
 from sdbatch.errors import PromptError
-from sdbatch.prompts.syntax import OFF, DeepShrink, GradualLatent, LineOptions, ParsedLine, parse_line
+from sdbatch.prompts.syntax import OFF, LineOptions, ParsedLine, parse_line
 
 ORIGIN = "prompts.txt:4"
 

@@ -14,15 +14,16 @@ import safetensors.torch
 import torch
 from engine_helpers import spec
 
-from sdbatch.engine.text.embeddings import load_embedding, load_embeddings, register
+from sdbatch.cli.runner import run
 from sdbatch.engine.core.engine import get_engine
+from sdbatch.engine.text.embeddings import load_embedding, load_embeddings, register
 from sdbatch.engine.text.encoder import TextEncoder
 from sdbatch.engine.text.tokenizer import ClipTokenizer
 from sdbatch.errors import ModelError
+from sdbatch.outputs.metadata import image_params, infotext
 from sdbatch.plan.jobs import EmbeddingRef, ImageJob, ModelInfo
-from sdbatch.outputs.run_dir import image_params, infotext, parse_infotext, read_png_params
 from sdbatch.prompts.embedding_names import used_names
-from sdbatch.cli.runner import run
+from sdbatch.prompts.png_info import parse_infotext, read_png_params
 
 torch.set_num_threads(1)
 

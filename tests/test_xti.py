@@ -14,17 +14,18 @@ import safetensors.torch
 import torch
 from engine_helpers import max_diff, ours, pixels, spec
 
-from sdbatch.engine.features import xti
-from sdbatch.engine.core.model_fn import Conditioning
-from sdbatch.engine.text.embeddings import XTI_LAYERS, load_embedding, load_embeddings
+from sdbatch.cli.runner import run
 from sdbatch.engine.core.engine import get_engine
+from sdbatch.engine.core.model_fn import Conditioning
+from sdbatch.engine.core.rows import calling
+from sdbatch.engine.features import xti
 from sdbatch.engine.models.export import save_single_file
-from sdbatch.engine.text.encoder import TextEncoder
 from sdbatch.engine.models.tiny import build_tiny_components
+from sdbatch.engine.text.embeddings import XTI_LAYERS, load_embedding, load_embeddings
+from sdbatch.engine.text.encoder import TextEncoder
 from sdbatch.engine.text.tokenizer import ClipTokenizer
 from sdbatch.errors import ModelError
-from sdbatch.outputs.run_dir import parse_infotext, read_png_params
-from sdbatch.cli.runner import run
+from sdbatch.prompts.png_info import parse_infotext, read_png_params
 
 torch.set_num_threads(1)
 
@@ -134,14 +135,16 @@ def test_each_block_gets_its_own_encoding(sd16_components, caplog) -> None:
     assert cond.embeddings.shape == (2, 16 * 77, 32)
     seen, handles = _received(unet)
     with torch.no_grad(), caplog.at_level(logging.WARNING):
-        unet(x, t, encoder_hidden_states=cond.embeddings, **cond.unet_kwargs)
+        with calling(cond.rows):  # the token count travels in the call's row contract
+            unet(x, t, encoder_hidden_states=cond.embeddings, **cond.unet_kwargs)
         for b, name in enumerate(XTI_LAYERS):
             assert torch.equal(seen[name], states[b]), name
         plain = unet(x, t, encoder_hidden_states=states[3]).sample  # no marker: the hooks do nothing
         assert all(torch.equal(s, states[3]) for s in seen.values())
         same = [(states[3], None)] * 16
         packed = xti.conditioning(base, same)
-        assert torch.equal(unet(x, t, encoder_hidden_states=packed.embeddings, **packed.unet_kwargs).sample, plain)
+        with calling(packed.rows):
+            assert torch.equal(unet(x, t, encoder_hidden_states=packed.embeddings, **packed.unet_kwargs).sample, plain)
     assert "not expected" not in caplog.text  # the marker never reaches the attention processors
     for handle in handles:
         handle.remove()

@@ -142,11 +142,10 @@ def _job_spec(spec: RunSpec, hydra_cfg: DictConfig) -> RunSpec:
 
 def device_for_job(num: int) -> str:
     """cuda:(num % visible GPUs), or cpu when CUDA is not available (what perf.device=auto would pick)."""
-    import torch  # the engine imports it next anyway
+    from sdbatch.engine.core.gpus import cuda_device_count  # imports torch, which the engine imports next anyway
 
-    if not torch.cuda.is_available():
-        return "cpu"
-    return f"cuda:{num % torch.cuda.device_count()}"
+    count = cuda_device_count()
+    return f"cuda:{num % count}" if count else "cpu"
 
 
 def guarded(main: Callable[[], None]) -> int:
@@ -250,9 +249,9 @@ def sweep_seed() -> int:
 
 def gpu_count() -> int:
     """Visible CUDA devices, at least 1 (joblib's default number of workers: one per GPU, one on a CPU)."""
-    import torch
+    from sdbatch.engine.core.gpus import cuda_device_count
 
-    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+    return max(1, cuda_device_count())
 
 
 # registered on import: run.py imports this module, and so does every launcher worker (through the task)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -14,18 +15,19 @@ import yaml
 from tqdm import tqdm
 
 from sdbatch import __version__
-from sdbatch.plan.batching import make_batches
-from sdbatch.config.resolve import grid_axes, to_plain
-from sdbatch.config.spec import NetworkConfig, RunSpec
-from sdbatch.errors import ConfigError, PromptError
-from sdbatch.plan.grid import Sheet, check_search_word, expand, search_replace, sheets
-from sdbatch.prompts.init_images import list_images, pair_with_images, prompt_from_image
-from sdbatch.plan.jobs import ImageJob
-from sdbatch.outputs.run_dir import CONFIG, RunDir, image_params
-from sdbatch.plan.planner import plan, random_base_seed
-from sdbatch.prompts.extra_networks import apply_tags
-from sdbatch.prompts.sources import PromptLine, read_prompts
 from sdbatch.cli.startup import heavy_imports
+from sdbatch.config.resolve import to_plain
+from sdbatch.config.spec import RunSpec
+from sdbatch.errors import PromptError
+from sdbatch.outputs.metadata import image_params
+from sdbatch.outputs.run_dir import CONFIG, RunDir
+from sdbatch.plan.batching import make_batches
+from sdbatch.plan.grid import Sheet
+from sdbatch.plan.jobs import ImageJob
+from sdbatch.plan.lora_tags import apply_tags
+from sdbatch.plan.planner import plan, random_base_seed
+from sdbatch.plan.stage import plan_run
+from sdbatch.prompts.sources import PromptLine
 
 log = logging.getLogger(__name__)
 
@@ -39,53 +41,32 @@ class RunResult:
 
 def run(spec: RunSpec, run_dir: Path, stdin: TextIO | None = None) -> RunResult:
     """Generate every image of the run spec into run_dir; images already done there are skipped."""
-    try:
-        return _run(spec, run_dir, stdin)
-    finally:  # a cached model leaves every run plain, whatever networks the run patched onto it
-        if "sdbatch.engine.core.engine" in sys.modules:
-            sys.modules["sdbatch.engine.core.engine"].clear_networks()
-
-
-def _run(spec: RunSpec, run_dir: Path, stdin: TextIO | None) -> RunResult:
     out = RunDir(run_dir, resume=spec.output.resume)
     base_seed = _base_seed(spec, run_dir)
     if spec.interactive:
         return _run_interactive(spec, out, base_seed, stdin or sys.stdin)
     # a prompt module may use the models, so they load first; otherwise prompt errors come before loading
     engine = _engine(spec) if spec.prompt_module else None
-    jobs, axes, base_count, network = _all_jobs(spec, _prompt_lines(spec, engine), base_seed)
+    planned = plan_run(spec, base_seed, engine)
+    jobs = planned.jobs
     todo = [job for job in jobs if not out.is_done(job)]
     engine = engine or _engine(spec)
-    engine.set_networks(network)  # network.loras and the files of <lora:...> tags
-    out.write_config({**to_plain(spec), "seed": base_seed}, engine.model_hashes())
-    if len(todo) < len(jobs):
-        log.info("resuming: %d of %d images already in %s <output.resume>", len(jobs) - len(todo), len(jobs), run_dir)
-    encoded_before = engine.text.encoded
-    written = _generate(engine, out, todo, spec, len(jobs))
+    with engine.session(dataclasses.replace(spec, network=planned.network)):  # with the files of <lora:> tags
+        out.write_config({**to_plain(spec), "seed": base_seed}, engine.model_hashes())
+        if len(todo) < len(jobs):
+            log.info("resuming: %d of %d images already in %s <output.resume>", len(jobs) - len(todo), len(jobs),
+                     run_dir)
+        encoded_before = engine.text.encoded
+        written = _generate(engine, out, todo, spec, len(jobs))
     # what the per-process caches saved: a multirun's later jobs reuse the model and the prompt encodings
     log.info("text encoder ran for %d prompt(s) in this run; %d model load(s) in this process <caches>",
              engine.text.encoded - encoded_before, load_count())
-    if axes:
-        _save_sheets(out, sheets(jobs, axes, base_count))
+    if planned.axes:
+        _save_sheets(out, planned.sheets())
     elif spec.output.grid:
         cols = spec.images_per_prompt if spec.images_per_prompt > 1 else math.ceil(math.sqrt(len(jobs)))
         out.save_grid([job.file_name for job in jobs], cols)
     return RunResult(run_dir, written, len(jobs) - len(todo))
-
-
-def _all_jobs(spec: RunSpec, lines: list[PromptLine], base_seed: int,
-              ) -> tuple[list[ImageJob], list, int, NetworkConfig]:
-    """(every image of the run, the fused-grid axes, the number of planned images before grid expansion,
-    the run's networks: network.loras plus the files <lora:...> tags name)."""
-    jobs = plan(spec, lines, base_seed)
-    if spec.prompt_sr is not None:  # one word of a +sweeps=prompt_sr multirun
-        check_search_word(jobs, spec.prompt_sr_words[0], "prompt_sr_words")
-        jobs = [search_replace(job, spec.prompt_sr_words[0], spec.prompt_sr) for job in jobs]
-    axes, base_count = grid_axes(spec), len(jobs)
-    if axes:  # a fused grid: each planned image becomes one image per cell
-        jobs = expand(jobs, axes, spec.output.naming, spec.network)
-    jobs, network = apply_tags(jobs, spec.network)  # after the grid: an axis may write tags into prompts
-    return jobs, axes, base_count, network
 
 
 def _save_sheets(out: RunDir, grid_sheets: list[Sheet]) -> None:
@@ -109,50 +90,7 @@ def _engine(spec: RunSpec):
     with heavy_imports():
         from sdbatch.engine.core.engine import get_engine  # torch loads only once there is work to do
 
-    engine = get_engine(spec.model, spec.perf)
-    # run-level prompt settings; both are part of the text cache key, so a shared engine stays correct
-    engine.text.max_multiples = spec.max_embeddings_multiples
-    engine.text.normalize = spec.emb_normalize_mode
-    engine.set_textual_inversion(spec.model.textual_inversion, spec.model.xti_embeddings)  # this run's, exactly
-    return engine
-
-
-def _prompt_lines(spec: RunSpec, engine) -> list[PromptLine]:
-    """prompt_file lines, then inline prompts, then what prompt_module yields; with init images attached."""
-    lines = []
-    if spec.prompt_file or spec.prompt:
-        lines = read_prompts(spec.prompt, spec.negative_prompt, spec.prompt_file)
-    if spec.prompt_module:
-        from sdbatch.prompts.module import load_prompter
-
-        lines += list(load_prompter(spec.prompt_module, spec, engine))
-    if spec.init_image is None:
-        return lines
-    images = list_images(spec.init_image)
-    masks = _masks_of(spec, images)
-    if not lines:  # no prompt given: each image brings back the prompt it was made with
-        return [dataclasses.replace(_stored_prompt(image, spec), init_image=str(image), mask_image=masks[image])
-                for image in images]
-    return [dataclasses.replace(line, init_image=str(image), mask_image=masks[image])
-            for line, image in pair_with_images(lines, images)]
-
-
-def _masks_of(spec: RunSpec, images: list[Path]) -> dict[Path, str | None]:
-    """The mask of each init image: mask_image's files in turn (init image i gets mask i, cycled)."""
-    if spec.mask_image is None:
-        return dict.fromkeys(images)
-    masks = list_images(spec.mask_image, "mask_image")
-    if len(masks) > 1 and len(masks) != len(images):
-        log.warning("%d init images but %d masks: the masks are used in turn (cycled) <mask_image>",
-                    len(images), len(masks))
-    return {image: str(masks[i % len(masks)]) for i, image in enumerate(images)}
-
-
-def _stored_prompt(image: Path, spec: RunSpec) -> PromptLine:
-    line = prompt_from_image(image, spec.negative_prompt)
-    if line is None:
-        raise ConfigError(f"init_image {image} carries no prompt in its metadata; give prompt='...'")
-    return line
+    return get_engine(spec.model, spec.perf)
 
 
 def _run_interactive(spec: RunSpec, out: RunDir, base_seed: int, stream: TextIO) -> RunResult:
@@ -160,25 +98,29 @@ def _run_interactive(spec: RunSpec, out: RunDir, base_seed: int, stream: TextIO)
     from sdbatch.prompts.interactive import preview_available, read_lines, report_saved, show_preview
 
     engine = _engine(spec)
-    out.write_config({**to_plain(spec), "seed": base_seed}, engine.model_hashes())
+    with engine.session(spec):  # the run's embeddings are loaded: their hashes go into config.yaml
+        out.write_config({**to_plain(spec), "seed": base_seed}, engine.model_hashes())
     spec = dataclasses.replace(spec, n_iter=1)  # one pass per typed line, as the reference does
     preview, taken, written = preview_available(spec.no_preview), out.done_files(), []
     network = None
-    for number, text in enumerate(read_lines(stream), start=1):
-        line = PromptLine(text, spec.negative_prompt, f"stdin:{number}")
-        try:
-            jobs, line_network = apply_tags(plan(spec, [line], base_seed, start=len(taken), taken=taken), spec.network)
-        except PromptError as ex:  # a typo in one line should not end the session
-            log.error("%s", ex)
-            continue
-        if line_network != network:  # a line's <lora:...> tags may bring other files
-            engine.set_networks(line_network)
-            network = line_network
-        saved = _generate(engine, out, jobs, spec, len(jobs))
-        report_saved(saved)
-        if preview:
-            show_preview(saved, text)
-        written += saved
+    with contextlib.ExitStack() as session:
+        for number, text in enumerate(read_lines(stream), start=1):
+            line = PromptLine(text, spec.negative_prompt, f"stdin:{number}")
+            try:
+                planned = plan(spec, [line], base_seed, start=len(taken), taken=taken)
+                jobs, line_network = apply_tags(planned, spec.network)
+            except PromptError as ex:  # a typo in one line should not end the session
+                log.error("%s", ex)
+                continue
+            if line_network != network:  # a line's <lora:...> tags may bring other files: a new patch session
+                session.close()
+                session.enter_context(engine.session(dataclasses.replace(spec, network=line_network)))
+                network = line_network
+            saved = _generate(engine, out, jobs, spec, len(jobs))
+            report_saved(saved)
+            if preview:
+                show_preview(saved, text)
+            written += saved
     return RunResult(out.path, written, 0)
 
 
@@ -188,30 +130,16 @@ def _generate(engine, out: RunDir, todo: list[ImageJob], spec: RunSpec, total: i
     with tqdm(total=total, initial=total - len(todo), desc="images", unit="img", disable=not show) as bar:
         for batch in make_batches(todo, spec.batch_size, per_image_networks=spec.network.mode == "hooked"):
             steps = tqdm(desc="steps", unit="step", leave=False, disable=not show)
-            tick = lambda info, s=steps: _tick(s, info)  # noqa: E731
-            if batch.key.highres is not None:
-                first, images = engine.run_highres(batch, on_step=tick)
-                if batch.key.highres.save_first_stage:
-                    written += _save_first_stage(engine, out, batch.jobs, first)
-            else:
-                images = engine.run_batch(batch, on_step=tick)
+            images = engine.run_batch(batch, on_step=lambda info, s=steps: _tick(s, info))
             steps.close()
+            for stage in engine.stage_images:  # images made on the way that the run keeps (--save_first_stage)
+                if stage.save:
+                    written.append(out.save(stage.image, {**image_params(stage.job, engine.info, __version__),
+                                                          **stage.extra}))
             for job, image in zip(batch.jobs, images, strict=True):
-                if job.mask_image and spec.inpaint.keep_original:
-                    from sdbatch.engine.features.inpaint import paste_original
-
-                    image = paste_original(image, job.init_image, job.mask_image)
                 written.append(out.save(image, image_params(job, engine.info, __version__)))
                 bar.update(1)
     return written
-
-
-def _save_first_stage(engine, out: RunDir, jobs: tuple[ImageJob, ...], images: list) -> list[Path]:
-    """highres.save_first_stage: NAME-first.png per image, its own txt2img parameters and "stage": 1."""
-    from sdbatch.plan.highres_stage import first_stage_job
-
-    return [out.save(image, {**image_params(first_stage_job(job), engine.info, __version__), "stage": 1})
-            for job, image in zip(jobs, images, strict=True)]
 
 
 def _tick(bar: tqdm, info: dict) -> None:
@@ -240,5 +168,5 @@ def pending_images(spec: RunSpec, run_dir: Path) -> tuple[int, int] | None:
     if spec.interactive or spec.prompt_module:
         return None
     out = RunDir(run_dir, resume=spec.output.resume)
-    jobs, _, _, _ = _all_jobs(spec, _prompt_lines(spec, None), _base_seed(spec, run_dir))
+    jobs = plan_run(spec, _base_seed(spec, run_dir)).jobs
     return len(jobs), sum(1 for job in jobs if not out.is_done(job))

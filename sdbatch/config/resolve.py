@@ -10,9 +10,11 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from sdbatch.config.spec import RunSpec
-from sdbatch.errors import ConfigError
+from sdbatch.config.feature_schema import MIN_STEPS as _MIN_STEPS
+from sdbatch.config.grid_axes import grid_axes
 from sdbatch.config.sampler_registry import effective_schedule
+from sdbatch.config.spec import RunSpec, image_features
+from sdbatch.errors import ConfigError
 
 _MISSING_HINTS = {
     "model.checkpoint": "give the model file with model.checkpoint=PATH (or model=tiny for the built-in demo)",
@@ -100,7 +102,8 @@ def _check(spec: RunSpec) -> None:
     if spec.strength > 1:
         raise ConfigError(f"strength must be in (0, 1], got {spec.strength}")
     _check_steps(spec)
-    _check_highres(spec)
+    for name in image_features(spec):  # each per-image feature's run-level checks (highres, deep_shrink, ...)
+        getattr(spec, name).check(spec)
     if spec.mask_image is not None and spec.init_image is None:
         raise ConfigError("mask_image needs init_image: the mask says which part of the init image to repaint")
     if spec.output.naming == "original" and spec.init_image is None:
@@ -118,14 +121,6 @@ def _check(spec: RunSpec) -> None:
     _check_prompt(spec)
     _check_prompt_sr(spec)
     _check_networks(spec)
-    _check_deep_shrink(spec)
-    _check_gradual_latent(spec)
-
-
-# The fewest sampler.steps each sampler runs without diffusers failing (checked for every registry sampler with
-# diffusers 0.42): PNDM/PLMS need their 4-step warm-up
-# (set_timesteps(3) builds a schedule that step() fails on); the others run from 1 step.
-_MIN_STEPS = {"pndm": 4, "plms": 4}
 
 
 def _check_steps(spec: RunSpec) -> None:
@@ -136,34 +131,6 @@ def _check_steps(spec: RunSpec) -> None:
     if spec.init_image is not None and 0 < spec.strength <= 1 and int(spec.sampler.steps * spec.strength) < 1:
         raise ConfigError(f"strength {spec.strength} × sampler.steps {spec.sampler.steps} leaves no denoising step "
                           "(diffusers runs int(steps × strength)); raise strength or sampler.steps")
-
-
-def _check_highres(spec: RunSpec) -> None:
-    from sdbatch.plan.highres_stage import check
-
-    check(spec.highres)
-    if spec.highres.name != "on":
-        return
-    if spec.init_image is not None:
-        raise ConfigError("highres=on makes its own first stage (txt2img); it cannot start from init_image. "
-                          "For the second stage alone, run img2img on the first-stage image")
-    if int(spec.sampler.steps * spec.highres.strength) < 1:
-        raise ConfigError(f"highres.strength {spec.highres.strength} × sampler.steps {spec.sampler.steps} leaves "
-                          "no second-stage step; raise highres.strength or sampler.steps")
-    if spec.highres.steps < _MIN_STEPS.get(spec.sampler.name, 1):
-        raise ConfigError(f"sampler {spec.sampler.name} needs highres.steps >= {_MIN_STEPS[spec.sampler.name]}")
-
-
-def grid_axes(spec: RunSpec) -> list:
-    """The fused-grid axes in x, y, z order (checked: keys, values); empty when no grid is asked for."""
-    from sdbatch.plan.grid import parse_axis  # planning-level module; imported late to keep config light
-
-    given = [(name, getattr(spec.grid, name)) for name in "xyz"]
-    if given[0][1] is None and any(text for _, text in given[1:]):
-        raise ConfigError("grid.y / grid.z need grid.x first (grid.x is the columns)")
-    if given[1][1] is None and given[2][1]:
-        raise ConfigError("grid.z needs grid.y (grid.y is the rows)")
-    return [parse_axis(text, name) for name, text in given if text]
 
 
 def _check_prompt(spec: RunSpec) -> None:
@@ -206,31 +173,3 @@ def _check_networks(spec: RunSpec) -> None:
         if axis and axis.partition(":")[0].strip() == "network_muls" and (not network.loras or network.mode == "merge"):
             raise ConfigError(f"grid.{name}=network_muls needs network=lora with network.mode hooked or precalc "
                               "(merge mode bakes network.loras[].mul into the weights once)")
-
-
-def _check_deep_shrink(spec: RunSpec) -> None:
-    ds = spec.deep_shrink
-    for key in ("depth_1", "depth_2"):
-        depth = getattr(ds, key)
-        if depth is not None and not 0 <= depth <= 3:
-            raise ConfigError(f"deep_shrink.{key} must be a down-block index from 0 to 3, got {depth}")
-    for key in ("timesteps_1", "timesteps_2"):
-        if not 0 <= getattr(ds, key) <= 1000:
-            raise ConfigError(f"deep_shrink.{key} must be a timestep from 0 to 1000, got {getattr(ds, key)}")
-    if not 0 < ds.ratio <= 1:
-        raise ConfigError(f"deep_shrink.ratio must be in (0, 1], got {ds.ratio}")
-
-
-def _check_gradual_latent(spec: RunSpec) -> None:
-    gl = spec.gradual_latent
-    if gl.timesteps is not None and not 1 <= gl.timesteps <= 1000:
-        raise ConfigError(f"gradual_latent.timesteps must be a timestep from 1 to 1000, got {gl.timesteps}")
-    if not 0 < gl.ratio <= 1:
-        raise ConfigError(f"gradual_latent.ratio must be in (0, 1], got {gl.ratio}")
-    if gl.ratio_step <= 0 or gl.every_n_steps < 1 or gl.s_noise < 0:
-        raise ConfigError("gradual_latent: ratio_step must be > 0, every_n_steps >= 1 and s_noise >= 0")
-    if gl.unsharp is not None and (len(gl.unsharp) not in (3, 4) or int(gl.unsharp[0]) % 2 == 0):
-        raise ConfigError(f"gradual_latent.unsharp is [ksize (odd), sigma, strength(, target_x)], got {gl.unsharp}")
-    if gl.timesteps is not None and spec.sampler.name not in ("euler_a", "k_euler_a"):
-        raise ConfigError(f"gradual_latent needs sampler=euler_a (it grows the latents inside the Euler ancestral "
-                          f"step), not {spec.sampler.name}")

@@ -2,13 +2,24 @@
 
 Plain Python (no Hydra, no OmegaConf): the engine and the planner import it without the config machinery.
 `sdbatch.config.schema` generates the mutable twins Hydra composes into; `resolve` freezes them into these.
+
+Per-image features (Deep Shrink, Gradual Latent, Highres. fix) keep their config class in their own
+`*_schema.py` module; a RunSpec field of such a class makes the feature known everywhere (`image_features`).
+An image's settings of all its features travel together as one `FeatureSettings`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import typing
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from sdbatch.config.deep_shrink_schema import DeepShrinkConfig
+from sdbatch.config.gradual_latent_schema import GradualLatentConfig
+from sdbatch.config.highres_schema import HighresConfig
 
 MISSING: Any = "???"  # OmegaConf's marker for a mandatory value (the same string, so Hydra reports it as missing)
 
@@ -76,42 +87,6 @@ def complete_muls(values: typing.Sequence[float], count: int) -> tuple[float, ..
 @dataclass(**_SPEC)
 class GuidanceConfig:
     name: str = "none"  # none (ControlNet and guided generation come later)
-
-
-@dataclass(**_SPEC)
-class HighresConfig:
-    name: str = "off"  # off | on: Highres. fix (txt2img at a smaller size, upscale, then img2img)
-    scale: float = 0.5  # stage-1 size = scale × width/height, rounded down to a multiple of 8
-    steps: int = 28  # stage-1 (txt2img) steps; stage 2 uses sampler.steps × strength
-    strength: float = 0.5  # stage-2 img2img strength, 0 < strength <= 1
-    latent_upscale: bool = False  # false: upscale the decoded images (LANCZOS); true: upscale the latents
-    latent_mode: str = "bilinear"  # bilinear | bicubic: interpolation of latent_upscale
-    save_first_stage: bool = False  # also write the stage-1 images (NAME-first.png, "stage": 1 in the manifest)
-    upscaler: str | None = None  # "module:function" replacing the built-in upscale (see README "Highres. fix")
-    disable_controlnet: bool = False  # stage 1 without ControlNet (recorded; ControlNet does not exist yet)
-
-
-@dataclass(**_SPEC)
-class DeepShrinkConfig:
-    """Deep Shrink (the reference's --ds_*): a UNet down block sees a downscaled input while t is high."""
-
-    depth_1: int | None = None  # down block 0..3 to shrink; null = off (a prompt's --dsd1/--dst1/--dsr turn it on)
-    timesteps_1: int = 650  # depth_1 is shrunk while t >= this
-    depth_2: int | None = None  # a second block, shrunk while timesteps_2 <= t < timesteps_1
-    timesteps_2: int = 650
-    ratio: float = 0.5  # input scale of the shrunk block, 0 < ratio <= 1 (bicubic)
-
-
-@dataclass(**_SPEC)
-class GradualLatentConfig:
-    """Gradual Latent (the reference's --gradual_latent_*; sampler euler_a): latents start small and grow."""
-
-    timesteps: int | None = None  # growing starts once t < this; null = off (a prompt's --glt/--glr/... turn it on)
-    ratio: float = 0.5  # start scale of the latents, 0 < ratio <= 1
-    ratio_step: float = 0.125  # added to the scale at each growth
-    every_n_steps: int = 3  # steps between growths
-    s_noise: float = 1.0  # ancestral noise multiplier on growth steps
-    unsharp: list[float] | None = None  # [ksize, sigma, strength(, target_x 0/1)] unsharp mask after each resize
 
 
 @dataclass(**_SPEC)
@@ -193,3 +168,90 @@ class RunSpec:
 
 GROUPS = {"model": ModelConfig, "sampler": SamplerConfig, "network": NetworkConfig,
           "guidance": GuidanceConfig, "highres": HighresConfig}
+
+
+# ---------------------------------------------------------------- per-image features
+
+
+def image_features(spec_or_cls: RunSpec | type[RunSpec]) -> dict[str, type]:
+    """The per-image features: RunSpec field name → its config class (one with `for_image`), in field order.
+
+    Such a class also has `check(spec)` (its run-level checks) and `LINE` (its prompt-line override class, or
+    None); the settings `for_image` returns may have `record(job)` (their manifest entry, else their fields).
+    """
+    cls = spec_or_cls if isinstance(spec_or_cls, type) else type(spec_or_cls)
+    return dict(_image_features(cls))
+
+
+@functools.cache
+def _image_features(cls: type) -> tuple[tuple[str, type], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls)
+                 if isinstance(hints[f.name], type) and hasattr(hints[f.name], "for_image"))
+
+
+class FeatureSettings(Mapping[str, Any]):
+    """Per-image feature settings: feature name → its frozen settings; immutable, hashable, equal by content.
+
+    `FeatureSettings({"deep_shrink": DeepShrink(...)})` or `FeatureSettings()`; a None value means "absent" (it
+    is dropped, and `replace(name=None)` removes a name). Kept as a tuple of (name, settings) sorted by name.
+    """
+
+    __slots__ = ("_items",)
+    _items: tuple[tuple[str, Any], ...]
+
+    def __init__(self, settings: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()) -> None:
+        items = tuple(sorted(((str(k), v) for k, v in dict(settings).items() if v is not None), key=lambda kv: kv[0]))
+        hash(items)  # settings must be hashable (frozen dataclasses): fail here, not in a batch key
+        object.__setattr__(self, "_items", items)
+
+    def __getitem__(self, name: str) -> Any:
+        for key, value in self._items:
+            if key == name:
+                return value
+        raise KeyError(name)
+
+    def __contains__(self, name: object) -> bool:
+        return any(key == name for key, _ in self._items)
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FeatureSettings):
+            return self._items == other._items
+        if isinstance(other, Mapping):
+            return dict(self._items) == dict(other.items())
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __repr__(self) -> str:
+        return f"FeatureSettings({dict(self._items)!r})" if self._items else "FeatureSettings()"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}: FeatureSettings is immutable")
+
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}: FeatureSettings is immutable")
+
+    def __reduce__(self) -> tuple[type[FeatureSettings], tuple[tuple[tuple[str, Any], ...]]]:
+        return type(self), (self._items,)
+
+    def replace(self, **changes: Any) -> FeatureSettings:
+        """A copy with `changes` (name=settings) applied; name=None removes the name."""
+        return FeatureSettings({**dict(self._items), **changes})
+
+
+def feature_attribute(self: Any, name: str) -> Any:
+    """`__getattr__` of records with a `features` field (LineOptions, ImageJob, BatchKey): read access by feature
+    name, `record.deep_shrink` → `record.features.get("deep_shrink")` (None when absent or features is None), for
+    every name in `image_features(RunSpec)`; any other missing name raises AttributeError."""
+    if any(name == feature for feature, _ in _image_features(RunSpec)):
+        features = self.features
+        return None if features is None else features.get(name)
+    raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")

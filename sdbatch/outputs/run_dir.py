@@ -1,244 +1,25 @@
-"""Outputs: the run directory, PNG metadata (A1111 infotext + sdbatch JSON), manifest.jsonl and resume."""
+"""The run directory: config.yaml, PNGs written atomically with their metadata, manifest.jsonl, resume, grids."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from sdbatch import __version__
 from sdbatch.errors import OutputError
-from sdbatch.plan.highres_stage import record as highres_record
-from sdbatch.plan.jobs import EmbeddingRef, ImageJob, ModelInfo, NetworkRef
-from sdbatch.prompts.embedding_names import used_names
-from sdbatch.config.sampler_registry import a1111_name, a1111_schedule, effective_schedule
+from sdbatch.outputs.metadata import pnginfo
+from sdbatch.plan.jobs import ImageJob
 
 MANIFEST = "manifest.jsonl"
 CONFIG = "config.yaml"
 GRID = "grid.png"
-
-# A1111 modules/infotext_utils.py: one `key: value` pair of the parameters line, and an image size value.
-RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-RE_IMAGESIZE = re.compile(r"^(\d+)x(\d+)$")
-
-
-# ---------------------------------------------------------------- parameters
-
-
-def image_params(job: ImageJob, model: ModelInfo, version: str) -> dict[str, Any]:
-    """The full, JSON-able parameters of one image: manifest line and `sdbatch` PNG chunk."""
-    return {
-        "file": job.file_name,
-        "prompt": job.prompt,
-        "negative_prompt": job.negative_prompt,
-        "seed": job.seed,
-        "width": job.width,
-        "height": job.height,
-        "steps": job.steps,
-        "sampler": job.sampler,
-        # the schedule actually run: "dpmpp_2m_karras" with schedule "default" records "karras"
-        "schedule": effective_schedule(job.sampler, job.schedule),
-        "cfg_scale": job.cfg_scale,
-        "eta": job.eta,
-        "strength": job.strength,
-        "init_image": job.init_image,
-        "mask_image": job.mask_image,
-        "highres": highres_record(job),
-        "negative_scale": job.negative_scale,
-        "networks": _networks_used(job, model.networks),
-        "network_muls": list(job.network_muls) if job.network_muls is not None else None,
-        "textual_inversion": _embeddings_used(job, model.embeddings),
-        "xti_embeddings": _embeddings_used(job, model.xti_embeddings),
-        "clip_skip": model.clip_skip,
-        "model": model.name,
-        "model_hash": model.hash,
-        "vae": model.vae_name,
-        "vae_hash": model.vae_hash,
-        "v_prediction": model.v_prediction,
-        "precision": model.precision,
-        "origin": job.origin,
-        "raw_prompt": job.raw_prompt,
-        "clip_prompt": job.clip_prompt,
-        "deep_shrink": _record(job.deep_shrink),
-        "gradual_latent": _record(job.gradual_latent),
-        "index": job.index,
-        "sdbatch_version": version,
-    }
-
-
-def _embeddings_used(job: ImageJob, embeddings: tuple[EmbeddingRef, ...]) -> list[dict[str, str]]:
-    """The run's (X)TI embeddings that the prompt or negative prompt uses, in config order."""
-    used = set(used_names([job.prompt, job.negative_prompt], [e.name for e in embeddings]))
-    return [{"name": e.name, "file": e.file, "hash": e.hash} for e in embeddings if e.name in used]
-
-
-def _networks_used(job: ImageJob, networks: tuple[NetworkRef, ...]) -> list[dict[str, Any]]:
-    """The run's networks with this image's multipliers (--am or network.loras[].mul)."""
-    muls = job.network_muls or ()
-    return [{"name": n.name, "file": n.file, "hash": n.hash, "mul": mul, "merged": n.merged}
-            for n, mul in zip(networks, muls, strict=False)]
-
-
-def _lora_hashes(params: Mapping[str, Any]) -> str | None:
-    """A1111's `Lora hashes` value, "name: hash, name2: hash" for the networks with a non-zero multiplier."""
-    used = [n for n in params.get("networks") or [] if n["mul"]]
-    entries = [f"{n['name'].replace(':', '').replace(',', '')}: {n['hash']}" for n in used]
-    return ", ".join(entries) or None
-
-
-def _ti_hashes(params: Mapping[str, Any]) -> str | None:
-    """A1111's `TI hashes` value, "name: hash, name2: hash" (names without `:` and `,`); None if none used."""
-    used = params.get("textual_inversion") or []
-    entries = [f"{e['name'].replace(':', '').replace(',', '')}: {e['hash']}" for e in used]
-    return ", ".join(entries) or None
-
-
-def _record(value: Any) -> Any:
-    """A frozen options record (Deep Shrink, Gradual Latent) as a plain dict; None stays None."""
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-
-
-# ---------------------------------------------------------------- A1111 infotext
-
-
-def _number(value: Any) -> Any:
-    """Numbers as A1111 prints them: 7.0 → 7, 7.5 → 7.5."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def quote(value: Any) -> str:
-    """A1111's quote(): JSON-quote a value only when it holds `,`, a newline or `:`."""
-    text = str(value)
-    if "," not in text and "\n" not in text and ":" not in text:
-        return text
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _a1111_fields(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The `key: value` entries of the parameters line, in A1111's create_infotext order."""
-    clip_skip = params.get("clip_skip") or 1
-    has_vae = bool(params.get("vae"))
-    hires = params.get("highres") or {}
-    return {
-        "Steps": hires.get("steps", params["steps"]),  # A1111: Steps and Size are the first pass's
-        "Sampler": a1111_name(params["sampler"]),
-        "Schedule type": a1111_schedule(params.get("schedule") or "default"),
-        "CFG scale": _number(params["cfg_scale"]),
-        "Seed": params["seed"],
-        "Size": f"{hires.get('first_width', params['width'])}x{hires.get('first_height', params['height'])}",
-        "Model hash": params.get("model_hash"),
-        "Model": params.get("model"),
-        "VAE hash": params.get("vae_hash") if has_vae else None,
-        "VAE": params.get("vae") if has_vae else None,
-        "Denoising strength": _denoising_strength(params),
-        "Clip skip": clip_skip if clip_skip > 1 else None,
-        "Hires upscale": _number(round(params["width"] / hires["first_width"], 4)) if hires else None,
-        "Hires steps": params["steps"] if hires else None,  # the second pass's sampler.steps
-        "Hires upscaler": hires.get("upscaler_name"),
-        "Lora hashes": _lora_hashes(params),
-        "TI hashes": _ti_hashes(params),
-        "Version": f"sdbatch {params.get('sdbatch_version', __version__)}",
-    }
-
-
-def _denoising_strength(params: Mapping[str, Any]) -> Any:
-    """img2img's strength, or Highres. fix's second-pass strength; None for txt2img."""
-    if params.get("highres"):
-        return _number(params["highres"]["strength"])
-    return _number(params.get("strength")) if params.get("init_image") else None
-
-
-def infotext(params: Mapping[str, Any]) -> str:
-    """AUTOMATIC1111's `parameters` text: prompt, optional `Negative prompt:` line, parameters line."""
-    fields = _a1111_fields(params)
-    line = ", ".join(f"{key}: {quote(value)}" for key, value in fields.items() if value is not None)
-    negative = params.get("negative_prompt") or ""
-    negative_text = f"\nNegative prompt: {negative}" if negative else ""
-    return f"{params['prompt']}{negative_text}\n{line}".strip()
-
-
-def _split_prompts(lines: Iterable[str]) -> tuple[str, str]:
-    """Prompt and negative prompt from the text lines above the parameters line."""
-    prompt: list[str] = []
-    negative: list[str] = []
-    in_negative = False
-    for raw in lines:
-        line = raw.strip()
-        if line.startswith("Negative prompt:"):
-            in_negative = True
-            line = line[len("Negative prompt:"):].strip()
-        (negative if in_negative else prompt).append(line)
-    return "\n".join(prompt), "\n".join(negative)
-
-
-def _unquote(value: str) -> str:
-    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
-        return value
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
-
-
-def _parse_params_line(line: str) -> dict[str, str]:
-    result: dict[str, str] = {}
-    for key, raw in RE_PARAM.findall(line):
-        if not raw:  # A1111 fails on an empty value and skips the entry
-            continue
-        value = _unquote(raw)
-        size = RE_IMAGESIZE.match(value)
-        if size:
-            result[f"{key}-1"], result[f"{key}-2"] = size.group(1), size.group(2)
-        else:
-            result[key] = value
-    return result
-
-
-def parse_infotext(text: str) -> dict[str, str]:
-    """Read infotext back as A1111's parse_generation_parameters does (values stay strings)."""
-    *lines, last = text.strip().split("\n")
-    if len(RE_PARAM.findall(last)) < 3:
-        lines.append(last)
-        last = ""
-    result = _parse_params_line(last)
-    result["Prompt"], result["Negative prompt"] = _split_prompts(lines)
-    result.setdefault("Clip skip", "1")  # a missing Clip skip means 1
-    return result
-
-
-# ---------------------------------------------------------------- PNG files
-
-
-def read_png_params(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The `parameters` (infotext) and `sdbatch` (parsed JSON) text chunks of a PNG; None where absent."""
-    try:
-        with Image.open(path) as image:
-            text = dict(getattr(image, "text", {}) or {})
-    except OSError as exc:
-        raise OutputError(f"cannot read image metadata from {path}: {exc}; check that it is a PNG") from None
-    data = text.get("sdbatch")
-    try:
-        parsed = json.loads(data) if data else None
-    except ValueError:
-        parsed = None
-    return {"parameters": text.get("parameters"), "sdbatch": parsed if isinstance(parsed, dict) else None}
-
-
-def _pnginfo(params: Mapping[str, Any]) -> PngImagePlugin.PngInfo:
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", infotext(params))  # Pillow falls back to iTXt for non-Latin-1 text, as A1111
-    info.add_text("sdbatch", json.dumps(params))
-    return info
 
 
 def _fsync_dir(path: Path) -> None:
@@ -252,9 +33,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-# ---------------------------------------------------------------- run directory
 
 
 class RunDir:
@@ -358,7 +136,7 @@ class RunDir:
         tmp = target.with_name(f".{target.name}.tmp")
         try:
             with open(tmp, "wb") as fh:
-                image.save(fh, format="PNG", pnginfo=_pnginfo(params) if params is not None else None)
+                image.save(fh, format="PNG", pnginfo=pnginfo(params) if params is not None else None)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, target)

@@ -3,46 +3,49 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sdbatch.plan.jobs import ImageJob
+from sdbatch.config.spec import feature_attribute
+from sdbatch.plan.jobs import PER_IMAGE, ImageJob
+
+# BatchKey fields computed from the job instead of copied from it: name → (type, how)
+_DERIVED: dict[str, tuple[type, Callable[[ImageJob], Any]]] = {
+    "and_parts": (int, lambda job: job.prompt.count(" AND ") + 1),  # number of " AND " sub-prompts (regional)
+    "img2img": (bool, lambda job: job.init_image is not None),  # starts from init images
+    "masked": (bool, lambda job: job.mask_image is not None),  # inpainting (a mask_image with the init image)
+}
+_HINTS = typing.get_type_hints(ImageJob)
+_JOB_FIELDS = tuple(f.name for f in dataclasses.fields(ImageJob) if f.name not in PER_IMAGE)
 
 
-@dataclass(frozen=True, slots=True)
-class BatchKey:
-    """Exactly the fields that must be equal for images to share a UNet forward pass.
+def _of(cls: type, job: ImageJob) -> Any:
+    """The batch key of `job`."""
+    return cls(**{name: getattr(job, name) for name in _JOB_FIELDS},
+               **{name: derive(job) for name, (_, derive) in _DERIVED.items()})
 
-    Prompt, negative prompt, seed and CFG scale are per image (the scale travels as a tensor).
-    """
 
-    width: int
-    height: int
-    steps: int
-    sampler: str
-    schedule: str
-    eta: float
-    strength: float | None = None
-    negative_scale: float | None = None
-    network_muls: tuple[float, ...] | None = None
-    and_parts: int = 1  # number of " AND " sub-prompts (regional prompts)
-    deep_shrink: Any = None
-    gradual_latent: Any = None
-    img2img: bool = False  # starts from init images
-    masked: bool = False  # inpainting (a mask_image with the init image)
-    highres: Any = None  # Highres. fix settings (run-level today, on the job so the engine sees them)
+def _order(self: Any) -> tuple:
+    """Sort key: network weights change least often (patching is expensive), then size, then the rest."""
+    return (repr(self.network_muls), self.width * self.height, self.width, self.height, self.steps,
+            self.sampler, self.schedule, repr(self))
 
-    @classmethod
-    def of(cls, job: ImageJob) -> BatchKey:
-        return cls(job.width, job.height, job.steps, job.sampler, job.schedule, job.eta, job.strength,
-                   job.negative_scale, job.network_muls, job.prompt.count(" AND ") + 1, job.deep_shrink,
-                   job.gradual_latent, job.init_image is not None, job.mask_image is not None, job.highres)
 
-    def order(self) -> tuple:
-        """Sort key: network weights change least often (patching is expensive), then size, then the rest."""
-        return (repr(self.network_muls), self.width * self.height, self.width, self.height, self.steps,
-                self.sampler, self.schedule, repr(self))
+_BATCH_KEY_DOC = """Exactly the fields that must be equal for images to share a UNet forward pass.
+
+Generated from ImageJob: every field not marked per-image (`sdbatch.plan.jobs.PER_IMAGE`: prompt, negative prompt,
+seed, CFG scale, ... travel per image), `features` included, then `and_parts`, `img2img` and `masked` (`_DERIVED`).
+`BatchKey.of(job)` builds it; `key.order()` sorts keys; `key.deep_shrink` reads `key.features` by feature name.
+"""
+BatchKey = dataclasses.make_dataclass(
+    "BatchKey",
+    [(name, _HINTS[name]) for name in _JOB_FIELDS] + [(name, tp) for name, (tp, _) in _DERIVED.items()],
+    frozen=True, slots=True,
+    namespace={"__module__": __name__, "__qualname__": "BatchKey", "__doc__": _BATCH_KEY_DOC,
+               "of": classmethod(_of), "order": _order, "__getattr__": feature_attribute},
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,55 +10,12 @@ import dataclasses
 import itertools
 from dataclasses import dataclass
 
+from sdbatch.config.grid_axes import AXIS_FIELDS, SAMPLER_KEYS, Axis, parse_value
+from sdbatch.config.sampler_registry import effective_schedule
 from sdbatch.config.spec import NetworkConfig
 from sdbatch.errors import ConfigError
 from sdbatch.plan.jobs import ImageJob
 from sdbatch.plan.planner import SEED_LIMIT, file_name, network_muls
-from sdbatch.config.sampler_registry import effective_schedule, get_sampler
-
-# axis key → (ImageJob field, value parser); prompt_sr and sampler are handled specially
-_FIELDS = {
-    "seed": ("seed", int),
-    "sampler.cfg_scale": ("cfg_scale", float),
-    "cfg_scale": ("cfg_scale", float),
-    "sampler.steps": ("steps", int),
-    "steps": ("steps", int),
-    "width": ("width", int),
-    "height": ("height", int),
-    "strength": ("strength", float),
-    "negative_prompt": ("negative_prompt", str),
-    "prompt": ("prompt", str),
-}
-# network_muls: one value per cell, the networks' multipliers separated by ";" ("0.5" or "0.5;1"), like --am
-AXIS_KEYS = (*_FIELDS, "sampler", "sampler.name", "prompt_sr", "network_muls")
-
-
-@dataclass(frozen=True, slots=True)
-class Axis:
-    """One grid axis: the key it changes and its values, as written (they are the labels)."""
-
-    key: str
-    values: tuple[str, ...]
-
-    @property
-    def labels(self) -> list[str]:
-        """Cell labels: the key's last part and the value ("cfg_scale: 7"), short enough for small cells."""
-        return [f"{self.key.rpartition('.')[2]}: {v}" for v in self.values]
-
-
-def parse_axis(text: str, name: str) -> Axis:
-    """`sampler.cfg_scale:5,7,9` → Axis; a bad key or value names grid.x/y/z and what is valid."""
-    key, sep, values = text.partition(":")
-    key = key.strip()
-    items = tuple(v.strip() for v in values.split(",") if v.strip()) if sep else ()
-    if key not in AXIS_KEYS:
-        raise ConfigError(f"grid.{name}: unknown axis key '{key}'; choose one of: {', '.join(AXIS_KEYS)}")
-    if not items:
-        raise ConfigError(f"grid.{name}={text!r}: give values after a colon, e.g. grid.{name}={key}:1,2,3")
-    axis = Axis(key, items)
-    for value in items:  # fail before any model loads, not halfway through the run
-        _apply(_PROBE, axis, value, name)
-    return axis
 
 
 def expand(jobs: list[ImageJob], axes: list[Axis], naming: str, network: NetworkConfig | None = None,
@@ -98,27 +55,18 @@ def check_search_word(jobs: list[ImageJob], search: str, key: str) -> None:
 
 
 def _apply(job: ImageJob, axis: Axis, value: str, name: str) -> ImageJob:
-    try:
-        if axis.key == "prompt_sr":
-            return search_replace(job, axis.values[0], value)
-        if axis.key == "network_muls":
-            return dataclasses.replace(job, network_muls=tuple(float(v) for v in value.split(";")))
-        if axis.key in ("sampler", "sampler.name"):
-            get_sampler(value)
-            return dataclasses.replace(job, sampler=value, schedule=effective_schedule(value, "default"))
-        field, parse = _FIELDS[axis.key]
-        parsed = parse(value)
-    except ValueError:
-        raise ConfigError(f"grid.{name}: '{value}' is not a valid {axis.key} value") from None
+    """The job with one cell's value of the axis in place (checked by parse_value, as at config time)."""
+    if axis.key == "prompt_sr":
+        return search_replace(job, axis.values[0], value)
+    parsed = parse_value(axis, value, name)
+    if axis.key == "network_muls":
+        return dataclasses.replace(job, network_muls=parsed)
+    if axis.key in SAMPLER_KEYS:
+        return dataclasses.replace(job, sampler=parsed, schedule=effective_schedule(parsed, "default"))
+    field, _ = AXIS_FIELDS[axis.key]
     if field == "seed":
         parsed %= SEED_LIMIT
-    if field in ("width", "height") and (parsed <= 0 or parsed % 8):
-        raise ConfigError(f"grid.{name}: {axis.key} {parsed} must be a positive multiple of 8")
     return dataclasses.replace(job, **{field: parsed})
-
-
-_PROBE = ImageJob(index=0, file_name="", prompt="", negative_prompt="", seed=0, width=8, height=8, steps=1,
-                  sampler="ddim", schedule="default", cfg_scale=1.0, eta=0.0, origin="grid")
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,37 +2,52 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, fields
+
+from sdbatch.config.spec import FeatureSettings, feature_attribute
+
+_PER_IMAGE = {"per_image": True}  # field metadata: the value may differ between the images of one UNet batch
 
 
 @dataclass(frozen=True, slots=True)
 class ImageJob:
-    """Everything that decides one image, plus where it goes."""
+    """Everything that decides one image, plus where it goes.
 
-    index: int  # position of the image in the run (0-based); stable whatever the batching
-    file_name: str  # e.g. "00003-1237.png", deterministic, no timestamps
-    prompt: str  # the prompt as encoded: dynamic parts expanded, weights as written
-    negative_prompt: str
-    seed: int
+    Fields marked per-image (`PER_IMAGE`) may differ inside one UNet batch; every other field is part of the
+    batch key (`sdbatch.plan.batching.BatchKey`). `features`: per-image feature name → the image's resolved
+    settings (e.g. "deep_shrink" → DeepShrink, "highres" → HighresConfig); absent = off. Read access by feature
+    name: `job.deep_shrink` is `job.features.get("deep_shrink")`, for every feature in `image_features(RunSpec)`.
+    """
+
+    index: int = field(metadata=_PER_IMAGE)  # position of the image in the run (0-based); stable whatever the batching
+    file_name: str = field(metadata=_PER_IMAGE)  # e.g. "00003-1237.png", deterministic, no timestamps
+    prompt: str = field(metadata=_PER_IMAGE)  # the prompt as encoded: dynamic parts expanded, weights as written
+    negative_prompt: str = field(metadata=_PER_IMAGE)
+    seed: int = field(metadata=_PER_IMAGE)
     width: int
     height: int
     steps: int
     sampler: str  # sdbatch sampler name, e.g. "euler_a", "dpmpp_2m"
     schedule: str  # default | karras | exponential
-    cfg_scale: float
+    cfg_scale: float = field(metadata=_PER_IMAGE)  # the scale travels as a per-image tensor
     eta: float
-    origin: str  # where the prompt came from: "prompt", "prompt[2]", "prompts.txt:14"
-    raw_prompt: str = ""  # the line as written, options included
+    origin: str = field(metadata=_PER_IMAGE)  # where the prompt came from: "prompt", "prompt[2]", "prompts.txt:14"
+    raw_prompt: str = field(default="", metadata=_PER_IMAGE)  # the line as written, options included
     negative_scale: float | None = None  # --nl (separate negative-prompt scale)
     strength: float | None = None  # --t (img2img)
     network_muls: tuple[float, ...] | None = None  # --am
-    clip_prompt: str | None = None  # --c (recorded only)
-    deep_shrink: Any = None  # --dsd1 ... (sdbatch.prompts.syntax.DeepShrink)
-    gradual_latent: Any = None  # --glt ... (sdbatch.prompts.syntax.GradualLatent)
-    init_image: str | None = None  # img2img: path of the init image file (None = txt2img)
-    mask_image: str | None = None  # inpainting: path of the mask file (white = repaint); needs init_image
-    highres: Any = None  # Highres. fix settings (sdbatch.config.spec.HighresConfig) or None
+    clip_prompt: str | None = field(default=None, metadata=_PER_IMAGE)  # --c (recorded only)
+    # img2img: path of the init image file (None = txt2img)
+    init_image: str | None = field(default=None, metadata=_PER_IMAGE)
+    # inpainting: path of the mask file (white = repaint); needs init_image
+    mask_image: str | None = field(default=None, metadata=_PER_IMAGE)
+    features: FeatureSettings = FeatureSettings()  # per-image features: name → resolved settings (absent = off)
+
+    __getattr__ = feature_attribute  # job.deep_shrink, job.gradual_latent, job.highres (None when off)
+
+
+PER_IMAGE = frozenset(f.name for f in fields(ImageJob) if f.metadata.get("per_image"))
+"""The ImageJob fields that may differ between the images of one UNet batch (marked in their field metadata)."""
 
 
 @dataclass(frozen=True, slots=True)

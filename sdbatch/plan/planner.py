@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdbatch.config.spec import DeepShrinkConfig, NetworkConfig, RunSpec, complete_muls
+from sdbatch.config.feature_schema import given_or as _given
+from sdbatch.config.sampler_registry import effective_schedule
+from sdbatch.config.spec import FeatureSettings, NetworkConfig, RunSpec, complete_muls, image_features
 from sdbatch.errors import ConfigError, PromptError
-from sdbatch.prompts.init_images import image_size
 from sdbatch.plan.jobs import ImageJob
 from sdbatch.prompts.dynamic import Wildcards, enumerate_variants, expand
+from sdbatch.prompts.init_images import image_size
 from sdbatch.prompts.sources import PromptLine
-from sdbatch.prompts.syntax import OFF, DeepShrink, GradualLatent, Off, ParsedLine, parse_line
-from sdbatch.config.sampler_registry import effective_schedule
+from sdbatch.prompts.syntax import OFF, LineOptions, Off, ParsedLine, parse_line
 
 log = logging.getLogger(__name__)
 
@@ -133,21 +135,26 @@ def _job(spec: RunSpec, line: _Line, variant: str, wildcards: Wildcards, index: 
     opts, sampler, origin = line.parsed.options, spec.sampler, line.parsed.origin
     negative = opts.negative if opts.negative is not None else line.default_negative
     width, height = _size(spec, line)
-    return ImageJob(
+    job = ImageJob(
         index=index, file_name=name, seed=seed,
         prompt=expand(variant, seed, wildcards, origin=origin),
         negative_prompt=expand(negative, seed, wildcards, origin=origin),
         width=width, height=height, init_image=line.parsed_init, mask_image=line.parsed_mask,
-        highres=spec.highres if spec.highres.name == "on" else None,
         steps=_given(opts.steps, sampler.steps), cfg_scale=_given(opts.cfg_scale, sampler.cfg_scale),
         sampler=sampler.name, schedule=effective_schedule(sampler.name, sampler.schedule), eta=sampler.eta,
         origin=origin, raw_prompt=line.parsed.raw,
         negative_scale=_negative_scale(opts.negative_scale, sampler.negative_scale),
         strength=_given(opts.strength, spec.strength) if line.parsed_init else opts.strength,
         network_muls=network_muls(opts.network_muls, spec.network), clip_prompt=opts.clip_prompt,
-        deep_shrink=_deep_shrink(opts.deep_shrink, spec.deep_shrink),
-        gradual_latent=_gradual_latent(opts.gradual_latent, spec, line),
     )
+    return dataclasses.replace(job, features=_features(spec, opts, job))
+
+
+def _features(spec: RunSpec, line: LineOptions, job: ImageJob) -> FeatureSettings:
+    """The image's per-image feature settings: each feature's run config over the line's overrides (the
+    LineOptions field named after the feature, if the line can set any)."""
+    return FeatureSettings({name: settings for name in image_features(spec)
+                            if (settings := getattr(spec, name).for_image(getattr(line, name, None), job)) is not None})
 
 
 def network_muls(given: tuple[float, ...] | None, network: NetworkConfig) -> tuple[float, ...] | None:
@@ -209,45 +216,3 @@ def _check_mask(mask: str, init: str | None) -> None:
     if abs(mw / mh - iw / ih) > 0.01:
         log.warning("mask %s (%dx%d) has another aspect ratio than init image %s (%dx%d); it is resized "
                     "(stretched) to the image <mask_image>", mask, mw, mh, init, iw, ih)
-
-
-def _deep_shrink(line: DeepShrink | None, run: DeepShrinkConfig) -> DeepShrink | None:
-    """The image's Deep Shrink settings: the line's --dsd1 --dst1 --dsd2 --dst2 --dsr over deep_shrink.*.
-
-    Off unless deep_shrink.depth_1 is set or the line gives any of them; a line without --dsd1 shrinks the
-    run's depth_1, or block 3 (the reference's rule).
-    """
-    if line is None and run.depth_1 is None:
-        return None
-    line = line or DeepShrink()
-    return DeepShrink(depth_1=_given(line.depth_1, _given(run.depth_1, 3)),
-                      timesteps_1=_given(line.timesteps_1, run.timesteps_1),
-                      depth_2=_given(line.depth_2, run.depth_2), timesteps_2=_given(line.timesteps_2, run.timesteps_2),
-                      ratio=_given(line.ratio, run.ratio))
-
-
-def _gradual_latent(line: GradualLatent | None, spec: RunSpec, parsed: _Line) -> GradualLatent | None:
-    """The image's Gradual Latent settings: the line's --glt --glr --gle --gls --glsn --glus over
-    gradual_latent.*; off unless gradual_latent.timesteps is set or the line gives any of them."""
-    run = spec.gradual_latent
-    if line is None and run.timesteps is None:
-        return None
-    origin = parsed.parsed.origin
-    if spec.sampler.name not in ("euler_a", "k_euler_a"):
-        raise PromptError(f"{origin}: Gradual Latent grows the latents inside the Euler ancestral step; use "
-                          f"sampler=euler_a (not {spec.sampler.name}) <gradual_latent.*, --glt ...>")
-    if parsed.parsed_mask is not None:
-        raise PromptError(f"{origin}: Gradual Latent cannot be combined with inpainting (mask_image)")
-    line = line or GradualLatent()
-    unsharp = line.unsharp if line.unsharp is not None else run.unsharp
-    return GradualLatent(timesteps=_given(line.timesteps, _given(run.timesteps, 650)),
-                         ratio=_given(line.ratio, run.ratio),
-                         every_n_steps=_given(line.every_n_steps, run.every_n_steps),
-                         ratio_step=_given(line.ratio_step, run.ratio_step), s_noise=_given(line.s_noise, run.s_noise),
-                         unsharp=tuple(float(v) for v in unsharp) if unsharp else None)
-
-
-def _given(value, default):
-    return default if value is None else value
-
-

@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from sdbatch.errors import ConfigError
-from sdbatch.outputs.run_dir import parse_infotext
+from sdbatch.prompts.png_info import parse_infotext
 from sdbatch.prompts.sources import PromptLine
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,10 @@ malformed value, an out-of-range value or an option given twice raises `PromptEr
 the origin ("prompts.txt:4"), the option as written and what would fix it.
 
 Every field of `LineOptions` is None when the line does not give it; the planner falls back to the run's
-config then. Dynamic prompts (`{a|b}`, `__wildcard__`) are not handled here (see `dynamic.py`).
+config then. A per-image feature's options ("dsd1" → "deep_shrink.depth_1") fill that feature's line-override
+class (`LINE` of its config class, see `sdbatch.config.spec.image_features`) in the LineOptions field named after
+the feature: a feature's options are its rows of `_OPTIONS` and its field of `LineOptions`.
+Dynamic prompts (`{a|b}`, `__wildcard__`) are not handled here (see `dynamic.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sdbatch.config.deep_shrink_schema import DeepShrink
+from sdbatch.config.gradual_latent_schema import GradualLatent
+from sdbatch.config.spec import RunSpec, image_features
 from sdbatch.errors import PromptError
 
 
@@ -34,36 +40,6 @@ class Off(enum.Enum):
 
 
 OFF = Off.OFF  # `--nl none`: no negative scale for this prompt, even when the run sets one
-
-
-@dataclass(frozen=True, slots=True)
-class DeepShrink:
-    """Deep Shrink overrides from --dsd1 --dst1 --dsd2 --dst2 --dsr; None = not given on the line.
-
-    Any of them turns Deep Shrink on for the prompt. `depth_1=None` with other fields set keeps the
-    reference's rule "without --dsd1, depth 1 is the run's depth (or the default 3)": the engine resolves it.
-    """
-
-    depth_1: int | None = None  # down-block index 0..3 (SD 1.x/2.x UNets have 4 down blocks)
-    timesteps_1: int | None = None  # depth 1 applies while t >= this
-    depth_2: int | None = None
-    timesteps_2: int | None = None  # depth 2 applies while timesteps_2 <= t < timesteps_1
-    ratio: float | None = None  # downscale factor in (0, 1]
-
-
-@dataclass(frozen=True, slots=True)
-class GradualLatent:
-    """Gradual Latent overrides from --glt --glr --gle --gls --glsn --glus; None = not given on the line.
-
-    Any of them turns Gradual Latent on; `timesteps=None` means the run's value (or the engine default).
-    """
-
-    timesteps: int | None = None  # upscaling starts once t < this
-    ratio: float | None = None  # initial latent scale in (0, 1]
-    every_n_steps: int | None = None
-    ratio_step: float | None = None
-    s_noise: float | None = None
-    unsharp: tuple[float, ...] | None = None  # ksize, sigma, strength[, target_x]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +57,7 @@ class LineOptions:
     network_muls: tuple[float, ...] | None = None  # --am, one per network (may be negative)
     clip_prompt: str | None = None  # --c
     file_name: str | None = None  # --f, plain name ending in .png (added when missing)
+    # per-image features: their LINE overrides (sdbatch.config.*_schema), named as the feature
     deep_shrink: DeepShrink | None = None  # --dsd1 --dst1 --dsd2 --dst2 --dsr
     gradual_latent: GradualLatent | None = None  # --glt --glr --gle --gls --glsn --glus
 
@@ -181,7 +158,7 @@ def _file_name(value: str) -> str:
 @dataclass(frozen=True, slots=True)
 class _Option:
     name: str  # as written after "--", lower case
-    field: str  # LineOptions field, or "group.field" for DeepShrink / GradualLatent
+    field: str  # LineOptions field, or "feature.field" for a per-image feature's LINE class (deep_shrink.ratio)
     parse: Callable[[str], Any]  # raises _Bad
     expects: str  # completes "--x expects ..."
 
@@ -214,7 +191,6 @@ _OPTIONS: tuple[_Option, ...] = (
             "ksize,sigma,strength[,target_x], e.g. 3,0.5,0.5,1"),
 )
 _BY_NAME = {option.name: option for option in _OPTIONS}
-_GROUPS: dict[str, type] = {"deep_shrink": DeepShrink, "gradual_latent": GradualLatent}
 _SDXL_ONLY = frozenset({"ow", "oh", "nw", "nh", "ct", "cl"})
 
 
@@ -282,7 +258,7 @@ def _show(value: str, limit: int = 60) -> str:
 
 
 def _build(values: dict[str, Any]) -> LineOptions:
-    """Field paths ("width", "deep_shrink.ratio") → LineOptions with its DeepShrink / GradualLatent parts."""
+    """Field paths ("width", "deep_shrink.ratio") → LineOptions with each feature's LINE overrides in `features`."""
     fields: dict[str, Any] = {}
     groups: dict[str, dict[str, Any]] = {}
     for path, value in values.items():
@@ -291,6 +267,7 @@ def _build(values: dict[str, Any]) -> LineOptions:
             groups.setdefault(group, {})[name] = value
         else:
             fields[name] = value
+    features = image_features(RunSpec)
     for group, group_fields in groups.items():
-        fields[group] = _GROUPS[group](**group_fields)
+        fields[group] = features[group].LINE(**group_fields)
     return LineOptions(**fields)

@@ -1,8 +1,9 @@
 """Deep Shrink (kohya): while t is high, one UNet down block gets its input downscaled, so a large image is
 composed at the scale the model was trained on; the up blocks scale back to each skip connection's size.
 
-It is a model-call wrapper like CFG: for the calls where it is active, a pre-hook on the chosen down block and
-resizing forwards on the up blocks are put in place, and taken out again right after the call.
+It is a UNet-call wrapper like CFG: for the calls where it is active, a pre-hook on the chosen down block and
+resizing forwards on the up blocks are put in place, and taken out again right after the call (also when the
+call fails).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sdbatch.engine.core.model_fn import Conditioning, ModelFn
+from sdbatch.engine.core.contract import BatchContext, BatchHooks, Feature
+from sdbatch.engine.core.model_fn import Conditioning, ModelFn, ModelWrapper
 from sdbatch.errors import ModelError
 
 
@@ -29,18 +31,20 @@ def active_depth(settings: Any, t: float) -> int | None:
     return None
 
 
-def with_deep_shrink(unet: torch.nn.Module, inner: ModelFn) -> ModelFn:
-    """The UNet call with Deep Shrink for batches whose cond.deep_shrink is set (jobs share it: a batch key)."""
+def with_deep_shrink(unet: torch.nn.Module, settings: Any) -> ModelWrapper:
+    """The UNet call with Deep Shrink at the batch's settings (jobs share them: they are part of the batch key)."""
 
-    def model(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        settings = cond.deep_shrink
-        depth = None if settings is None else active_depth(settings, float(t.flatten()[0]))
-        if depth is None or settings.ratio == 1:
-            return inner(x, t, cond)
-        with shrunk(unet, depth, settings.ratio):
-            return inner(x, t, cond)
+    def wrap(inner: ModelFn) -> ModelFn:
+        def model(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+            depth = active_depth(settings, float(t.flatten()[0]))
+            if depth is None or settings.ratio == 1:
+                return inner(x, t, cond)
+            with shrunk(unet, depth, settings.ratio):
+                return inner(x, t, cond)
 
-    return model
+        return model
+
+    return wrap
 
 
 @contextmanager
@@ -94,3 +98,15 @@ def _interpolate(x: torch.Tensor, **size: Any) -> torch.Tensor:
     """Bicubic resize as the reference does it (align_corners=False; bf16 through fp32, which bicubic needs)."""
     work = x.float() if x.dtype == torch.bfloat16 else x
     return F.interpolate(work, mode="bicubic", align_corners=False, **size).to(x.dtype)
+
+
+class DeepShrink(Feature):
+    name = "deep_shrink"
+    order = 5  # innermost UNet wrapper: it reshapes the UNet itself
+
+    def batch_hooks(self, ctx: BatchContext) -> BatchHooks | None:
+        settings = ctx.key.features.get(self.name)
+        return None if settings is None else BatchHooks(unet=with_deep_shrink(ctx.engine.bundle.unet, settings))
+
+
+FEATURE = DeepShrink()

@@ -8,17 +8,19 @@ EulerAncestralDiscreteScheduler except the steps where the size changes, which i
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
-from sdbatch.prompts.syntax import GradualLatent
+from sdbatch.engine.core.contract import BatchContext, BatchHooks, Feature, Start
 
 SUPPORTED = ("euler_a", "k_euler_a")  # the reference supports only the Euler ancestral step
-# settings: a fully resolved sdbatch.prompts.syntax.GradualLatent (every field set; unsharp may be None)
+# settings: a fully resolved GradualLatent (sdbatch.config.gradual_latent_schema; every field set, unsharp may be None)
 
 
-def start_latents(latents: torch.Tensor, settings: GradualLatent) -> torch.Tensor:
+def start_latents(latents: torch.Tensor, settings: Any) -> torch.Tensor:
     """The first step's latents: scaled by settings.ratio (bicubic), unsharp-masked when asked."""
     small = _resize(latents, scale_factor=settings.ratio)
     return _unsharp(small, settings.unsharp)
@@ -29,7 +31,7 @@ class GradualLatentScheduler:
 
     STEP_KWARGS = ("generator",)  # what sampling passes to step() (sdbatch.engine.core.scheduler_factory.step_kwargs)
 
-    def __init__(self, scheduler, settings: GradualLatent, full_size: tuple[int, int]) -> None:
+    def __init__(self, scheduler, settings: Any, full_size: tuple[int, int]) -> None:
         self._inner = scheduler
         self.settings = settings
         self.full_size = full_size
@@ -124,3 +126,21 @@ def gaussian_blur(x: torch.Tensor, ksize: int, sigma: float) -> torch.Tensor:
     x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     x = F.conv2d(x, kernel.view(1, 1, 1, ksize).repeat(channels, 1, 1, 1), groups=channels)
     return F.conv2d(x, kernel.view(1, 1, ksize, 1).repeat(channels, 1, 1, 1), groups=channels)
+
+
+class GradualLatentFeature(Feature):
+    """A start modifier (the latents begin small) and a scheduler wrapper (they grow inside the steps)."""
+
+    name = "gradual_latent"
+    order = 15  # after the start providers (txt2img, img2img)
+
+    def batch_hooks(self, ctx: BatchContext) -> BatchHooks | None:
+        settings = ctx.key.features.get(self.name)
+        if settings is None or ctx.start_given:
+            return None
+        full = (ctx.key.height // ctx.engine.latent_factor, ctx.key.width // ctx.engine.latent_factor)
+        return BatchHooks(start=lambda begun: Start(begun.timesteps, start_latents(begun.latents, settings)),
+                          scheduler=lambda scheduler: GradualLatentScheduler(scheduler, settings, full))
+
+
+FEATURE = GradualLatentFeature()

@@ -17,32 +17,54 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from sdbatch.plan.batching import Batch, BatchKey
-from sdbatch.config.spec import HighresConfig
+from sdbatch.config.highres_schema import HighresConfig, first_stage_size, load_upscaler
+from sdbatch.config.spec import RunSpec
+from sdbatch.engine.core.contract import Decoded, Feature, PassWrapper, RunPass, StageImage, StartFn
 from sdbatch.engine.features import img2img
-from sdbatch.engine.core.denoise_loop import StepCallback
-from sdbatch.plan.highres_stage import first_stage_job, load_upscaler
+from sdbatch.plan.batching import Batch, BatchKey
+from sdbatch.plan.jobs import ImageJob
 
 
-def run_highres(engine, batch: Batch, on_step: StepCallback | None) -> tuple[list[Image.Image], list[Image.Image]]:
-    """(stage-1 images, final images) of a Highres. fix batch, in the order of batch.jobs."""
-    cfg: HighresConfig = batch.key.highres
-    small = tuple(first_stage_job(job) for job in batch.jobs)
-    latents = engine.denoise(Batch(BatchKey.of(small[0]), small), on_step)
-    first = engine.decode(latents)
-    final_jobs = tuple(dataclasses.replace(job, highres=None, strength=cfg.strength) for job in batch.jobs)
-    key = BatchKey.of(final_jobs[0])
-    plugin = load_upscaler(cfg.upscaler) if cfg.upscaler else None
-    if cfg.latent_upscale:
-        start = _latent_start(engine, latents, cfg, key, plugin)
-    else:
-        start = _pixel_start(engine, first, cfg, key, plugin)
-    final = engine.decode(engine.denoise(Batch(key, final_jobs), on_step, start=start))
-    return first, final
+def first_stage_job(job: ImageJob) -> ImageJob:
+    """The plain txt2img job stage 1 runs: the small size, highres.steps, named NAME-first.png."""
+    cfg = job.features["highres"]
+    width, height = first_stage_size(job.width, job.height, cfg.scale)
+    stem, _, ext = job.file_name.rpartition(".")
+    return dataclasses.replace(job, width=width, height=height, steps=cfg.steps,
+                               features=job.features.replace(highres=None), file_name=f"{stem}-first.{ext}")
+
+
+class HighresFix(Feature):
+    """A post-decode step: the batch's first pass is stage 1, then stage 2 runs from its upscaled result."""
+
+    name = "highres"
+
+    def around_pass(self, engine, key: BatchKey, run: RunSpec | None) -> PassWrapper | None:
+        cfg: HighresConfig | None = key.features.get(self.name)
+        if cfg is None:
+            return None
+
+        def two_stages(batch: Batch, run_pass: RunPass) -> Decoded:
+            small = tuple(first_stage_job(job) for job in batch.jobs)
+            first = run_pass(Batch(BatchKey.of(small[0]), small))
+            final_jobs = tuple(dataclasses.replace(job, features=job.features.replace(highres=None),
+                                                   strength=cfg.strength) for job in batch.jobs)
+            final_key = BatchKey.of(final_jobs[0])
+            plugin = load_upscaler(cfg.upscaler) if cfg.upscaler else None
+            if cfg.latent_upscale:
+                start = _latent_start(engine, first.latents, cfg, final_key, plugin)
+            else:
+                start = _pixel_start(engine, first.images, cfg, final_key, plugin)
+            final = run_pass(Batch(final_key, final_jobs), start)
+            stages = tuple(StageImage(job, image, {"stage": 1}, save=cfg.save_first_stage)
+                           for job, image in zip(small, first.images, strict=True))
+            return Decoded(final.latents, final.images, first.stages + stages + final.stages)
+
+        return two_stages
 
 
 def _pixel_start(engine, first: list[Image.Image], cfg: HighresConfig, key: BatchKey,
-                 plugin: Callable | None) -> Callable:
+                 plugin: Callable | None) -> StartFn:
     """Stage-2 start from the decoded stage-1 images, upscaled (LANCZOS or the plug-in) and VAE-encoded."""
 
     def start(scheduler, gens: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +78,7 @@ def _pixel_start(engine, first: list[Image.Image], cfg: HighresConfig, key: Batc
 
 
 def _latent_start(engine, latents: torch.Tensor, cfg: HighresConfig, key: BatchKey,
-                  plugin: Callable | None) -> Callable:
+                  plugin: Callable | None) -> StartFn:
     """Stage-2 start from the stage-1 latents, interpolated (bilinear/bicubic or the plug-in), then noised."""
 
     def start(scheduler, gens: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,3 +91,6 @@ def _latent_start(engine, latents: torch.Tensor, cfg: HighresConfig, key: BatchK
         return timesteps, img2img.add_start_noise(scheduler, timesteps, upscaled.float(), gens)
 
     return start
+
+
+FEATURE = HighresFix()

@@ -17,6 +17,7 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, UnidentifiedImageError
 
 from sdbatch.engine.core import noise
+from sdbatch.engine.core.contract import BatchContext, BatchHooks, Feature, Start
 from sdbatch.errors import ConfigError
 
 
@@ -131,3 +132,28 @@ def start_from_pixels(vae: torch.nn.Module, scheduler, pixels: torch.Tensor, gen
     timesteps = shorten_schedule(scheduler, steps, strength)
     latents = add_start_noise(scheduler, timesteps, encode(vae, pixels, gens), gens)
     return timesteps, latents
+
+
+class ImageToImage(Feature):
+    """init_image without a mask: the start latents from the init images, on a strength-shortened schedule."""
+
+    name = "img2img"
+    order = 10  # a start provider
+
+    def batch_hooks(self, ctx: BatchContext) -> BatchHooks | None:
+        with_init = sum(job.init_image is not None for job in ctx.jobs)
+        if 0 < with_init < len(ctx.jobs):  # a batching bug: the batch key keeps them apart
+            raise ValueError("a batch mixes img2img and txt2img jobs: they cannot share one schedule")
+        if ctx.start_given or not ctx.key.img2img or ctx.key.masked:
+            return None
+        key, vae = ctx.key, ctx.engine.bundle.vae
+        paths = [job.init_image for job in ctx.jobs]
+
+        def begin(_: Start | None) -> Start:
+            return Start(*start(vae, ctx.scheduler, paths, ctx.generators, key.steps, key.strength, key.width,
+                                key.height))
+
+        return BatchHooks(start=begin)
+
+
+FEATURE = ImageToImage()

@@ -7,12 +7,14 @@ to the image with LANCZOS and binarized at 0.5 (diffusers' mask processor).
 
 Two modes, chosen from the weights:
 - a true inpainting checkpoint (UNet in_channels == 9) gets the latent-size mask and the masked image's
-  latents concatenated to its input at every call (`with_inpaint_input`, a model wrapper);
+  latents concatenated to its input at every call (`with_inpaint_input`, a UNet-call wrapper);
 - an ordinary 4-channel UNet gets the blend: after every scheduler step the latents outside the mask are
   replaced by the original latents noised to the level of the NEXT timestep, i.e. the level the latents are
-  at now (`blend_hook`, an `after_step` hook of `sample`). The last step blends with the clean latents.
+  at now (`blend_hook`, an after-step hook). The last step blends with the clean latents.
   diffusers also encodes the masked image here, unused; we skip that VAE call, so with ancestral/SDE samplers
   (whose step noise follows it in the generator) blend mode differs from diffusers' legacy path by design.
+
+After decoding, inpaint.keep_original pastes the original's pixels back outside the mask (a post-decode step).
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
+from sdbatch.config.spec import RunSpec
 from sdbatch.engine.core import noise
-from sdbatch.engine.features import img2img
-from sdbatch.engine.core.model_fn import Conditioning, ModelFn
+from sdbatch.engine.core.contract import BatchContext, BatchHooks, Decoded, Feature, PassWrapper, RunPass, Start
 from sdbatch.engine.core.denoise_loop import AfterStep
+from sdbatch.engine.core.model_fn import Conditioning, ModelFn, ModelWrapper
+from sdbatch.engine.features import img2img
 from sdbatch.errors import ConfigError
+from sdbatch.plan.batching import Batch, BatchKey
 
 
 @dataclass(frozen=True)
@@ -87,17 +92,17 @@ def blend_hook(scheduler, timesteps: torch.Tensor, image_latents: torch.Tensor, 
     return after_step
 
 
-def with_inpaint_input(inner: ModelFn) -> ModelFn:
-    """9-channel UNets: the mask and masked-image latents (cond.inpaint) concatenated to every input."""
+def with_inpaint_input(extra: torch.Tensor) -> ModelWrapper:
+    """9-channel UNets: the mask and masked-image latents `extra` (B, 5, h, w) concatenated to every input."""
 
-    def model(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        extra = cond.inpaint
-        if extra is None:
-            return inner(x, t, cond)
-        extra = extra.to(device=x.device, dtype=x.dtype).repeat(x.shape[0] // extra.shape[0], 1, 1, 1)
-        return inner(torch.cat([x, extra], dim=1), t, cond)
+    def wrap(inner: ModelFn) -> ModelFn:
+        def model(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+            rows = extra.to(device=x.device, dtype=x.dtype).repeat(x.shape[0] // extra.shape[0], 1, 1, 1)
+            return inner(torch.cat([x, rows], dim=1), t, cond)
 
-    return model
+        return model
+
+    return wrap
 
 
 def paste_original(image: Image.Image, init_image: str, mask_image: str) -> Image.Image:
@@ -108,3 +113,40 @@ def paste_original(image: Image.Image, init_image: str, mask_image: str) -> Imag
     mask = load_masks([mask_image], width, height)[0, 0]
     alpha = Image.fromarray((mask.numpy() * 255).astype("uint8"), mode="L")
     return Image.composite(image.convert("RGB"), original, alpha)
+
+
+class Inpainting(Feature):
+    """mask_image: the start, the 9-channel input or the blend, and the paste of the original after decoding."""
+
+    name = "inpaint"
+    order = 10  # a start provider; its UNet wrapper sits outside Deep Shrink's (5)
+
+    def batch_hooks(self, ctx: BatchContext) -> BatchHooks | None:
+        key, bundle = ctx.key, ctx.engine.bundle
+        if ctx.start_given:
+            return None
+        if not key.masked:
+            if bundle.in_channels != 4:
+                raise ConfigError(f"{bundle.model_name} is an inpainting checkpoint ({bundle.in_channels}-"
+                                  "channel UNet): give init_image and mask_image <model.checkpoint>")
+            return None
+        begun = start(bundle.vae, ctx.scheduler, bundle.in_channels, [j.init_image for j in ctx.jobs],
+                      [j.mask_image for j in ctx.jobs], ctx.generators, key.steps, key.strength, key.width, key.height)
+        return BatchHooks(start=lambda _: Start(begun.timesteps, begun.latents),
+                          unet=with_inpaint_input(begun.unet_input) if begun.unet_input is not None else None,
+                          after_step=begun.after_step[0] if begun.after_step else None)
+
+    def around_pass(self, engine, key: BatchKey, run: RunSpec | None) -> PassWrapper | None:
+        if not key.masked or run is None or not run.inpaint.keep_original:
+            return None
+
+        def paste(batch: Batch, run_pass: RunPass) -> Decoded:
+            done = run_pass(batch)
+            images = [paste_original(image, job.init_image, job.mask_image)
+                      for job, image in zip(batch.jobs, done.images, strict=True)]
+            return Decoded(done.latents, images)
+
+        return paste
+
+
+FEATURE = Inpainting()

@@ -1,13 +1,17 @@
-"""A run's networks on one model: its files, the mode (hooked | merge | precalc) and each batch's multipliers."""
+"""LoRA networks as a feature: the run's files patched onto the models (the session's patch), and each batch's
+multipliers: set before its text is encoded, and per image in the UNet through the row contract."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 
-from sdbatch.config.spec import NetworkConfig
-from sdbatch.engine.features.lora_network import LoraFile, NetworkPatch, load_lora
+from sdbatch.config.spec import NetworkConfig, RunSpec
+from sdbatch.engine.core.contract import BatchContext, BatchHooks, Encode, Feature
+from sdbatch.engine.core.model_fn import Conditioning
+from sdbatch.engine.features.lora_network import ROW_MULTIPLIERS, LoraFile, NetworkPatch, load_lora
 from sdbatch.engine.models.tiny_lora import lora_path
 from sdbatch.plan.jobs import NetworkRef
 
@@ -50,16 +54,65 @@ class RunNetworks:
             return ()
         return tuple(f.hash for f in self.files), muls
 
-    def apply_per_image(self, rows: Sequence[Sequence[float] | None]) -> None:
-        """Hooked mode: every image of the batch gets its own multipliers in the UNet (after apply())."""
+    def per_image(self, rows: Sequence[tuple[float, ...]]) -> torch.Tensor:
+        """(images, networks) multipliers for the row contract: images of one UNet call with their own (hooked)."""
         if self.mode != "hooked":
             raise ValueError(f"per-image multipliers need network.mode=hooked, not {self.mode}")
-        self._patch.set_image_multipliers([self.muls_of(row) for row in rows])
+        return torch.tensor(rows, dtype=torch.float32)
 
-    def close(self) -> None:
+    def restore(self) -> None:
         """The models exactly as they were before (hooks removed, original weights back)."""
         self._patch.remove()
 
     def _merge(self, muls: tuple[float, ...]) -> None:
         self._patch.merge(muls)
         self._in_weights = muls
+
+
+def _rows_of(conds: dict[tuple, Conditioning], keys: list[tuple]) -> Conditioning:
+    """Row i of every text tensor from conds[keys[i]] (all encoded from the same prompts, so shapes agree)."""
+    first = next(iter(conds.values()))
+
+    def rows(name: str) -> torch.Tensor | None:
+        if getattr(first, name) is None:
+            return None
+        return torch.stack([getattr(conds[key], name)[i] for i, key in enumerate(keys)])
+
+    return dataclasses.replace(first, embeddings=rows("embeddings"), negative=rows("negative"), uncond=rows("uncond"))
+
+
+class Lora(Feature):
+    name = "lora"
+    order = 60  # its encode wrapper runs outside XTI's: each multiplier set encodes every XTI block
+
+    def patch(self, engine, run: RunSpec) -> RunNetworks | None:
+        if not run.network.loras:
+            return None
+        return RunNetworks(engine.bundle.unet, engine.bundle.text_encoder, run.network)
+
+    def batch_hooks(self, ctx: BatchContext) -> BatchHooks | None:
+        nets = ctx.patches.get(self.name)
+        if nets is None:
+            return None
+        text = ctx.engine.text
+
+        def encode(inner: Encode) -> Conditioning:
+            """The text once per distinct multiplier set (when LoRA touches the text encoder), each image's
+            rows from its own; images with other multipliers than the batch's first get theirs per row."""
+            keys = [nets.muls_of(job.network_muls) for job in ctx.jobs]
+            conds: dict[tuple, Conditioning] = {}
+            for muls in dict.fromkeys(keys):
+                text.network_key = nets.apply(muls)
+                conds[muls] = inner()
+                if not text.network_key:  # the text encoder has no LoRA: one encoding serves every image
+                    break
+            cond = conds[keys[0]] if len(conds) == 1 else _rows_of(conds, keys)
+            if len(set(keys)) == 1:
+                return cond
+            rows = cond.rows_for(cond.embeddings).with_image_data(**{ROW_MULTIPLIERS: nets.per_image(keys)})
+            return dataclasses.replace(cond, rows=rows)
+
+        return BatchHooks(encode=encode)
+
+
+FEATURE = Lora()

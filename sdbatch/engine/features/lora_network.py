@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sdbatch.engine.core.rows import current as current_rows
+from sdbatch.engine.core.rows import row_factor
 from sdbatch.engine.models.checkpoint import SAFETENSORS_SUFFIX, file_sha256_short, read_state_dict
 from sdbatch.errors import ModelError
 
@@ -35,6 +37,9 @@ _DIFFUSERS_PREFIXES = {"unet.": (UNET_PREFIX, ""), "text_encoder.": (TE_PREFIX, 
 # Key fragments of formats whose maths differ from plain LoRA: applying only their down/up would be wrong.
 _UNSUPPORTED = {"hada_": "LyCORIS LoHa/LoKr", "lokr_": "LyCORIS LoHa/LoKr", "dora_scale": "DoRA",
                 "lora_magnitude_vector": "DoRA", "lora_mid": "LoCon with CP decomposition (lora_mid)"}
+# the row-contract data with each image's multipliers, (images, networks): images of one UNet call with other
+# multipliers (hooked mode) get their own; without it every row gets set_multipliers'
+ROW_MULTIPLIERS = "lora_multipliers"
 _CACHE_SIZE = 8  # files; a multirun over a handful of LoRAs reads each once
 _HASH_CHUNK = 1 << 20
 
@@ -189,7 +194,6 @@ class NetworkPatch:
                 self._deltas.setdefault(name, []).append(_Delta(index, down, up, lora_module.scale))
         self.touches_text_encoder = any(name.startswith(TE_PREFIX) for name in self._deltas)
         self._muls = (1.0,) * self._count
-        self._rows: torch.Tensor | None = None  # (images, networks): per-image UNet multipliers, or None
         self._merged = False
         self._backups: dict[str, torch.Tensor] = {}  # original weights (CPU), kept from the first merge on
         self._on_device: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # hook tensors
@@ -206,13 +210,6 @@ class NetworkPatch:
     def set_multipliers(self, muls: Sequence[float]) -> None:
         """One multiplier per network for the hooks; 0 skips that network's computation."""
         self._muls = self._checked(muls)
-        self._rows = None
-
-    def set_image_multipliers(self, rows: Sequence[Sequence[float]]) -> None:
-        """Per-image multipliers for the UNet hooks: rows[i] for image i of the batch, so images with other
-        weights share one UNet call. The UNet batch is the images once per CFG part, in order, so the rows are
-        tiled to it. The text encoder keeps set_multipliers' (the engine encodes per multiplier group)."""
-        self._rows = torch.tensor([self._checked(row) for row in rows], dtype=torch.float32)
 
     @torch.no_grad()
     def merge(self, muls: Sequence[float]) -> None:
@@ -258,15 +255,16 @@ class NetworkPatch:
             if self._merged:  # the weights already hold every network
                 return None
             x = args[0] if args else kwargs["input"]
-            per_image = self._rows is not None and name.startswith(UNET_PREFIX)
+            rows = current_rows() if name.startswith(UNET_PREFIX) else None
+            per_row = rows.per_row(ROW_MULTIPLIERS) if rows is not None else None  # (rows, networks) or None
             total = None
             for delta in deltas:
-                mul = self._rows[:, delta.network] if per_image else self._muls[delta.network]
-                if not (mul.any() if per_image else mul):
+                mul = per_row[:, delta.network] if per_row is not None else self._muls[delta.network]
+                if not (mul.any() if per_row is not None else mul):
                     continue
                 down, up = self._tensors_for(x, name, delta)
                 part = _low_rank(module, x, down, up)
-                part = part * (_per_row(mul, part) * delta.scale if per_image else mul * delta.scale)
+                part = part * (row_factor(mul, part) * delta.scale if per_row is not None else mul * delta.scale)
                 total = part if total is None else total + part
             return None if total is None else output + total
 
@@ -280,14 +278,6 @@ class NetworkPatch:
             cached = (delta.down.to(x.device, x.dtype), delta.up.to(x.device, x.dtype))
             self._on_device[key] = cached
         return cached
-
-
-def _per_row(muls: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """(images,) multipliers as a factor for ``out`` (images × CFG parts rows), broadcast over the rest."""
-    parts, rest = divmod(out.shape[0], muls.shape[0])
-    if rest:
-        raise ValueError(f"a UNet batch of {out.shape[0]} rows for {muls.shape[0]} images' multipliers")
-    return muls.repeat(parts).to(out.device, out.dtype).view(-1, *[1] * (out.dim() - 1))
 
 
 def _matched(lora: LoraFile, targets: dict[str, torch.nn.Module], strict: bool) -> dict[str, LoraModule]:

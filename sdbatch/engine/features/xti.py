@@ -8,25 +8,26 @@ receives its own encoding as ``encoder_hidden_states`` (gen_img_inventory.md §7
 
 How the 16 encodings travel without touching the sampling loop: :func:`conditioning` concatenates them
 along the token axis, so ``Conditioning.embeddings`` is ``(B, 16·T, D)`` and classifier-free guidance
-batches them like any embeddings, and it records ``T`` in ``unet_kwargs["cross_attention_kwargs"]``. Forward
-pre-hooks on the 16 blocks (:func:`install`) cut out their own ``T`` tokens and remove the marker, so the
-attention processors (SDPA, xformers, eager) never see it. Without the marker the hooks do nothing.
+batches them like any embeddings, and it records ``T`` in the call's row contract (``per_call``). Forward
+pre-hooks on the 16 blocks (:func:`install`, a run's patch) cut out their own ``T`` tokens. A call whose rows
+carry no token count passes through them untouched.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Sequence
 
 import torch
 
+from sdbatch.config.spec import RunSpec
+from sdbatch.engine.core.contract import BatchContext, BatchHooks, Encode, Feature
 from sdbatch.engine.core.model_fn import Conditioning
+from sdbatch.engine.core.rows import current as current_rows
 from sdbatch.engine.text.embeddings import XTI_KEY, XTI_LAYERS
 from sdbatch.errors import ModelError
 
-TOKENS = "sdbatch_xti_tokens"  # cross_attention_kwargs key: tokens per block in the packed embeddings
-_HOOKED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+TOKENS = "xti_tokens"  # row-contract call data: tokens per block in the packed embeddings
 
 
 def cross_attention_blocks(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -47,44 +48,86 @@ def cross_attention_blocks(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return blocks
 
 
-def install(unet: torch.nn.Module) -> None:
-    """Add the routing hooks to the UNet's 16 cross-attention blocks (once per UNet; inert without XTI)."""
-    if unet in _HOOKED:
-        return
+class RoutingHooks:
+    """The routing pre-hooks on a UNet's 16 cross-attention blocks; restore() removes them."""
+
+    def __init__(self, handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+        self._handles = handles
+
+    def restore(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def install(unet: torch.nn.Module) -> RoutingHooks:
+    """Add the routing hooks to the UNet's 16 cross-attention blocks (inert for calls without XTI)."""
     blocks = cross_attention_blocks(unet)
     layers = getattr(unet.config, "layers_per_block", None)
     if layers != 2 or sorted(blocks) != sorted(XTI_LAYERS):
         raise ModelError(f"{XTI_KEY}: XTI needs SD's UNet layout (2 layers per block, 16 cross-attention blocks "
                          f"{XTI_LAYERS[0]}..{XTI_LAYERS[-1]}); this model has {layers} layers per block and "
                          f"{len(blocks)} cross-attention blocks")
-    for index, name in enumerate(XTI_LAYERS):
-        blocks[name].register_forward_pre_hook(_router(index), with_kwargs=True)
-    _HOOKED.add(unet)
+    return RoutingHooks([blocks[name].register_forward_pre_hook(_router(index), with_kwargs=True)
+                         for index, name in enumerate(XTI_LAYERS)])
 
 
 def _router(index: int):
     """A forward pre-hook giving block ``index`` its slice of the packed encoder states."""
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        extra = kwargs.get("cross_attention_kwargs")
-        if not extra or TOKENS not in extra:
+        rows = current_rows()
+        tokens = rows.per_call.get(TOKENS) if rows is not None else None
+        if tokens is None:
             return None
-        tokens = extra[TOKENS]
         states = kwargs["encoder_hidden_states"]
-        rest = {k: v for k, v in extra.items() if k != TOKENS}
+        if states.shape[1] != len(XTI_LAYERS) * tokens:  # already cut (a second set of hooks on the same UNet)
+            return None
         mine = states[:, index * tokens : (index + 1) * tokens].contiguous()
-        return args, {**kwargs, "encoder_hidden_states": mine, "cross_attention_kwargs": rest or None}
+        return args, {**kwargs, "encoder_hidden_states": mine}
 
     return hook
 
 
-def conditioning(cond: Conditioning, blocks: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> Conditioning:
-    """``cond`` carrying per-block encodings: ``blocks[b]`` is encode_batch(..., block=b), in XTI_LAYERS order."""
+def conditioning(cond: Conditioning, blocks: Sequence[tuple[torch.Tensor | None, ...]]) -> Conditioning:
+    """``cond`` carrying per-block encodings: ``blocks[b]`` is (embeddings, negative[, uncond]) encoded with
+    block b's vectors, in XTI_LAYERS order."""
     if len(blocks) != len(XTI_LAYERS):
         raise ValueError(f"XTI needs {len(XTI_LAYERS)} block encodings, got {len(blocks)}")
     tokens = blocks[0][0].shape[1]
-    embeddings = torch.cat([pos for pos, _ in blocks], dim=1)  # (B, 16·T, D)
-    negative = None if cond.negative is None else torch.cat([neg for _, neg in blocks], dim=1)
-    extra = {**(cond.unet_kwargs.get("cross_attention_kwargs") or {}), TOKENS: tokens}
-    return dataclasses.replace(cond, embeddings=embeddings, negative=negative,
-                               unet_kwargs={**cond.unet_kwargs, "cross_attention_kwargs": extra})
+
+    def packed(part: int, current: torch.Tensor | None) -> torch.Tensor | None:
+        if current is None:
+            return None
+        return torch.cat([block[part] for block in blocks], dim=1)  # (B, 16·T, D)
+
+    uncond = packed(2, cond.uncond) if len(blocks[0]) > 2 else cond.uncond
+    rows = cond.rows_for(cond.embeddings).with_call_data(**{TOKENS: tokens})
+    return dataclasses.replace(cond, embeddings=packed(0, cond.embeddings), negative=packed(1, cond.negative),
+                               uncond=uncond, rows=rows)
+
+
+class ExtendedTextualInversion(Feature):
+    """model.xti_embeddings: the routing hooks for the run, and per-block text for batches whose prompts use XTI."""
+
+    name = "xti"
+
+    def patch(self, engine, run: RunSpec) -> RoutingHooks | None:
+        return install(engine.bundle.unet) if run.model.xti_embeddings else None
+
+    def batch_hooks(self, ctx: BatchContext) -> BatchHooks | None:
+        if "xti" not in ctx.patches:
+            return None
+        text = ctx.text
+
+        def encode(inner: Encode) -> Conditioning:
+            cond = inner()
+            if not text.text.uses_xti(text.all_texts()):
+                return cond
+            per_block = [text.encode(block=b) for b in range(len(XTI_LAYERS))]
+            return conditioning(cond, [(c.embeddings, c.negative, c.uncond) for c in per_block])
+
+        return BatchHooks(encode=encode)
+
+
+FEATURE = ExtendedTextualInversion()

@@ -14,8 +14,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from transformers import CLIPTextModel
 
-from sdbatch.engine.models.convert import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 from sdbatch.engine.core.scheduler_factory import make_scheduler
+from sdbatch.engine.models.convert import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 from sdbatch.engine.text.tokenizer import PAD_TOKENS, write_hf_tokenizer_files
 
 # Inverse of diffusers' update_unet_resnet_ldm_to_diffusers renames.

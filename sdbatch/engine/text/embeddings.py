@@ -9,7 +9,8 @@ Formats read (the prompt token is always the file name without extension, as in 
 - diffusers ``learned_embeds.bin`` / ``.safetensors``: ``{token: (D,) or (n, D)}``, one entry.
 
 Extended Textual Inversion (XTI) files hold one ``(n, D)`` tensor per cross-attention block of the UNet,
-under the 16 keys of :data:`XTI_LAYERS` (kohya ``train_textual_inversion_XTI.py``); see :mod:`sdbatch.engine.features.xti`.
+under the 16 keys of :data:`XTI_LAYERS` (kohya ``train_textual_inversion_XTI.py``); see
+:mod:`sdbatch.engine.features.xti`.
 
 Torch files are read with ``weights_only=True`` (:func:`sdbatch.engine.models.checkpoint.read_object`): code in a
 pickle is refused, never run. SDXL embeddings (``clip_l``/``clip_g``) and embeddings stored inside images

@@ -1,0 +1,46 @@
+"""What every per-image feature schema shares: the planned image it reads, `given_or`, the samplers' step minimum.
+
+A per-image feature (Deep Shrink, Gradual Latent, Highres. fix, ...) is one `*_schema.py` module whose run-config
+class is a RunSpec field and has `check(spec)`, `for_image(given, job)` and `LINE` (see `sdbatch.config.spec`).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
+
+# The fewest sampler.steps each sampler runs without diffusers failing (checked for every registry sampler with
+# diffusers 0.42): PNDM/PLMS need their 4-step warm-up (set_timesteps(3) builds a schedule that step() fails
+# on); the others run from 1 step. Used by the run's step check and by every stage that sets its own steps.
+MIN_STEPS = {"pndm": 4, "plms": 4}
+
+
+class PlannedImage(Protocol):
+    """The image a feature plans for: sdbatch.plan.jobs.ImageJob, read by duck typing (config cannot import plan)."""
+
+    @property
+    def origin(self) -> str: ...  # where the prompt came from, e.g. "prompts.txt:14" (starts error messages)
+
+    @property
+    def sampler(self) -> str: ...
+
+    @property
+    def width(self) -> int: ...
+
+    @property
+    def height(self) -> int: ...
+
+    @property
+    def seed(self) -> int: ...
+
+    @property
+    def init_image(self) -> str | None: ...
+
+    @property
+    def mask_image(self) -> str | None: ...
+
+
+def given_or(value: T | None, default: T) -> T:
+    """`value` unless it is None (not given), else `default`."""
+    return default if value is None else value

@@ -1,0 +1,163 @@
+"""PNG metadata written: an image's parameters (manifest line, `sdbatch` chunk) and A1111's infotext."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from PIL import PngImagePlugin
+
+from sdbatch import __version__
+from sdbatch.config.sampler_registry import a1111_name, a1111_schedule, effective_schedule
+from sdbatch.config.spec import RunSpec, image_features
+from sdbatch.plan.jobs import EmbeddingRef, ImageJob, ModelInfo, NetworkRef
+from sdbatch.prompts.embedding_names import used_names
+
+# ---------------------------------------------------------------- parameters
+
+
+def image_params(job: ImageJob, model: ModelInfo, version: str) -> dict[str, Any]:
+    """The full, JSON-able parameters of one image: manifest line and `sdbatch` PNG chunk."""
+    params: dict[str, Any] = {
+        "file": job.file_name,
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt,
+        "seed": job.seed,
+        "width": job.width,
+        "height": job.height,
+        "steps": job.steps,
+        "sampler": job.sampler,
+        # the schedule actually run: "dpmpp_2m_karras" with schedule "default" records "karras"
+        "schedule": effective_schedule(job.sampler, job.schedule),
+        "cfg_scale": job.cfg_scale,
+        "eta": job.eta,
+        "strength": job.strength,
+        "init_image": job.init_image,
+        "mask_image": job.mask_image,
+        "negative_scale": job.negative_scale,
+        "networks": _networks_used(job, model.networks),
+        "network_muls": list(job.network_muls) if job.network_muls is not None else None,
+        "textual_inversion": _embeddings_used(job, model.embeddings),
+        "xti_embeddings": _embeddings_used(job, model.xti_embeddings),
+        "clip_skip": model.clip_skip,
+        "model": model.name,
+        "model_hash": model.hash,
+        "vae": model.vae_name,
+        "vae_hash": model.vae_hash,
+        "v_prediction": model.v_prediction,
+        "precision": model.precision,
+        "origin": job.origin,
+        "raw_prompt": job.raw_prompt,
+        "clip_prompt": job.clip_prompt,
+    }
+    for name in image_features(RunSpec):  # highres, deep_shrink, gradual_latent, ...: None when off
+        params[name] = _record(job.features.get(name), job)
+    return {**params, "index": job.index, "sdbatch_version": version}
+
+
+def _embeddings_used(job: ImageJob, embeddings: tuple[EmbeddingRef, ...]) -> list[dict[str, str]]:
+    """The run's (X)TI embeddings that the prompt or negative prompt uses, in config order."""
+    used = set(used_names([job.prompt, job.negative_prompt], [e.name for e in embeddings]))
+    return [{"name": e.name, "file": e.file, "hash": e.hash} for e in embeddings if e.name in used]
+
+
+def _networks_used(job: ImageJob, networks: tuple[NetworkRef, ...]) -> list[dict[str, Any]]:
+    """The run's networks with this image's multipliers (--am or network.loras[].mul)."""
+    muls = job.network_muls or ()
+    return [{"name": n.name, "file": n.file, "hash": n.hash, "mul": mul, "merged": n.merged}
+            for n, mul in zip(networks, muls, strict=False)]
+
+
+def _lora_hashes(params: Mapping[str, Any]) -> str | None:
+    """A1111's `Lora hashes` value, "name: hash, name2: hash" for the networks with a non-zero multiplier."""
+    used = [n for n in params.get("networks") or [] if n["mul"]]
+    entries = [f"{n['name'].replace(':', '').replace(',', '')}: {n['hash']}" for n in used]
+    return ", ".join(entries) or None
+
+
+def _ti_hashes(params: Mapping[str, Any]) -> str | None:
+    """A1111's `TI hashes` value, "name: hash, name2: hash" (names without `:` and `,`); None if none used."""
+    used = params.get("textual_inversion") or []
+    entries = [f"{e['name'].replace(':', '').replace(',', '')}: {e['hash']}" for e in used]
+    return ", ".join(entries) or None
+
+
+def _record(settings: Any, job: ImageJob) -> dict[str, Any] | None:
+    """An image's settings of one feature as a plain dict: their `record(job)`, else their fields; None = off."""
+    if settings is None:
+        return None
+    return settings.record(job) if hasattr(settings, "record") else dataclasses.asdict(settings)
+
+
+# ---------------------------------------------------------------- A1111 infotext
+
+
+def _number(value: Any) -> Any:
+    """Numbers as A1111 prints them: 7.0 → 7, 7.5 → 7.5."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def quote(value: Any) -> str:
+    """A1111's quote(): JSON-quote a value only when it holds `,`, a newline or `:`."""
+    text = str(value)
+    if "," not in text and "\n" not in text and ":" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _a1111_fields(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The `key: value` entries of the parameters line, in A1111's create_infotext order."""
+    clip_skip = params.get("clip_skip") or 1
+    has_vae = bool(params.get("vae"))
+    hires = params.get("highres") or {}
+    return {
+        "Steps": hires.get("steps", params["steps"]),  # A1111: Steps and Size are the first pass's
+        "Sampler": a1111_name(params["sampler"]),
+        "Schedule type": a1111_schedule(params.get("schedule") or "default"),
+        "CFG scale": _number(params["cfg_scale"]),
+        "Seed": params["seed"],
+        "Size": f"{hires.get('first_width', params['width'])}x{hires.get('first_height', params['height'])}",
+        "Model hash": params.get("model_hash"),
+        "Model": params.get("model"),
+        "VAE hash": params.get("vae_hash") if has_vae else None,
+        "VAE": params.get("vae") if has_vae else None,
+        "Denoising strength": _denoising_strength(params),
+        "Clip skip": clip_skip if clip_skip > 1 else None,
+        "Hires upscale": _number(round(params["width"] / hires["first_width"], 4)) if hires else None,
+        "Hires steps": params["steps"] if hires else None,  # the second pass's sampler.steps
+        "Hires upscaler": hires.get("upscaler_name"),
+        "Lora hashes": _lora_hashes(params),
+        "TI hashes": _ti_hashes(params),
+        "Version": f"sdbatch {params.get('sdbatch_version', __version__)}",
+    }
+
+
+def _denoising_strength(params: Mapping[str, Any]) -> Any:
+    """img2img's strength, or Highres. fix's second-pass strength; None for txt2img."""
+    if params.get("highres"):
+        return _number(params["highres"]["strength"])
+    return _number(params.get("strength")) if params.get("init_image") else None
+
+
+def infotext(params: Mapping[str, Any]) -> str:
+    """AUTOMATIC1111's `parameters` text: prompt, optional `Negative prompt:` line, parameters line."""
+    fields = _a1111_fields(params)
+    line = ", ".join(f"{key}: {quote(value)}" for key, value in fields.items() if value is not None)
+    negative = params.get("negative_prompt") or ""
+    negative_text = f"\nNegative prompt: {negative}" if negative else ""
+    return f"{params['prompt']}{negative_text}\n{line}".strip()
+
+
+# ---------------------------------------------------------------- PNG text chunks
+
+
+def pnginfo(params: Mapping[str, Any]) -> PngImagePlugin.PngInfo:
+    """The PNG text chunks of an image: `parameters` (A1111 infotext) and `sdbatch` (the JSON parameters)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", infotext(params))  # Pillow falls back to iTXt for non-Latin-1 text, as A1111
+    info.add_text("sdbatch", json.dumps(params))
+    return info
