@@ -1,4 +1,4 @@
-"""What every per-image feature schema shares: the planned image it reads, `given_or`, the samplers' step minimum.
+"""What every per-image feature schema shares: the planned image it reads and `given_or`.
 
 A per-image feature (Deep Shrink, Gradual Latent, Highres. fix, ...) is one `*_schema.py` module whose run-config
 class is a RunSpec field and has `check(spec)`, `for_image(given, job)` and `LINE` (see `sdbatch.config.spec`).
@@ -9,12 +9,6 @@ from __future__ import annotations
 from typing import Protocol, TypeVar
 
 T = TypeVar("T")
-
-# The fewest sampler.steps each sampler runs without diffusers failing (checked for every registry sampler with
-# diffusers 0.42): PNDM/PLMS need their 4-step warm-up (set_timesteps(3) builds a schedule that step() fails
-# on); the others run from 1 step. Used by the run's step check and by every stage that sets its own steps.
-MIN_STEPS = {"pndm": 4, "plms": 4}
-
 
 class PlannedImage(Protocol):
     """The image a feature plans for: sdbatch.plan.jobs.ImageJob, read by duck typing (config cannot import plan)."""

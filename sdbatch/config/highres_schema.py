@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from sdbatch.config.feature_schema import MIN_STEPS, PlannedImage
+from sdbatch.config.feature_schema import PlannedImage
+from sdbatch.config.sampler_registry import MIN_STEPS
 from sdbatch.errors import ConfigError
 
 if TYPE_CHECKING:

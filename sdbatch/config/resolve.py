@@ -10,9 +10,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from sdbatch.config.feature_schema import MIN_STEPS as _MIN_STEPS
 from sdbatch.config.grid_axes import grid_axes
-from sdbatch.config.sampler_registry import effective_schedule
+from sdbatch.config.sampler_registry import MIN_STEPS, effective_schedule
 from sdbatch.config.spec import RunSpec, image_features
 from sdbatch.errors import ConfigError
 
@@ -125,7 +124,7 @@ def _check(spec: RunSpec) -> None:
 
 def _check_steps(spec: RunSpec) -> None:
     """sampler.steps the sampler can run, and img2img strength × steps leaving at least one step."""
-    least = _MIN_STEPS.get(spec.sampler.name, 1)
+    least = MIN_STEPS.get(spec.sampler.name, 1)
     if spec.sampler.steps < least:
         raise ConfigError(f"sampler {spec.sampler.name} needs sampler.steps >= {least}, got {spec.sampler.steps}")
     if spec.init_image is not None and 0 < spec.strength <= 1 and int(spec.sampler.steps * spec.strength) < 1:

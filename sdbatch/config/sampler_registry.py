@@ -17,7 +17,17 @@ BASE_CONFIG = MappingProxyType(
 )
 
 SCHEDULES = ("default", "karras", "exponential")
-_SIGMA_SCHEDULES = ("default", "karras", "exponential")  # schedulers with use_*_sigmas switches
+
+# The fewest sampler.steps each sampler runs without diffusers failing (checked for every registry sampler with
+# diffusers 0.42): PNDM/PLMS need their 4-step warm-up (set_timesteps(3) builds a schedule that step() fails
+# on); the others run from 1 step. Used by the run's step check and by every stage that sets its own steps.
+MIN_STEPS = {"pndm": 4, "plms": 4}
+_SIGMA_SCHEDULES = ("default", "karras", "exponential")
+
+# The fewest sampler.steps each sampler runs without diffusers failing (checked for every registry sampler with
+# diffusers 0.42): PNDM/PLMS need their 4-step warm-up (set_timesteps(3) builds a schedule that step() fails
+# on); the others run from 1 step. Used by the run's step check and by every stage that sets its own steps.
+MIN_STEPS = {"pndm": 4, "plms": 4}  # schedulers with use_*_sigmas switches
 
 
 @dataclass(frozen=True, slots=True)
