@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sdbatch.engine.core.rows import Rows, calling
+from sdbatch.engine.core.rows import TEXT_CHUNKS, TEXT_TOKENS, Rows, calling
+
+CHUNK_TOKENS = 77  # one encoded chunk: BOS + 75 tokens + EOS
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,22 @@ def unet_model(unet: torch.nn.Module) -> ModelFn:
 
     def model(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         emb = cond.embeddings.to(dtype)
-        with calling(cond.rows_for(x)):
-            return unet(x.to(dtype), t, encoder_hidden_states=emb, return_dict=False, **cond.unet_kwargs)[0]
+        rows = cond.rows_for(x)
+        mask = padding_mask(rows, emb.shape[1], emb.device)
+        extra = cond.unet_kwargs if mask is None else {**cond.unet_kwargs, "encoder_attention_mask": mask}
+        with calling(rows):
+            return unet(x.to(dtype), t, encoder_hidden_states=emb, return_dict=False, **extra)[0]
 
     return model
+
+
+def padding_mask(rows: Rows, length: int, device: torch.device) -> torch.Tensor | None:
+    """(rows, length) 1 where a row's text is its own, 0 on the padding after it; None when nothing is padded.
+
+    The text may hold several encodings one after the other (XTI's per-block ones), each TEXT_TOKENS long.
+    """
+    chunks = rows.per_row(TEXT_CHUNKS)
+    if chunks is None:
+        return None
+    position = torch.arange(length, device=device) % rows.per_call[TEXT_TOKENS]
+    return (position[None, :] < chunks.to(device)[:, None] * CHUNK_TOKENS).to(torch.float32)

@@ -24,6 +24,9 @@ from typing import Any
 import torch
 
 PROMPT, NEGATIVE, UNCOND = "prompt", "negative", "uncond"  # the CFG parts
+# per-image data: the 77-token chunks of the image's text that are its own (the rest pads it to the batch's);
+# per-call data: the padded text length, in tokens, of one encoding (XTI packs several after each other)
+TEXT_CHUNKS, TEXT_TOKENS = "text_chunks", "text_tokens"
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 

@@ -83,8 +83,11 @@ def _router(index: int):
         states = kwargs["encoder_hidden_states"]
         if states.shape[1] != len(XTI_LAYERS) * tokens:  # already cut (a second set of hooks on the same UNet)
             return None
-        mine = states[:, index * tokens : (index + 1) * tokens].contiguous()
-        return args, {**kwargs, "encoder_hidden_states": mine}
+        cut = slice(index * tokens, (index + 1) * tokens)
+        routed = {**kwargs, "encoder_hidden_states": states[:, cut].contiguous()}
+        if kwargs.get("encoder_attention_mask") is not None:  # the padding mask covers all 16 encodings
+            routed["encoder_attention_mask"] = kwargs["encoder_attention_mask"][..., cut]
+        return args, routed
 
     return hook
 

@@ -2,11 +2,14 @@
 
 A prompt is parsed for attention syntax (:mod:`sdbatch.prompts.weighting`), each weighted run is tokenized
 on its own, and the tokens are cut into chunks of 75 (a ``BREAK`` ends a chunk early). Each chunk is
-encoded as ``BOS + 75 + EOS`` (77 ids, CLIP padding after EOS) and the chunk embeddings are concatenated,
-so a batch gives ``(B, 77·n, D)`` with ``n`` the most chunks any prompt or negative of the batch needs, at
-most ``max_embeddings_multiples``. Token weights then scale the embeddings, with the reference's mean
-renormalisation (gen_img_inventory.md §7.2-7.3). A one-chunk prompt without weights gives exactly the plain
-``text_encoder(ids)`` output.
+encoded as ``BOS + 75 + EOS`` (77 ids, CLIP padding after EOS) and the chunk embeddings are concatenated.
+Token weights then scale the embeddings, with the reference's mean renormalisation (gen_img_inventory.md
+§7.2-7.3). A one-chunk prompt without weights gives exactly the plain ``text_encoder(ids)`` output.
+
+Each prompt is encoded with its own chunk count (the most its image's prompt and negative need, at most
+``max_embeddings_multiples``), so its encoding does not depend on the other prompts of its batch; a batch gives
+``(B, 77·n, D)`` with ``n`` the largest count, shorter rows padded with the empty prompt's chunk. The UNet masks
+that padding (the row contract's ``text_chunks``), so an image is the same alone or beside longer prompts.
 
 Textual Inversion (:meth:`TextEncoder.set_embeddings`): an active embedding's name in a prompt (matched as
 :mod:`sdbatch.prompts.embedding_names` says) is replaced by the token ids of its vectors, which count
@@ -39,6 +42,15 @@ log = logging.getLogger(__name__)
 
 CHUNK = 75  # tokens per encoder pass; with BOS and EOS that is CLIP's 77 positions
 NORMALIZE_MODES = ("original", "abs", "none")
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """A batch's text: prompts and negatives (B, 77·n, D), padded to one chunk count n, and each row's own."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    chunks: tuple[int, ...]  # the chunks each row was encoded with; the rest of its 77·n tokens is padding
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +121,22 @@ class TextEncoder:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(cond, uncond) embeddings, both (B, 77·n, D) with the same n; uncond is None without negatives.
 
-        ``max_multiples`` (k) caps n: longer prompts are cut to 75·k tokens with one warning each, naming
+        See :meth:`encode_texts`, which also says how many chunks of each row are its own.
+        """
+        encoded = self.encode_texts(prompts, negatives, clip_skip=clip_skip, max_multiples=max_multiples,
+                                    normalize=normalize, origins=origins, block=block)
+        return encoded.cond, encoded.uncond
+
+    def encode_texts(
+        self, prompts: list[str], negatives: list[str] | None, *, clip_skip: int, max_multiples: int | None = None,
+        normalize: str | None = None, origins: list[str] | None = None, block: int | None = None,
+        groups: Sequence[int] | None = None,
+    ) -> EncodedBatch:
+        """The batch's prompts and negatives, each encoded at its own chunk count, padded to the largest.
+
+        Row j's count is the most chunks any prompt or negative of its group needs (``groups[j]``; by default
+        each prompt with its negative is a group: the texts of one image, which share one UNet call alone).
+        ``max_multiples`` (k) caps it: longer prompts are cut to 75·k tokens with one warning each, naming
         ``origins[i]`` (e.g. ``prompts.txt:4``). ``normalize`` is original | abs | none. ``block`` (an index
         into XTI_LAYERS) encodes XTI names with that block's vectors; None (or 0) uses the first block's.
         """
@@ -125,12 +152,27 @@ class TextEncoder:
         pos = [self.tokenize(p, k, o) for p, o in zip(prompts, origins, strict=True)]
         neg = [] if negatives is None else [
             self.tokenize(p, k, o, "negative prompt") for p, o in zip(negatives, origins, strict=True)]
-        # Prompts and negatives share one chunk count: the UNet gets both halves in one CFG call.
-        n = max(len(t.chunks) for t in pos + neg)
-        settings = (clip_skip, k, mode, n)
-        cond = self._embed(prompts, pos, settings, block)
-        uncond = self._embed(negatives, neg, settings, block) if negatives is not None else None
-        return cond, uncond
+        own = _group_chunks(pos, neg, list(groups) if groups is not None else list(range(len(prompts))))
+        settings = (clip_skip, k, mode)
+        cond = self._embed_padded(prompts, pos, own, settings, block)
+        uncond = self._embed_padded(negatives, neg, own, settings, block) if negatives is not None else None
+        return EncodedBatch(cond, uncond, tuple(own))
+
+    def _embed_padded(self, texts: list[str], tokens: list[PromptTokens], own: list[int], settings: tuple,
+                      block: int | None) -> torch.Tensor:
+        """(B, 77·n, D): each text at its own chunk count, then padded to n = max(own) with empty chunks."""
+        rows: list[torch.Tensor | None] = [None] * len(texts)
+        for count in sorted(set(own)):
+            index = [j for j, c in enumerate(own) if c == count]
+            embedded = self._embed([texts[j] for j in index], [tokens[j] for j in index], (*settings, count), block)
+            for j, row in zip(index, embedded, strict=True):
+                rows[j] = row
+        n = max(own)
+        if n > min(own):  # shorter rows: the empty prompt's chunk after their own (masked in the UNet)
+            empty = self._embed([""], [self.tokenize("", settings[1])], (*settings, 1))[0]
+            rows = [torch.cat([row, empty.repeat(n - c, 1)]) if c < n else row
+                    for row, c in zip(rows, own, strict=True)]
+        return torch.stack(rows)
 
     def tokenize(self, text: str, k: int, origin: str = "prompt", what: str = "prompt") -> PromptTokens:
         """Weighted token chunks of ``text``, at most k chunks (cached; a truncation warns when computed)."""
@@ -243,6 +285,15 @@ class TextEncoder:
         hidden = out.hidden_states[-clip_skip]  # hidden_states[-1] is the last layer's output
         # transformers 5 flattened CLIPTextModel (no .text_model); older releases nest it
         return getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm(hidden)
+
+
+def _group_chunks(pos: list[PromptTokens], neg: list[PromptTokens], groups: list[int]) -> list[int]:
+    """Each row's chunk count: the most any prompt or negative of its group needs."""
+    need: dict[int, int] = {}
+    for j, group in enumerate(groups):
+        counts = [len(pos[j].chunks)] + ([len(neg[j].chunks)] if neg else [])
+        need[group] = max(need.get(group, 1), *counts)
+    return [need[group] for group in groups]
 
 
 def apply_weights(emb: torch.Tensor, weights: list[float], mode: str) -> torch.Tensor:
