@@ -50,8 +50,11 @@ class GradualLatentConfig:
             raise ConfigError(f"gradual_latent.timesteps must be a timestep from 1 to 1000, got {self.timesteps}")
         if not 0 < self.ratio <= 1:
             raise ConfigError(f"gradual_latent.ratio must be in (0, 1], got {self.ratio}")
-        if self.ratio_step <= 0 or self.every_n_steps < 1 or self.s_noise < 0:
-            raise ConfigError("gradual_latent: ratio_step must be > 0, every_n_steps >= 1 and s_noise >= 0")
+        for key, valid, ok in (("ratio_step", "> 0", self.ratio_step > 0),
+                               ("every_n_steps", ">= 1", self.every_n_steps >= 1),
+                               ("s_noise", ">= 0", self.s_noise >= 0)):
+            if not ok:  # nan compares false: refused too
+                raise ConfigError(f"gradual_latent.{key} must be {valid}, got {getattr(self, key)}")
         if self.unsharp is not None and (len(self.unsharp) not in (3, 4) or int(self.unsharp[0]) % 2 == 0):
             raise ConfigError("gradual_latent.unsharp is [ksize (odd), sigma, strength(, target_x)], "
                               f"got {self.unsharp}")

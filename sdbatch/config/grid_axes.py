@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sdbatch.config.sampler_registry import get_sampler
+from sdbatch.config.sampler_registry import MIN_STEPS, SAMPLERS
 from sdbatch.config.spec import RunSpec
 from sdbatch.errors import ConfigError
+
+SEED_LIMIT = 2**32  # seeds live in [0, 2**32), as in A1111 and the reference tool
 
 # axis key → (ImageJob field, value parser); prompt_sr, sampler and network_muls are handled specially
 AXIS_FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
@@ -26,6 +30,16 @@ AXIS_FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
 SAMPLER_KEYS = ("sampler", "sampler.name")
 # network_muls: one value per cell, the networks' multipliers separated by ";" ("0.5" or "0.5;1"), like --am
 AXIS_KEYS = (*AXIS_FIELDS, *SAMPLER_KEYS, "prompt_sr", "network_muls")
+
+# ImageJob field → (check of one value, what a valid value is): the checks the same keys get in resolve
+_VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": (lambda v: 0 <= v < SEED_LIMIT, f"a seed from 0 to {SEED_LIMIT - 1}"),
+    "steps": (lambda v: v >= 1, "a positive number of steps"),
+    "cfg_scale": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "strength": (lambda v: math.isfinite(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "width": (lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8"),
+    "height": (lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,21 +73,81 @@ def parse_axis(text: str, name: str) -> Axis:
 def parse_value(axis: Axis, value: str, name: str) -> Any:
     """One cell's value of the axis, parsed and checked: int, float or str by key, a sampler name, or the
     network multipliers as a tuple; prompt_sr words stay as written. `name` (x, y or z) is for the message."""
+    if axis.key == "prompt_sr":
+        return value
+    if axis.key in SAMPLER_KEYS:
+        if value not in SAMPLERS:
+            raise ConfigError(f"grid.{name}: unknown sampler '{value}'; choose one of: {', '.join(SAMPLERS)}")
+        return value
     try:
-        if axis.key == "prompt_sr":
-            return value
         if axis.key == "network_muls":
-            return tuple(float(v) for v in value.split(";"))
-        if axis.key in SAMPLER_KEYS:
-            get_sampler(value)
-            return value
-        _, parse = AXIS_FIELDS[axis.key]
+            muls = tuple(float(v) for v in value.split(";"))
+            if not all(math.isfinite(v) for v in muls):
+                raise ValueError(value)
+            return muls
+        field, parse = AXIS_FIELDS[axis.key]
         parsed = parse(value)
     except ValueError:
         raise ConfigError(f"grid.{name}: '{value}' is not a valid {axis.key} value") from None
-    if axis.key in ("width", "height") and (parsed <= 0 or parsed % 8):
-        raise ConfigError(f"grid.{name}: {axis.key} {parsed} must be a positive multiple of 8")
+    check, valid = _VALUE_CHECKS.get(field, (None, ""))
+    if check is not None and not check(parsed):
+        raise ConfigError(f"grid.{name}: {axis.key} {value} is not valid; give {valid}")
     return parsed
+
+
+def axis_field(axis: Axis) -> str:
+    """The ImageJob field an axis changes (sampler for a sampler name); prompt_sr changes the prompts."""
+    if axis.key in SAMPLER_KEYS:
+        return "sampler"
+    if axis.key in ("prompt_sr", "network_muls"):
+        return "network_muls" if axis.key == "network_muls" else "prompt"
+    return AXIS_FIELDS[axis.key][0]
+
+
+def size_problem(width: int, height: int, max_pixels: int) -> str | None:
+    """Why an image of width × height is refused before loading (perf.max_pixels), or None."""
+    if width * height <= max_pixels:
+        return None
+    side = math.isqrt(max_pixels)
+    limit = f"{side}x{side}" if side * side == max_pixels else f"{max_pixels} pixels"
+    return (f"{width}x{height} is {width * height} pixels per image, over perf.max_pixels={max_pixels} ({limit}); "
+            f"use a smaller size, or raise the bound with perf.max_pixels={width * height}")
+
+
+def image_problem(sampler: str, steps: int, width: int | None, height: int | None, *,
+                  strength: float | None = None, highres: Any = None, cfg_scale: float = 0.0,
+                  max_pixels: int | None = None) -> tuple[str, tuple[str, ...]] | None:
+    """What makes one image's final settings unrunnable: (message, the ImageJob fields at fault), or None.
+
+    `strength` only for img2img images, `highres` the image's Highres. fix settings (None when off); the size is
+    checked when both sides and `max_pixels` are known. Used for grid cells (config time and planning) and for
+    the images of prompt lines, so every way of setting a value gets the same checks.
+    """
+    least = MIN_STEPS.get(sampler, 1)
+    if steps < least:
+        return f"sampler {sampler} needs steps >= {least}, got {steps}", ("sampler", "steps")
+    if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
+        return f"cfg_scale must be a finite number >= 0, got {cfg_scale}", ("cfg_scale",)
+    if strength is not None and int(steps * strength) < 1:
+        return (f"strength {strength} × steps {steps} leaves no denoising step (diffusers runs int(steps × "
+                "strength)); raise strength or steps", ("strength", "steps"))
+    if highres is not None:
+        if int(steps * highres.strength) < 1:
+            return (f"highres.strength {highres.strength} × steps {steps} leaves no second-stage step; raise "
+                    "highres.strength or steps", ("steps",))
+        if highres.steps < least:
+            return f"sampler {sampler} needs highres.steps >= {least}, got {highres.steps}", ("sampler",)
+    if max_pixels is not None and width is not None and height is not None:
+        problem = size_problem(width, height, max_pixels)
+        if problem:
+            return problem, ("width", "height")
+    return None
+
+
+def cells_at_fault(cell: list[tuple[str, Axis, str]], fields: tuple[str, ...]) -> str:
+    """`grid.x=sampler:plms, grid.y=steps:2`: the cell's values that set one of `fields` ('' when none does)."""
+    return ", ".join(f"grid.{name}={axis.key}:{value}" for name, axis, value in sorted(cell, key=lambda c: c[0])
+                     if axis_field(axis) in fields)
 
 
 def grid_axes(spec: RunSpec) -> list[Axis]:
@@ -83,4 +157,35 @@ def grid_axes(spec: RunSpec) -> list[Axis]:
         raise ConfigError("grid.y / grid.z need grid.x first (grid.x is the columns)")
     if given[1][1] is None and given[2][1]:
         raise ConfigError("grid.z needs grid.y (grid.y is the rows)")
-    return [parse_axis(text, name) for name, text in given if text]
+    axes = [parse_axis(text, name) for name, text in given if text]
+    _check_cells(spec, axes)
+    return axes
+
+
+def _check_cells(spec: RunSpec, axes: list[Axis]) -> None:
+    """Every combination of the axes' sampler, steps, strength and size values with the run's other settings
+    (the same checks as the run's own keys), so a bad cell fails before any model loads, naming grid.x/y/z."""
+    fields = ("sampler", "steps", "strength", "width", "height", "cfg_scale")
+    named = [(name, axis) for name, axis in zip("xyz", axes, strict=False) if axis_field(axis) in fields]
+    if not named:
+        return
+    img2img = spec.init_image is not None
+    own = None if img2img else 512  # a size left null: 512, or the init image's (unknown until planning)
+    base = {"sampler": spec.sampler.name, "steps": spec.sampler.steps, "cfg_scale": spec.sampler.cfg_scale,
+            "width": spec.width if spec.width is not None else own,
+            "height": spec.height if spec.height is not None else own,
+            "strength": spec.strength if img2img else None}
+    highres = spec.highres if spec.highres.name == "on" else None
+    choices = [[(name, axis, value, parse_value(axis, value, name)) for value in dict.fromkeys(axis.values)]
+               for name, axis in reversed(named)]
+    for choice in itertools.product(*choices):
+        values, cell = dict(base), [(name, axis, value) for name, axis, value, _ in choice]
+        for _, axis, _, parsed in choice:  # z first, x last: x wins when two axes set one field, as in expand
+            values[axis_field(axis)] = parsed
+        if not img2img:
+            values["strength"] = None
+        problem = image_problem(values["sampler"], values["steps"], values["width"], values["height"],
+                                strength=values["strength"], highres=highres, cfg_scale=values["cfg_scale"],
+                                max_pixels=spec.perf.max_pixels)
+        if problem and (where := cells_at_fault(cell, problem[1])):
+            raise ConfigError(f"{where}: {problem[0]}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from sdbatch.config.grid_axes import grid_axes
+from sdbatch.config.grid_axes import SEED_LIMIT, grid_axes, size_problem
 from sdbatch.config.sampler_registry import MIN_STEPS, effective_schedule
 from sdbatch.config.spec import RunSpec, image_features
 from sdbatch.errors import ConfigError
@@ -29,8 +30,15 @@ _CHOICES = {
     "network.name": ("none", "lora"),
     "network.mode": ("hooked", "merge", "precalc"),
 }
+# choice keys a boolean can stand for: Hydra reads `=true`/`=false` (and YAML `on`/`off`/`yes`/`no`) as a
+# bool, which the str-typed key then holds as 'True'/'False'; each is read as the choice it means
+_BOOLEAN_CHOICES = {
+    "model.v2": ("true", "false"),
+    "model.v_parameterization": ("true", "false"),
+    "highres.name": ("on", "off"),
+}
 _POSITIVE = ("width", "height", "images_per_prompt", "n_iter", "batch_size", "sampler.steps", "model.clip_skip",
-             "max_embeddings_multiples", "strength")
+             "max_embeddings_multiples", "strength", "prompts.max_module_lines")
 
 
 def resolve(cfg: DictConfig) -> RunSpec:
@@ -41,7 +49,7 @@ def resolve(cfg: DictConfig) -> RunSpec:
     except MissingMandatoryValue as ex:
         key = ex.full_key
         raise ConfigError(f"{key} is not set: {_MISSING_HINTS.get(key, f'set {key}=VALUE')}") from None
-    spec = _freeze(obj, RunSpec)
+    spec = _normalise(_freeze(obj, RunSpec))
     _check(spec)
     return spec
 
@@ -80,6 +88,50 @@ def _freeze(obj: object, cls: type) -> object:
     return cls(**values)
 
 
+def _normalise(spec: RunSpec) -> RunSpec:
+    """Booleans given for choice keys become their choice ('True' → 'true'), and seed=-1 means random (null),
+    as in A1111."""
+    for key, (yes, no) in _BOOLEAN_CHOICES.items():
+        value = _get(spec, key)
+        if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
+            word = yes if value is True or str(value).lower() == "true" else no
+            spec = _replace(spec, key, word)
+    if spec.seed == -1:
+        spec = dataclasses.replace(spec, seed=None)
+    return spec
+
+
+def _replace(obj: object, key: str, value: object) -> object:
+    """A copy of the frozen `obj` with the dotted `key` set to `value`."""
+    head, _, rest = key.partition(".")
+    if rest:
+        value = _replace(getattr(obj, head), rest, value)
+    return dataclasses.replace(obj, **{head: value})
+
+
+def _check_finite(obj: object, prefix: str = "") -> None:
+    """Every float key (and float list item) is a finite number: nan and inf would give black images or invalid
+    JSON in the manifest, not an error."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{key}.")
+        elif isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _check_finite(item, f"{key}[{i}].")
+                elif _is_float_type(hints[f.name]) and isinstance(item, float) and not math.isfinite(item):
+                    raise ConfigError(f"{key}[{i}] must be a finite number, got {item}")
+        elif _is_float_type(hints[f.name]) and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+
+
+def _is_float_type(tp: object) -> bool:
+    """float, float | None, list[float], list[float] | None, tuple[float, ...]."""
+    return tp is float or any(_is_float_type(arg) for arg in typing.get_args(tp))
+
+
 def _get(spec: RunSpec, key: str) -> object:
     value: object = spec
     for part in key.split("."):
@@ -88,6 +140,7 @@ def _get(spec: RunSpec, key: str) -> object:
 
 
 def _check(spec: RunSpec) -> None:
+    _check_finite(spec)
     for key, choices in _CHOICES.items():
         value = _get(spec, key)
         if value not in choices:
@@ -100,6 +153,7 @@ def _check(spec: RunSpec) -> None:
             raise ConfigError(f"{key} must be a multiple of 8, got {_get(spec, key)}; try {_get(spec, key) // 8 * 8}")
     if spec.strength > 1:
         raise ConfigError(f"strength must be in (0, 1], got {spec.strength}")
+    _check_seed_and_size(spec)
     _check_steps(spec)
     for name in image_features(spec):  # each per-image feature's run-level checks (highres, deep_shrink, ...)
         getattr(spec, name).check(spec)
@@ -109,8 +163,18 @@ def _check(spec: RunSpec) -> None:
         raise ConfigError("output.naming=original names images after their init image; set init_image too")
     if spec.sampler.cfg_scale < 0:
         raise ConfigError(f"sampler.cfg_scale must be >= 0, got {spec.sampler.cfg_scale}")
+    if not 0 <= spec.sampler.eta <= 1:
+        # the DDIM paper's η: 0 = deterministic DDIM, 1 = DDPM-like noise; outside [0, 1] diffusers' DDIM step
+        # takes the square root of a negative number and the image comes out black
+        raise ConfigError(f"sampler.eta must be in [0, 1] (0 = deterministic), got {spec.sampler.eta}")
     if spec.perf.vae_slices is not None and spec.perf.vae_slices < 1:
         raise ConfigError(f"perf.vae_slices must be >= 1 (or null for no slicing), got {spec.perf.vae_slices}")
+    if spec.perf.vae_tiling and spec.perf.vae_slices is not None:
+        raise ConfigError(f"perf.vae_tiling=true and perf.vae_slices={spec.perf.vae_slices} cannot be combined: "
+                          "slices give the exact pixels, tiles use less memory still; set one of them")
+    threshold = spec.inpaint.mask_threshold
+    if threshold is not None and not 0 < threshold < 1:  # NaN fails this too
+        raise ConfigError(f"inpaint.mask_threshold must be in (0, 1), or null for soft (grey) masks; got {threshold}")
     if spec.perf.vae_batch_size < 0:
         raise ConfigError(f"perf.vae_batch_size must be >= 0 (0 = whole batch), got {spec.perf.vae_batch_size}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", spec.perf.device):
@@ -120,6 +184,22 @@ def _check(spec: RunSpec) -> None:
     _check_prompt(spec)
     _check_prompt_sr(spec)
     _check_networks(spec)
+
+
+def _check_seed_and_size(spec: RunSpec) -> None:
+    """seed in [0, 2**32) (-1 was made null: random), and width × height within perf.max_pixels."""
+    if spec.seed is not None and not 0 <= spec.seed < SEED_LIMIT:
+        raise ConfigError(f"seed must be from 0 to {SEED_LIMIT - 1}, or -1 or null for a random seed; "
+                          f"got {spec.seed}")
+    if spec.perf.max_pixels < 1:
+        raise ConfigError(f"perf.max_pixels must be a positive number of pixels, got {spec.perf.max_pixels}")
+    if spec.width is None and spec.height is None:
+        return
+    own = None if spec.init_image is not None else 512  # a size left null: 512, or the init image's own
+    width, height = spec.width or own, spec.height or own
+    if width is not None and height is not None and (problem := size_problem(width, height, spec.perf.max_pixels)):
+        given = " and ".join(f"{key}={_get(spec, key)}" for key in ("width", "height") if _get(spec, key))
+        raise ConfigError(f"{given}: {problem}")
 
 
 def _check_steps(spec: RunSpec) -> None:
@@ -162,9 +242,14 @@ def _check_networks(spec: RunSpec) -> None:
             raise ConfigError(f"network.loras[{i}].path: {lora.path} is unknown; the built-in LoRA (for model=tiny) "
                               "is builtin:tiny-lora")
         if not lora.path.startswith("builtin:") and not Path(lora.path).expanduser().is_file():
+            if Path(lora.path).expanduser().is_dir():
+                raise ConfigError(f"network.loras[{i}].path: {lora.path} is a folder, not a LoRA file; give a "
+                                  ".safetensors file (a folder of LoRA files for <lora:NAME> tags is network.lora_dir)")
             raise ConfigError(f"network.loras[{i}].path: LoRA file {lora.path} not found")
     if network.lora_dir is not None and not Path(network.lora_dir).expanduser().is_dir():
-        raise ConfigError(f"network.lora_dir: {network.lora_dir} is not a folder (the LoRA files of <lora:NAME> tags)")
+        found = "it is a file" if Path(network.lora_dir).expanduser().exists() else "it does not exist"
+        raise ConfigError(f"network.lora_dir: {network.lora_dir} is not a folder ({found}); give the folder of the "
+                          "LoRA files of <lora:NAME> tags")
     if network.muls is not None and not network.muls:
         raise ConfigError("network.muls=[] has no multiplier; give one per network, e.g. network.muls='[0.5]'")
     for name in "xyz":

@@ -10,19 +10,21 @@ import dataclasses
 import itertools
 from dataclasses import dataclass
 
-from sdbatch.config.grid_axes import AXIS_FIELDS, SAMPLER_KEYS, Axis, parse_value
+from sdbatch.config.grid_axes import AXIS_FIELDS, SAMPLER_KEYS, Axis, cells_at_fault, image_problem, parse_value
 from sdbatch.config.sampler_registry import effective_schedule
 from sdbatch.config.spec import NetworkConfig
 from sdbatch.errors import ConfigError
 from sdbatch.plan.jobs import ImageJob
-from sdbatch.plan.planner import SEED_LIMIT, file_name, network_muls
+from sdbatch.plan.planner import file_name, network_muls
 
 
 def expand(jobs: list[ImageJob], axes: list[Axis], naming: str, network: NetworkConfig | None = None,
-           ) -> list[ImageJob]:
+           max_pixels: int | None = None) -> list[ImageJob]:
     """Every job once per cell (z slowest, x fastest), renumbered; the prompt_sr word is the first value.
 
-    `network` (the run's) completes network_muls cells as --am is completed: the last value repeats.
+    `network` (the run's) completes network_muls cells as --am is completed: the last value repeats. Every
+    image gets the run's checks with its cell's values (steps for its sampler, size within `max_pixels`, ...),
+    so a cell that cannot run fails here, naming grid.x/y/z, before any model loads.
     """
     for name, axis in zip("xyz", axes, strict=False):
         if axis.key == "prompt_sr":
@@ -36,6 +38,7 @@ def expand(jobs: list[ImageJob], axes: list[Axis], naming: str, network: Network
                 new = _apply(new, axis, value, "xyz"[axes.index(axis)])
             if network is not None and new.network_muls is not None:
                 new = dataclasses.replace(new, network_muls=network_muls(new.network_muls, network))
+            _check_cell(new, list(zip("xyz", axes, reversed(cell), strict=False)), max_pixels)
             index = len(out)
             out.append(dataclasses.replace(new, index=index, file_name=file_name(naming, index, new.seed)))
     return out
@@ -64,9 +67,16 @@ def _apply(job: ImageJob, axis: Axis, value: str, name: str) -> ImageJob:
     if axis.key in SAMPLER_KEYS:
         return dataclasses.replace(job, sampler=parsed, schedule=effective_schedule(parsed, "default"))
     field, _ = AXIS_FIELDS[axis.key]
-    if field == "seed":
-        parsed %= SEED_LIMIT
     return dataclasses.replace(job, **{field: parsed})
+
+
+def _check_cell(job: ImageJob, cell: list[tuple[str, Axis, str]], max_pixels: int | None) -> None:
+    """The image of one cell gets the run's checks; a problem a cell's value causes names it and the line."""
+    problem = image_problem(job.sampler, job.steps, job.width, job.height, cfg_scale=job.cfg_scale,
+                            strength=job.strength if job.init_image else None, highres=job.highres,
+                            max_pixels=max_pixels)
+    if problem and (where := cells_at_fault(cell, problem[1])):
+        raise ConfigError(f"{where} for {job.origin}: {problem[0]}")
 
 
 @dataclass(frozen=True, slots=True)

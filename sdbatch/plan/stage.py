@@ -47,7 +47,7 @@ def plan_run(spec: RunSpec, base_seed: int, engine: Any = None) -> RunPlan:
         jobs = [search_replace(job, spec.prompt_sr_words[0], spec.prompt_sr) for job in jobs]
     axes, base_count = grid_axes(spec), len(jobs)
     if axes:  # a fused grid: each planned image becomes one image per cell
-        jobs = expand(jobs, axes, spec.output.naming, spec.network)
+        jobs = expand(jobs, axes, spec.output.naming, spec.network, spec.perf.max_pixels)
     jobs, network = apply_tags(jobs, spec.network)  # after the grid: an axis may write tags into prompts
     return RunPlan(jobs, network, axes, base_count)
 
