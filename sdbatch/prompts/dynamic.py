@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdbatch.errors import PromptError
+from sdbatch.prompts.sources import clean_text
 
 MAX_VARIANTS = 10_000  # enumerate_variants refuses to produce more prompts than this
 MAX_DEPTH = 32  # nesting levels of groups and wildcards together
@@ -109,8 +110,11 @@ def _read_wildcard(directory: Path | None, name: str) -> tuple[tuple[int, str], 
     if any(part in ("", ".", "..") for part in parts):
         raise PromptError(f"{where}: a wildcard name is a path below {directory} without '.', '..' or '//'")
     if not directory.is_dir():
-        raise PromptError(f"{where}: the wildcards directory {directory} does not exist")
+        what = "is a file, not a folder" if directory.exists() else "does not exist"
+        raise PromptError(f"{where}: the wildcards directory {directory} {what} <prompts.wildcards_dir>")
     path = directory.joinpath(*parts[:-1], parts[-1] + ".txt")
+    if path.is_dir():
+        raise PromptError(f"{where}: {path} is a folder, not a text file; name a file, e.g. __{name}/NAME__")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -118,7 +122,8 @@ def _read_wildcard(directory: Path | None, name: str) -> tuple[tuple[int, str], 
                           f"{_suggest(directory, name)}") from None
     except (OSError, UnicodeDecodeError) as ex:
         raise PromptError(f"{where}: {path} cannot be read as UTF-8 text: {ex}") from None
-    lines = tuple((number, line.strip()) for number, line in enumerate(text.splitlines(), start=1)
+    lines = tuple((number, clean_text(line.strip(), f"wildcard __{name}__ ({name}.txt:{number})"))
+                  for number, line in enumerate(text.splitlines(), start=1)
                   if line.strip() and not line.strip().startswith("#"))
     if not lines:
         raise PromptError(f"{where}: {path} has no lines (only blanks or '#' comments)")

@@ -29,10 +29,13 @@ def list_images(source: str, key: str = "init_image") -> list[Path]:
     if path.is_dir():
         images = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
         if not images:
-            raise ConfigError(f"{key} folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            others = sorted(p.name for p in path.iterdir())
+            found = f"only {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}" if others else "nothing"
+            raise ConfigError(f"{key} folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}), {found}")
         return images
     if not path.is_file():
-        raise ConfigError(f"{key} {path} does not exist; give an image file or a folder of images")
+        found = "is not a regular file or folder" if path.exists() else "does not exist"
+        raise ConfigError(f"{key} {path} {found}; give an image file or a folder of images")
     return [path]
 
 

@@ -17,10 +17,15 @@ a generator function that yields them. Each item is one of:
   ``"negative_prompt"`` (a ``str``), which replaces the run's ``negative_prompt`` for that line; an in-prompt
   ``--n`` still wins over both. Other keys are an error (a misspelt key would otherwise be ignored).
 
-Every line is read before the first image is made. Lines are named ``FILE.py:#N`` (N = 1-based item number)
-in error messages and image metadata. Modules imported at the top of the file may live next to it: its folder
-is importable while the file runs, and removed from ``sys.path`` afterwards (import helpers at the top of the
-file, not inside ``get_prompter``). Example, ``prompts.py``::
+Every line is read before the first image is made, at most ``prompts.max_module_lines`` items (default
+100000): an endless generator stops with an error naming that key instead of filling memory. Lines are named
+``FILE.py:#N`` (N = 1-based item number) in error messages and image metadata. An exception, or ``sys.exit()``,
+raised by the module's code is reported as one line naming the module, the line of its code and the item being
+made; a KeyboardInterrupt raised there is the user's Ctrl-C and ends the run as such.
+
+Modules imported at the top of the file may live next to it: its folder is importable while the file runs,
+and removed from ``sys.path`` afterwards (import helpers at the top of the file, not inside ``get_prompter``).
+Example, ``prompts.py``::
 
     import itertools
 
@@ -52,10 +57,14 @@ from types import ModuleType
 from typing import Any
 
 from sdbatch.errors import ConfigError, PromptError
-from sdbatch.prompts.sources import PromptLine
+from sdbatch.prompts.sources import PromptLine, clean_text
 
 _DICT_KEYS = ("prompt", "negative_prompt")
+MAX_LINES = 100_000  # default of prompts.max_module_lines
 _counter = itertools.count()
+# What the module's own code may raise that becomes a PromptError: every Exception and sys.exit(). Not
+# KeyboardInterrupt (the user's Ctrl-C, or the module's own: it ends the run like Ctrl-C) nor GeneratorExit.
+_MODULE_ERRORS = (Exception, SystemExit)
 
 
 def load_prompter(path: str | Path, spec: Any, engine: Any, *, negative: str | None = None) -> Iterator[PromptLine]:
@@ -63,11 +72,15 @@ def load_prompter(path: str | Path, spec: Any, engine: Any, *, negative: str | N
 
     Loading and the get_prompter call happen now (errors raise here); the items are converted as they are
     iterated. `negative` is the default negative prompt of each line (None: `spec.negative_prompt`, or "").
-    Raises ConfigError if the file does not exist, PromptError for anything wrong inside it.
+    At most `spec.prompts.max_module_lines` items are taken. Raises ConfigError if the file does not exist,
+    PromptError for anything wrong inside it (an exception or sys.exit() in its code included).
     """
     path = Path(path)
     if negative is None:
         negative = getattr(spec, "negative_prompt", "") or ""
+    negative = clean_text(negative, "negative_prompt")
+    prompts = getattr(spec, "prompts", None)
+    max_lines = getattr(prompts, "max_module_lines", MAX_LINES)
     module = _load_module(path)
     get_prompter = getattr(module, "get_prompter", None)
     if not callable(get_prompter):
@@ -75,20 +88,25 @@ def load_prompter(path: str | Path, spec: Any, engine: Any, *, negative: str | N
     _check_signature(path, get_prompter, spec, engine)
     try:
         items = get_prompter(spec, engine)
-    except Exception as ex:
+        if isinstance(items, str | bytes | dict) or not isinstance(items, Iterable):
+            raise PromptError(f"prompt_module {path}: get_prompter returned {type(items).__name__}; "
+                              "return a list of prompt lines (str or dict) or yield them")
+        iterator = iter(items)
+    except PromptError:
+        raise
+    except _MODULE_ERRORS as ex:
         raise PromptError(f"prompt_module {path}: get_prompter(spec, engine) {_describe(ex, path)}") from ex
-    if isinstance(items, str | bytes | dict) or not isinstance(items, Iterable):
-        raise PromptError(f"prompt_module {path}: get_prompter returned {type(items).__name__}; "
-                          "return a list of prompt lines (str or dict) or yield them")
-    return _lines(path, iter(items), negative)
+    return _lines(path, iterator, negative, max_lines)
 
 
 def _load_module(path: Path) -> ModuleType:
     """Execute the file as a fresh module with a unique name; its folder is on sys.path only meanwhile."""
     if not path.exists():
         raise ConfigError(f"prompt_module {path} does not exist; check the path (relative to {Path.cwd()})")
+    if path.is_dir():
+        raise ConfigError(f"prompt_module {path} is a folder, not a file; give the path of a .py file")
     if not path.is_file():
-        raise ConfigError(f"prompt_module {path} is not a file; give the path of a .py file")
+        raise ConfigError(f"prompt_module {path} is not a regular file; give the path of a .py file")
     name = f"sdbatch_prompt_module_{next(_counter)}"
     loader = importlib.machinery.SourceFileLoader(name, str(path))
     module_spec = importlib.util.spec_from_file_location(name, path, loader=loader)
@@ -101,9 +119,12 @@ def _load_module(path: Path) -> ModuleType:
     except SyntaxError as ex:
         del sys.modules[name]
         raise PromptError(f"prompt_module {path}: syntax error at line {ex.lineno}: {_one_line(ex.msg)}") from None
-    except Exception as ex:
+    except _MODULE_ERRORS as ex:
         del sys.modules[name]
         raise PromptError(f"prompt_module {path} failed while loading: {_describe(ex, path)}") from ex
+    except BaseException:  # KeyboardInterrupt: the user's Ctrl-C, not the module's error
+        sys.modules.pop(name, None)
+        raise
     finally:
         sys.path[:] = saved_path
     return module
@@ -122,23 +143,40 @@ def _check_signature(path: Path, get_prompter: Any, spec: Any, engine: Any) -> N
                           "get_prompter(spec, engine)") from None
 
 
-def _lines(path: Path, items: Iterator[Any], negative: str) -> Iterator[PromptLine]:
-    """Convert the module's items to PromptLines named FILE:#N; errors name the item and the file."""
+def _lines(path: Path, items: Iterator[Any], negative: str, max_lines: int = MAX_LINES) -> Iterator[PromptLine]:
+    """Convert the module's items to PromptLines named FILE:#N; errors name the item and the file.
+
+    At most `max_lines` items are taken: asking for one more is an error naming prompts.max_module_lines.
+    """
     count = 0
     for index in itertools.count(1):
         try:
             item = next(items)
         except StopIteration:
             break
-        except Exception as ex:
-            raise PromptError(f"prompt_module {path}: get_prompter, making item #{index}, "
-                              f"{_describe(ex, path)}") from ex
+        except _MODULE_ERRORS as ex:
+            raise PromptError(f"prompt_module {path}: get_prompter, making item #{index} "
+                              f"({index - 1} yielded before), {_describe(ex, path)}") from ex
+        if index > max_lines:
+            _close(items)
+            raise PromptError(f"prompt_module {path}: get_prompter yields more than {max_lines} items (an endless "
+                              f"generator?); stop it sooner or raise prompts.max_module_lines=N")
         line = _to_line(path, index, item, negative)
         if line is not None:
             count += 1
             yield line
     if count == 0:
         raise PromptError(f"prompt_module {path}: get_prompter yielded no prompt lines; yield at least one string")
+
+
+def _close(items: Iterator[Any]) -> None:
+    """Close a generator cut short by the cap (its finally blocks run); what its code raises there is ignored."""
+    close = getattr(items, "close", None)
+    if callable(close):
+        try:
+            close()
+        except _MODULE_ERRORS:
+            pass
 
 
 def _to_line(path: Path, index: int, item: Any, negative: str) -> PromptLine | None:
@@ -165,12 +203,16 @@ def _to_line(path: Path, index: int, item: Any, negative: str) -> PromptLine | N
     return PromptLine(text.strip(), item_negative, origin)
 
 
-def _describe(ex: Exception, path: Path) -> str:
-    """'raised ValueError: msg (in the prompt module's own code, line 12)' on one line."""
+def _describe(ex: BaseException, path: Path) -> str:
+    """'raised ValueError: msg (in the prompt module's own code, line 12)' on one line; sys.exit(3) is
+    'called sys.exit(3) (...)'."""
     where = "in the prompt module's own code"
     frames = [frame for frame in traceback.extract_tb(ex.__traceback__) if _same_file(frame.filename, path)]
     if frames:
         where += f", line {frames[-1].lineno}"
+    if isinstance(ex, SystemExit):
+        code = "" if ex.code is None else repr(ex.code)
+        return f"called sys.exit({_one_line(code) if code else ''}) ({where}); raise an exception or return instead"
     return f"raised {type(ex).__name__}: {_one_line(str(ex))} ({where})"
 
 

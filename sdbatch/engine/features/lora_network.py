@@ -80,7 +80,8 @@ def load_lora(path: str | Path) -> LoraFile:
     """The LoRA file at ``path``, read once per (file, mtime, size) and then served from a small LRU cache."""
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"LoRA file {path} not found; network.loras[].path must point to a LoRA file")
+        found = "is a folder, not a LoRA file" if path.is_dir() else "not found"
+        raise ModelError(f"LoRA file {path} {found}; network.loras[].path must point to a LoRA file")
     resolved = path.resolve()
     stat = resolved.stat()
     key = (str(resolved), stat.st_mtime_ns, stat.st_size)

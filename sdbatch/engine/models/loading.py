@@ -145,8 +145,7 @@ def _resolve_vae(vae: str) -> Path:
     path = Path(vae).expanduser()
     if not path.exists():
         raise ModelError(
-            f"model.vae '{vae}' is not a file or a folder; give a VAE .safetensors/.ckpt file "
-            "or a diffusers VAE folder"
+            f"model.vae '{vae}' does not exist; give a VAE .safetensors/.ckpt file or a diffusers VAE folder"
         )
     return path.resolve()
 
@@ -211,9 +210,10 @@ def _tokenizer(pad: str) -> ClipTokenizer:
 def _load_folder(path: Path, v2: str) -> ModelBundle:
     """A diffusers folder: unet/, vae/, text_encoder/ (and tokenizer/ for the pad token)."""
     if not (path / "unet" / "config.json").is_file():
+        missing = "unet/config.json" if (path / "model_index.json").is_file() else "model_index.json"
         raise ModelError(
-            f"{path} is a folder but not a diffusers model (no unet/config.json); "
-            "give a model folder or a .safetensors/.ckpt file"
+            f"model.checkpoint {path} is a folder without {missing} (not a diffusers model)"
+            f"{_model_files_in(path)}; give a .safetensors/.ckpt file or a diffusers folder"
         )
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
@@ -228,6 +228,20 @@ def _load_folder(path: Path, v2: str) -> ModelBundle:
         raise ModelError(f"model.v2={v2} but {path} is an {family.upper()} model; set model.v2=auto")
     pad = _folder_pad_token(path / "tokenizer") or PAD_TOKENS[family]
     return _bundle(unet, vae, text_encoder, family, pad, path, file_sha256_short(weights_file(path / "unet")))
+
+
+def _model_files_in(folder: Path) -> str:
+    """'; it holds model.safetensors' (model-like files right in `folder`), or '; it is empty', for messages."""
+    try:
+        entries = sorted(p.name for p in folder.iterdir())
+    except OSError:
+        return ""
+    if not entries:
+        return "; it is empty"
+    models = [name for name in entries if Path(name).suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin")]
+    shown = models or entries
+    more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
+    return f"; it holds {', '.join(shown[:3])}{more}"
 
 
 def _first_line(exc: Exception) -> str:
@@ -254,7 +268,7 @@ def _load_vae(path: Path) -> tuple[AutoencoderKL, str, str]:
     folder = path if (path / "config.json").is_file() else path / "vae"
     if not (folder / "config.json").is_file():
         raise ModelError(
-            f"model.vae {path} is a folder without config.json or vae/config.json; "
+            f"model.vae {path} is a folder without config.json or vae/config.json{_model_files_in(path)}; "
             "give a VAE file or a diffusers VAE folder"
         )
     try:
