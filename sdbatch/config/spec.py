@@ -92,6 +92,10 @@ class GuidanceConfig:
 @dataclass(**_SPEC)
 class InpaintConfig:
     keep_original: bool = True  # paste the original's pixels back outside the mask after decoding
+    # null: a mask's grey levels are blend weights (soft edges; 50% grey = half repainted); a number in (0, 1):
+    # binarize at it (0.5 = diffusers' mask processor, the old behaviour). Pure black-and-white mask files are
+    # binarized at 0.5 either way (diffusers' images); 9-channel inpainting UNets get a binarized mask (0.5 if null)
+    mask_threshold: float | None = None
 
 
 @dataclass(**_SPEC)
@@ -102,9 +106,15 @@ class PerfConfig:
     # decode in this many horizontal bands (full activations kept on the CPU, GroupNorm over the whole image,
     # so the pixels are the same): less GPU memory for large images, slower; null = whole image at once
     vae_slices: int | None = None
+    # decode in overlapping tiles (diffusers' tiled decode, 512-pixel tiles, linear blend over the overlap): far
+    # less memory for large images, slightly different pixels; cannot be combined with vae_slices
+    vae_tiling: bool = False
     channels_last: bool = False  # channels_last memory format for UNet and VAE (GPU)
     compile: bool = False  # torch.compile the UNet (GPU; first batch is slow)
     progress: bool = True  # tqdm bars for images and steps
+    # the largest image (width × height, every stage) a run may ask for: larger sizes are refused before any model
+    # loads, since they would run for hours or run out of memory; raise it for really big images
+    max_pixels: int = 4096 * 4096
 
 
 @dataclass(**_SPEC)
@@ -117,6 +127,8 @@ class OutputConfig:
 @dataclass(**_SPEC)
 class PromptsConfig:
     wildcards_dir: str | None = None  # folder of NAME.txt files for __NAME__ wildcards (one option per line)
+    # the most items a prompt_module may yield: an endless generator stops with an error instead of filling memory
+    max_module_lines: int = 100_000
 
 
 @dataclass(**_SPEC)

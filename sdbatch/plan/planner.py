@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from sdbatch.config.feature_schema import given_or as _given
+from sdbatch.config.grid_axes import SEED_LIMIT, image_problem
 from sdbatch.config.sampler_registry import effective_schedule
 from sdbatch.config.spec import FeatureSettings, NetworkConfig, RunSpec, complete_muls, image_features
 from sdbatch.errors import ConfigError, PromptError
@@ -20,8 +22,6 @@ from sdbatch.prompts.syntax import OFF, LineOptions, Off, ParsedLine, parse_line
 
 log = logging.getLogger(__name__)
 
-SEED_LIMIT = 2**32  # seeds live in [0, 2**32), as in A1111 and the reference tool
-
 
 def random_base_seed() -> int:
     """A fresh base seed for a run whose `seed` is null (it is recorded, so the run can be redone)."""
@@ -29,6 +29,13 @@ def random_base_seed() -> int:
 
 
 DEFAULT_SIZE = 512
+# A file name may take 255 bytes (ext4, xfs, btrfs, APFS, NTFS); the image is first written as ".NAME.PID.tmp"
+# (outputs.files.atomic_write), up to 13 bytes more, so an image's name may take 242 bytes, numbering included.
+MAX_NAME_BYTES = 255 - len("..4194304.tmp")
+# Files the run directory holds besides the images: an image with such a name would overwrite it (or be
+# overwritten: the grid is written last). Compared case-insensitively (macOS and Windows file systems).
+_RESERVED_NAMES = ("config.yaml", "manifest.jsonl", "job.json", "grid.png")
+_RESERVED_PATTERN = re.compile(r"grid-z[0-9]+\.png", re.IGNORECASE)  # the grid sheets of a z axis
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +59,7 @@ def parse_lines(spec: RunSpec, lines: list[PromptLine]) -> list[_Line]:
             if line.mask_image:
                 _check_mask(line.mask_image, line.init_image)
             _warn_unused_multipliers(spec, one)
+            _check_given_name(one)
             if " AND " in one.prompt:
                 log.warning("%s: ' AND ' (regional prompts, attention couple) is not supported yet: the line is "
                             "encoded as one prompt, AND included", one.origin)
@@ -85,7 +93,7 @@ def plan(spec: RunSpec, lines: list[PromptLine], base_seed: int, *, start: int =
                     index, nth = start + len(jobs), line_counts.get(number, 0)
                     line_counts[number] = nth + 1
                     seed = _seed(spec, line.parsed, base_seed, index, pass_index, nth)
-                    name = _unique(_file_name(spec, line, index, seed, nth), names)
+                    name = _unique(_file_name(spec, line, index, seed, nth), names, line.parsed.origin)
                     jobs.append(_job(spec, line, variant, wildcards, index, seed, name))
     return jobs
 
@@ -120,14 +128,45 @@ def _file_name(spec: RunSpec, line: _Line, index: int, seed: int, nth: int) -> s
     return given if nth == 0 else f"{stem}-{nth}{dot}{ext}"
 
 
-def _unique(name: str, taken: set[str]) -> str:
-    """Never overwrite another image of the run: a clash gets a numbered suffix."""
+def _unique(name: str, taken: set[str], origin: str = "") -> str:
+    """Never overwrite another image of the run, or the run's own files: a clash gets a numbered suffix.
+
+    A name longer than MAX_NAME_BYTES (with its numbering) is a PromptError naming the line: refused when
+    planning, not after the image is made.
+    """
     stem, dot, ext = name.rpartition(".")
     candidate, n = name, 1
-    while candidate in taken:
+    while candidate in taken or reserved_name(candidate):
         candidate, n = f"{stem}_{n}{dot}{ext}", n + 1
+    if len(candidate.encode("utf-8")) > MAX_NAME_BYTES:
+        raise PromptError(f"{origin or candidate}: the file name {_short_name(candidate)} takes "
+                          f"{len(candidate.encode('utf-8'))} bytes with its numbering; file systems allow "
+                          f"{MAX_NAME_BYTES} here (255 less the temporary name): shorten --f")
     taken.add(candidate)
     return candidate
+
+
+def reserved_name(name: str) -> bool:
+    """Whether an image called `name` would clash with a file of the run directory (config.yaml, grid.png, ...)."""
+    return name.lower() in _RESERVED_NAMES or _RESERVED_PATTERN.fullmatch(name) is not None
+
+
+def _check_given_name(line: ParsedLine) -> None:
+    """A --f name that is a file of the run directory, or too long even before numbering, is refused now."""
+    given = line.options.file_name
+    if not given:
+        return
+    if reserved_name(given):
+        raise PromptError(f"{line.origin}: --f {given} is the name of a file the run directory holds besides the "
+                          "images (config.yaml, manifest.jsonl, grid.png, grid-zN.png); choose another name")
+    size = len(given.encode("utf-8"))
+    if size > MAX_NAME_BYTES:
+        raise PromptError(f"{line.origin}: --f {_short_name(given)} is {size} bytes long; a file name may take "
+                          f"{MAX_NAME_BYTES} bytes here (255 less the temporary name, numbering included): shorten it")
+
+
+def _short_name(name: str, limit: int = 40) -> str:
+    return repr(name) if len(name) <= limit else repr(name[: limit - 12] + "..." + name[-9:])
 
 
 def _job(spec: RunSpec, line: _Line, variant: str, wildcards: Wildcards, index: int, seed: int,
@@ -147,7 +186,22 @@ def _job(spec: RunSpec, line: _Line, variant: str, wildcards: Wildcards, index: 
         strength=_given(opts.strength, spec.strength) if line.parsed_init else opts.strength,
         network_muls=network_muls(opts.network_muls, spec.network), clip_prompt=opts.clip_prompt,
     )
-    return dataclasses.replace(job, features=_features(spec, opts, job))
+    job = dataclasses.replace(job, features=_features(spec, opts, job))
+    _check_image(spec, line, job)
+    return job
+
+
+def _check_image(spec: RunSpec, line: _Line, job: ImageJob) -> None:
+    """The image's final settings (the line's --s --w --h --l --t over the run's) get the run's own checks."""
+    problem = image_problem(job.sampler, job.steps, job.width, job.height, cfg_scale=job.cfg_scale,
+                            strength=job.strength if job.init_image else None, highres=job.highres,
+                            max_pixels=spec.perf.max_pixels)
+    if problem is None:
+        return
+    own_size = line.init_size is not None and None in (line.parsed.options.width, line.parsed.options.height)
+    if "width" in problem[1] and own_size:
+        raise PromptError(f"{job.origin}: init image {job.init_image}: {problem[0]} (or set width and height)")
+    raise PromptError(f"{job.origin}: {problem[0]}")
 
 
 def _features(spec: RunSpec, line: LineOptions, job: ImageJob) -> FeatureSettings:
