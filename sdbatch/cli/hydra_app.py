@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import logging
 import re
+import shlex
+import signal
 import sys
 import time
 import warnings
@@ -22,10 +26,12 @@ from omegaconf.errors import OmegaConfBaseException
 from sdbatch.config.resolve import resolve
 from sdbatch.config.spec import RunSpec
 from sdbatch.errors import SdbatchError
+from sdbatch.outputs.files import Interrupted, describe_os_error, ignore_interrupts, install_interrupt_handlers
 from sdbatch.outputs.sweep_index import (
     FAILED_STATUSES,
     last_sweep,
     request_stop,
+    started_output_dir,
     stop_requested,
     swept_keys,
     write_job_result,
@@ -47,6 +53,10 @@ _LAUNCHER_EXTRAS = {
 # Hydra still validates them against the plugins' schemas; it warns that this matching is deprecated.
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/[^']+' is validated against ConfigStore schema")
 
+# how to resume, for the line an interrupt prints; set by the task (the run's or the sweep's directory)
+_RESUME: dict[str, Any] = {"multirun": None, "hint": None}
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
 _QUOTING_HINT = (
     "; prompts with commas, parentheses or colons must be quoted for Hydra, e.g. "
     "prompt='masterpiece, (red:1.2) cube' (or put them in a prompt_file)"
@@ -61,6 +71,7 @@ def task(cfg: DictConfig) -> None:
     """
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    _RESUME.update(multirun=hydra_cfg.mode == RunMode.MULTIRUN, hint=resume_hint(hydra_cfg))
     if hydra_cfg.mode == RunMode.MULTIRUN:
         _sweep_job(cfg, hydra_cfg, run_dir)
         return
@@ -91,8 +102,9 @@ def _sweep_job(cfg: DictConfig, hydra_cfg: DictConfig, run_dir: Path) -> None:
     result: dict[str, Any] = {"num": hydra_cfg.job.num, "overrides": list(hydra_cfg.overrides.task),
                               "status": "failed", "new_images": None, "device": None, "error": None}
     try:
-        if stop_requested(sweep_dir):
-            result.update(status="cancelled", error="not run: an earlier job failed and stop_on_error is set")
+        stop = stop_requested(sweep_dir)
+        if stop is not None:
+            result.update(status="cancelled", error=f"not run: {stop}")
         else:
             spec = _job_spec(resolve(cfg), hydra_cfg)
             result["device"] = spec.perf.device
@@ -101,10 +113,70 @@ def _sweep_job(cfg: DictConfig, hydra_cfg: DictConfig, run_dir: Path) -> None:
         result["error"] = _describe(ex)
         unexpected = not isinstance(ex, SdbatchError | OmegaConfBaseException)
         log.error("job %s failed: %s", hydra_cfg.job.num, result["error"], exc_info=unexpected)
-        if OmegaConf.select(hydra_cfg, "callbacks.sweep_index.stop_on_error", default=False):
+        if _disk_full(ex):  # every later job would fail the same way: stop the sweep
+            result["disk_full"] = True
+            request_stop(sweep_dir, f"the disk is full (job {hydra_cfg.job.num} could not write)")
+        elif OmegaConf.select(hydra_cfg, "callbacks.sweep_index.stop_on_error", default=False):
             request_stop(sweep_dir)
+    except Interrupted as ex:  # recorded, then the whole sweep ends (guarded prints the line)
+        ex.job = int(hydra_cfg.job.num)
+        progress = f" after {ex.done} of {ex.total} images" if ex.total is not None else ""
+        result.update(error=f"interrupted ({signal.Signals(ex.signum).name}){progress}")
+        result["seconds"] = round(time.perf_counter() - start, 3)
+        with contextlib.suppress(OSError):
+            write_job_result(run_dir, result)
+        raise
     result["seconds"] = round(time.perf_counter() - start, 3)
-    write_job_result(run_dir, result)
+    try:
+        write_job_result(run_dir, result)
+    except OSError as ex:  # the result stays in this process for sweep.jsonl; a full disk stops the sweep
+        message = describe_os_error(ex, run_dir / "job.json")
+        log.error("job %s: %s", hydra_cfg.job.num, message)
+        if ex.errno in _DISK_FULL:
+            result["error"] = result["error"] or message  # `result` is the copy kept for sweep.jsonl
+            result["disk_full"] = True
+            request_stop(sweep_dir, f"the disk is full (job {hydra_cfg.job.num} could not write)")
+
+
+def _disk_full(ex: BaseException | None) -> bool:
+    """Whether the error (or one it was raised from or during) is a full disk or quota."""
+    seen = 0
+    while ex is not None and seen < 10:
+        if getattr(ex, "errno", None) in _DISK_FULL:
+            return True
+        ex, seen = ex.__cause__ or ex.__context__, seen + 1
+    return False
+
+
+def resume_hint(hydra_cfg: DictConfig) -> str:
+    """What to rerun to resume: the same command, with the run (or sweep) directory when it was not given
+    (the default directories carry the time, so the same command alone would start a new one)."""
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = any(str(o).startswith(f"{key}=") for o in hydra_cfg.overrides.hydra)
+    folder = "" if given else f" with {key}={shlex.quote(str(hydra_cfg.sweep.dir if multirun else hydra_cfg.run.dir))}"
+    if multirun:
+        return f"rerun the same -m command{folder} to resume; finished jobs are skipped"
+    return f"rerun the same command{folder} to resume"
+
+
+def interrupted_line(ex: BaseException) -> str:
+    """The one line an interrupt prints: how far the run got and how to resume."""
+    done, total, job = (getattr(ex, name, None) for name in ("done", "total", "job"))
+    multirun = _RESUME["multirun"]
+    if multirun is None:  # interrupted before the task started
+        multirun = "-m" in sys.argv[1:] or "--multirun" in sys.argv[1:]
+    hint = _RESUME["hint"] or ("rerun the same -m command to resume; finished jobs are skipped" if multirun
+                               else "rerun the same command to resume")
+    if done is None:  # before the run planned its images; in a multirun, between jobs or in a launcher's worker
+        where = "" if multirun else " before the first image"
+    elif total is None:
+        where = f" after {done} image(s)"
+    else:
+        where = f" after {done} of {total} images"
+    if job is not None:
+        where += f" in job {job}"
+    return f"sdbatch: interrupted{where}; {hint}"
 
 
 def _describe(ex: Exception) -> str:
@@ -149,9 +221,17 @@ def device_for_job(num: int) -> str:
 
 
 def guarded(main: Callable[[], None]) -> int:
-    """Run Hydra's main; user mistakes become one line on stderr and exit status 2, as do failed sweep jobs."""
+    """Run Hydra's main; user mistakes become one line on stderr and exit status 2, as do failed sweep jobs.
+
+    SIGINT and SIGTERM end the run between two images with one line and exit status 130 or 143.
+    """
+    install_interrupt_handlers()
     try:
         main()
+    except (Interrupted, KeyboardInterrupt) as ex:
+        ignore_interrupts()
+        print(interrupted_line(ex), file=sys.stderr)
+        return 128 + getattr(ex, "signum", signal.SIGINT)
     except SdbatchError as ex:
         print(f"sdbatch: error: {ex}", file=sys.stderr)
         return 2
@@ -159,11 +239,16 @@ def guarded(main: Callable[[], None]) -> int:
         print(f"sdbatch: config error: {describe_config_error(ex)}", file=sys.stderr)
         return 2
     except OSError as ex:
-        if ex.filename is None:
+        # Hydra creates the run directory and writes .hydra/ itself, before our task can turn this into an
+        # OutputError; a full disk there raises without a file name, so name the directory Hydra was writing.
+        print(f"sdbatch: error: {describe_os_error(ex, ex.filename or _hydra_output_dir())}", file=sys.stderr)
+        return 2
+    except ValueError as ex:
+        # Hydra's logging set-up cannot open run.log (a read-only or full run directory): the OSError is the cause.
+        cause = ex.__cause__ if isinstance(ex.__cause__, OSError) else None
+        if cause is None or "Unable to configure handler" not in str(ex):
             raise
-        # Hydra creates the run directory itself, before our task can turn this into an OutputError.
-        print(f"sdbatch: error: cannot write {ex.filename}: {ex.strerror}; set hydra.run.dir "
-              "(or hydra.sweep.dir) to a writable folder", file=sys.stderr)
+        print(f"sdbatch: error: {describe_os_error(cause, cause.filename or _hydra_output_dir())}", file=sys.stderr)
         return 2
     except RuntimeError as ex:
         missing = missing_launcher(str(ex))
@@ -172,6 +257,16 @@ def guarded(main: Callable[[], None]) -> int:
         print(f"sdbatch: error: {missing}", file=sys.stderr)
         return 2
     return sweep_exit_status()
+
+
+def _hydra_output_dir() -> str | None:
+    """The run or sweep directory Hydra was writing, for an OSError without a file name."""
+    try:
+        job_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir")  # set while a job runs
+    except Exception:  # noqa: BLE001 - Hydra has reset its config after the failed job
+        job_dir = None
+    started = started_output_dir()
+    return str(job_dir) if job_dir else str(started) if started else None
 
 
 def missing_launcher(message: str) -> str | None:
@@ -185,13 +280,24 @@ def missing_launcher(message: str) -> str | None:
 
 
 def sweep_exit_status() -> int:
-    """2 when a job of the sweep that just ended failed, after one line per failed job; else 0."""
+    """2 when a job of the sweep that just ended failed, after one line per failed job; else 0.
+
+    A full disk stopped the sweep: one line instead, naming the job and the file that did not fit.
+    """
     sweep = last_sweep()
     if sweep is None:
         return 0
     failed = [r for r in sweep.records if r.status in FAILED_STATUSES]
-    if not failed:
+    full = next((r for r in sweep.records if r.disk_full), None)
+    if not failed and full is None:
         return 0
+    if full is not None:  # one line: the first job that could not write stopped the sweep
+        done = sum(r.status not in FAILED_STATUSES for r in sweep.records)
+        error = (full.error or "no space left on device").strip().splitlines()[0]
+        see = f", see {sweep.index}" if sweep.index.exists() else ""
+        print(f"sdbatch: error: job {full.num}: {error}; the sweep stopped there ({done} of {len(sweep.records)} "
+              f"job(s) done{see}); the rerun skips the finished jobs", file=sys.stderr)
+        return 2
     keys = swept_keys(sweep.records)
     counts = ", ".join(f"{sum(r.status == s for r in failed)} {s}" for s in FAILED_STATUSES
                        if any(r.status == s for r in failed))

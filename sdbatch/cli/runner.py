@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -19,6 +20,7 @@ from sdbatch.cli.startup import heavy_imports
 from sdbatch.config.resolve import to_plain
 from sdbatch.config.spec import RunSpec
 from sdbatch.errors import PromptError
+from sdbatch.outputs.files import Interrupted
 from sdbatch.outputs.metadata import image_params
 from sdbatch.outputs.run_dir import CONFIG, RunDir
 from sdbatch.plan.batching import make_batches
@@ -40,8 +42,32 @@ class RunResult:
 
 
 def run(spec: RunSpec, run_dir: Path, stdin: TextIO | None = None) -> RunResult:
-    """Generate every image of the run spec into run_dir; images already done there are skipped."""
+    """Generate every image of the run spec into run_dir; images already done there are skipped.
+
+    The run holds run_dir's writer lock throughout (a second process into it fails with OutputError); an
+    interrupt (`Interrupted`) leaves with how many of the run's images are done.
+    """
     out = RunDir(run_dir, resume=spec.output.resume)
+    with out.locked(), _progress(out):
+        return _run_locked(spec, out, run_dir, stdin)
+
+
+@contextlib.contextmanager
+def _progress(out: RunDir, jobs: list[ImageJob] | None = None, todo: list[ImageJob] | None = None) -> Iterator[None]:
+    """Give an interrupt the run's progress: images done of the run's images (None before planning)."""
+    try:
+        yield
+    except Interrupted as ex:
+        if ex.done is None:
+            if jobs is None:  # interactive mode, or not planned yet
+                ex.done = len(out.saved)
+            else:
+                made = set(out.saved) & {job.file_name for job in todo or []}
+                ex.done, ex.total = len(jobs) - len(todo or []) + len(made), len(jobs)
+        raise
+
+
+def _run_locked(spec: RunSpec, out: RunDir, run_dir: Path, stdin: TextIO | None) -> RunResult:
     base_seed = _base_seed(spec, run_dir)
     if spec.interactive:
         return _run_interactive(spec, out, base_seed, stdin or sys.stdin)
@@ -50,22 +76,27 @@ def run(spec: RunSpec, run_dir: Path, stdin: TextIO | None = None) -> RunResult:
     planned = plan_run(spec, base_seed, engine)
     jobs = planned.jobs
     todo = [job for job in jobs if not out.is_done(job)]
-    engine = engine or _engine(spec)
-    with engine.session(dataclasses.replace(spec, network=planned.network)):  # with the files of <lora:> tags
-        out.write_config({**to_plain(spec), "seed": base_seed}, engine.model_hashes())
-        if len(todo) < len(jobs):
-            log.info("resuming: %d of %d images already in %s <output.resume>", len(jobs) - len(todo), len(jobs),
-                     run_dir)
-        encoded_before = engine.text.encoded
-        written = _generate(engine, out, todo, spec, len(jobs))
-    # what the per-process caches saved: a multirun's later jobs reuse the model and the prompt encodings
-    log.info("text encoder ran for %d prompt(s) in this run; %d model load(s) in this process <caches>",
-             engine.text.encoded - encoded_before, load_count())
-    if planned.axes:
-        _save_sheets(out, planned.sheets())
-    elif spec.output.grid:
-        cols = spec.images_per_prompt if spec.images_per_prompt > 1 else math.ceil(math.sqrt(len(jobs)))
-        out.save_grid([job.file_name for job in jobs], cols)
+    damaged = out.damaged(jobs)
+    if damaged:
+        log.warning("resume: %d image(s) listed in %s are missing or damaged and will be made again: %s",
+                    len(damaged), out.manifest, ", ".join(damaged[:20]) + (", ..." if len(damaged) > 20 else ""))
+    with _progress(out, jobs, todo):
+        engine = engine or _engine(spec)
+        with engine.session(dataclasses.replace(spec, network=planned.network)):  # with the files of <lora:> tags
+            out.write_config({**to_plain(spec), "seed": base_seed}, engine.model_hashes())
+            if len(todo) < len(jobs):
+                log.info("resuming: %d of %d images already in %s <output.resume>", len(jobs) - len(todo),
+                         len(jobs), run_dir)
+            encoded_before = engine.text.encoded
+            written = _generate(engine, out, todo, spec, len(jobs))
+        # what the per-process caches saved: a multirun's later jobs reuse the model and the prompt encodings
+        log.info("text encoder ran for %d prompt(s) in this run; %d model load(s) in this process <caches>",
+                 engine.text.encoded - encoded_before, load_count())
+        if planned.axes:
+            _save_sheets(out, planned.sheets())
+        elif spec.output.grid:
+            cols = spec.images_per_prompt if spec.images_per_prompt > 1 else math.ceil(math.sqrt(len(jobs)))
+            out.save_grid([job.file_name for job in jobs], cols)
     return RunResult(run_dir, written, len(jobs) - len(todo))
 
 
@@ -134,10 +165,10 @@ def _generate(engine, out: RunDir, todo: list[ImageJob], spec: RunSpec, total: i
             steps.close()
             for stage in engine.stage_images:  # images made on the way that the run keeps (--save_first_stage)
                 if stage.save:
-                    written.append(out.save(stage.image, {**image_params(stage.job, engine.info, __version__),
-                                                          **stage.extra}))
+                    params = image_params(stage.job, engine.info, __version__, engine.vae_fallback)
+                    written.append(out.save(stage.image, {**params, **stage.extra}))
             for job, image in zip(batch.jobs, images, strict=True):
-                written.append(out.save(image, image_params(job, engine.info, __version__)))
+                written.append(out.save(image, image_params(job, engine.info, __version__, engine.vae_fallback)))
                 bar.update(1)
     return written
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,25 +15,38 @@ from PIL import Image
 
 from sdbatch import __version__
 from sdbatch.errors import OutputError
+from sdbatch.outputs.files import (
+    DirectoryBusy,
+    acquire_writer_lock,
+    atomic_save_image,
+    atomic_write_text,
+    deferred_interrupts,
+    describe_os_error,
+)
 from sdbatch.outputs.metadata import pnginfo
 from sdbatch.plan.jobs import ImageJob
 
 MANIFEST = "manifest.jsonl"
 CONFIG = "config.yaml"
 GRID = "grid.png"
+_PNG_START = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk: empty, with its fixed CRC
 
 
-def _fsync_dir(path: Path) -> None:
+def intact_image(path: Path) -> bool:
+    """Cheap check of a listed image: not empty, and a PNG starts with its signature and ends with IEND."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        with open(path, "rb") as fh:
+            head = fh.read(len(_PNG_START))
+            size = fh.seek(0, os.SEEK_END)
+            if path.suffix.lower() != ".png":
+                return size > 0
+            if size < len(_PNG_START) + len(_PNG_END):
+                return False
+            fh.seek(-len(_PNG_END), os.SEEK_END)
+            return head == _PNG_START and fh.read() == _PNG_END
     except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        return False
 
 
 class RunDir:
@@ -42,6 +56,7 @@ class RunDir:
         self.path = Path(path)
         self.resume = resume
         self.manifest = self.path / MANIFEST
+        self.saved: list[str] = []  # files this RunDir wrote, in order
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             if not os.access(self.path, os.W_OK | os.X_OK):
@@ -53,10 +68,13 @@ class RunDir:
                 "set hydra.run.dir to a writable folder"
             ) from None
 
-    def _load_manifest(self) -> set[str]:
-        """Files listed by complete manifest lines; a partial last line (killed process) is cut off."""
+    def _load_manifest(self) -> dict[str, dict[str, Any]]:
+        """{file: its last complete manifest line}; a partial last line (killed process) is cut off.
+
+        A file can have several lines (an image redone on resume because it was damaged): the last one wins.
+        """
         if not self.manifest.exists():
-            return set()
+            return {}
         data = self.manifest.read_bytes()
         lines = data.split(b"\n")
         tail = lines.pop()  # b"" when the file ends with a newline
@@ -65,7 +83,26 @@ class RunDir:
         if tail:
             self._repair_tail(len(data) - len(tail), complete=last is not None)
         records.append(last)
-        return {rec["file"] for rec in records if rec and isinstance(rec.get("file"), str)}
+        return {rec["file"]: rec for rec in records if rec and isinstance(rec.get("file"), str)}
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Be the only writer of this directory for the block (its .sdbatch.lock; a second process gets
+        OutputError naming the holder's PID). The manifest is read again under the lock."""
+        try:
+            release = acquire_writer_lock(self.path)
+        except DirectoryBusy:
+            raise
+        except OSError as exc:
+            raise OutputError(describe_os_error(exc, self.path)) from None
+        try:
+            try:
+                self._done = self._load_manifest()
+            except OSError as exc:
+                raise _write_error(self.manifest, exc) from None
+            yield
+        finally:
+            release()
 
     def _repair_tail(self, offset: int, *, complete: bool) -> None:
         """Terminate a whole last record, or drop a partial one, so the next append starts a fresh line."""
@@ -85,12 +122,9 @@ class RunDir:
         data = {**dict(resolved), "sdbatch_version": __version__, "model_hashes": dict(models)}
         text = OmegaConf.to_yaml(OmegaConf.create(data))
         target = self.path / CONFIG
-        tmp = target.with_name(f".{target.name}.tmp")
         try:
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, target)
+            atomic_write_text(target, text)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise _write_error(target, exc) from None
         return target
 
@@ -99,18 +133,26 @@ class RunDir:
         return set(self._done)
 
     def is_done(self, job: ImageJob) -> bool:
-        """True when resuming and the image is both in the manifest and on disk."""
-        return self.resume and job.file_name in self._done and (self.path / job.file_name).is_file()
+        """True when resuming and the image is both in the manifest and on disk, undamaged (`intact_image`)."""
+        return self.resume and job.file_name in self._done and intact_image(self.path / job.file_name)
+
+    def damaged(self, jobs: Iterable[ImageJob]) -> list[str]:
+        """Files of `jobs` the manifest lists that are missing or damaged on disk (resume makes them again)."""
+        if not self.resume:
+            return []
+        return [job.file_name for job in jobs if job.file_name in self._done and not self.is_done(job)]
 
     def save(self, image: Image.Image, params: Mapping[str, Any]) -> Path:
         """Write the PNG atomically with its metadata, then append its manifest line."""
         target = self.path / params["file"]
         try:
-            self._write_png(image, params, target)
-            self._append_manifest(params)
+            with deferred_interrupts():  # an interrupt waits until the image and its line are both written
+                self._write_png(image, params, target)
+                self._append_manifest(params)
+                self._done[params["file"]] = dict(params)
+                self.saved.append(params["file"])
         except OSError as exc:
             raise _write_error(target, exc) from None
-        self._done.add(params["file"])
         return target
 
     def save_grid(self, files: list[str], cols: int) -> Path:
@@ -133,16 +175,7 @@ class RunDir:
         return target
 
     def _write_png(self, image: Image.Image, params: Mapping[str, Any] | None, target: Path) -> None:
-        tmp = target.with_name(f".{target.name}.tmp")
-        try:
-            with open(tmp, "wb") as fh:
-                image.save(fh, format="PNG", pnginfo=pnginfo(params) if params is not None else None)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(target.parent)
+        atomic_save_image(target, image, pnginfo=pnginfo(params) if params is not None else None)
 
     def _append_manifest(self, params: Mapping[str, Any]) -> None:
         line = json.dumps(dict(params), ensure_ascii=False) + "\n"
@@ -153,7 +186,10 @@ class RunDir:
 
 
 def _write_error(target: Path, exc: OSError) -> OutputError:
-    return OutputError(f"cannot write {target}: {exc.strerror or exc}; check free space and permissions")
+    """One line naming the file; `.errno` is kept (a full disk stops a multirun)."""
+    error = OutputError(describe_os_error(exc, target))
+    error.errno = exc.errno
+    return error
 
 
 def _json_line(line: bytes) -> dict[str, Any] | None:

@@ -9,9 +9,9 @@ the swept keys as axes) into the sweep directory, and keeps the result for the e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from sdbatch.outputs.files import atomic_save_image, atomic_write_text
 
 log = logging.getLogger("sdbatch")
 
@@ -50,6 +52,7 @@ class JobRecord:
     seconds: float | None = None
     device: str | None = None
     error: str | None = None
+    disk_full: bool = False  # the job could not write for lack of space, which stopped the sweep
 
     def label(self, keys: Iterable[str]) -> str:
         """The job's values of `keys` (its swept keys), or all its overrides when none are given."""
@@ -61,22 +64,48 @@ class JobRecord:
 # ---------------------------------------------------------------- written by each job
 
 
+# results whose job.json could not be written (a full disk), and stop reasons, for this process's sweep
+_UNWRITTEN: dict[Path, dict[str, Any]] = {}
+_STOPS: dict[Path, str] = {}
+
+
 def write_job_result(run_dir: Path, result: dict[str, Any]) -> Path:
-    """Write job.json atomically (a job killed mid-write leaves the previous one or none)."""
+    """Write job.json atomically (a job killed mid-write leaves the previous one or none).
+
+    When it cannot be written (a full disk) the result is kept in this process, where the sweep's end
+    (sweep.jsonl) finds it, and OSError is raised.
+    """
     target = Path(run_dir) / JOB_FILE
-    tmp = target.with_name(f".{JOB_FILE}.tmp")
-    tmp.write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
+    key = Path(run_dir).absolute()
+    try:
+        atomic_write_text(target, json.dumps(result, ensure_ascii=False, indent=1) + "\n")
+    except OSError:
+        _UNWRITTEN[key] = result
+        raise
+    _UNWRITTEN.pop(key, None)
     return target
 
 
-def stop_requested(sweep_dir: Path) -> bool:
-    return (Path(sweep_dir) / STOP_FILE).exists()
+def stop_requested(sweep_dir: Path) -> str | None:
+    """Why the jobs not started yet must not run (an earlier job failed: stop_on_error, a full disk), or None."""
+    reason = _STOPS.get(Path(sweep_dir).absolute())
+    if reason is None and (Path(sweep_dir) / STOP_FILE).exists():
+        try:
+            reason = (Path(sweep_dir) / STOP_FILE).read_text(encoding="utf-8").strip()
+        except OSError:
+            reason = ""
+        reason = reason or "an earlier job failed and stop_on_error is set"
+    return reason
 
 
-def request_stop(sweep_dir: Path) -> None:
-    """Tell the jobs that have not started yet not to run (stop_on_error)."""
-    (Path(sweep_dir) / STOP_FILE).touch()
+def request_stop(sweep_dir: Path, reason: str = "an earlier job failed and stop_on_error is set") -> None:
+    """Tell the jobs that have not started yet not to run: in this process, and in the sweep directory for the
+    launchers that run jobs in other processes (best effort: the disk may be full). The first reason stays."""
+    if stop_requested(sweep_dir) is not None:
+        return
+    _STOPS[Path(sweep_dir).absolute()] = reason
+    with contextlib.suppress(OSError):
+        atomic_write_text(Path(sweep_dir) / STOP_FILE, reason + "\n")
 
 
 # ---------------------------------------------------------------- read at the end of the sweep
@@ -122,6 +151,9 @@ def _job_dirs(sweep_dir: Path, output_subdir: str | None) -> dict[Path, Path | N
             found[marker.parent.parent] = marker
     for marker in sweep_dir.rglob(JOB_FILE):
         found.setdefault(marker.parent, None)
+    for run_dir in _UNWRITTEN:  # jobs of this process whose job.json the disk had no room for
+        if run_dir.is_relative_to(sweep_dir.absolute()):
+            found.setdefault(run_dir, None)
     return found
 
 
@@ -135,10 +167,11 @@ def _mtime(path: Path | None) -> int | None:
 def _record(sweep_dir: Path, run_dir: Path, hydra_file: Path | None, since: int) -> JobRecord | None:
     """The job in run_dir, or None when it belongs to an earlier sweep into the same directory."""
     started, finished = _mtime(hydra_file), _mtime(run_dir / JOB_FILE)
-    if (started if started is not None else finished or 0) < since:
+    unwritten = _UNWRITTEN.get(run_dir.absolute())  # this sweep's, though its job.json could not be written
+    if unwritten is None and (started if started is not None else finished or 0) < since:
         return None
     fresh = finished is not None and (started is None or finished >= started)
-    result = (_load_json(run_dir / JOB_FILE) if fresh else None) or {}
+    result = unwritten or (_load_json(run_dir / JOB_FILE) if fresh else None) or {}
     num = result.get("num")
     if num is None and hydra_file:
         num = _select(_load(hydra_file.with_name("hydra.yaml")), "hydra", "job", "num")
@@ -148,7 +181,7 @@ def _record(sweep_dir: Path, run_dir: Path, hydra_file: Path | None, since: int)
                      run_dir=_relative(run_dir, sweep_dir), status=result.get("status", "failed"),
                      images=files, image_count=len(files), new_images=result.get("new_images"),
                      seconds=result.get("seconds"), device=result.get("device"),
-                     error=result.get("error") if result else NO_RESULT)
+                     error=result.get("error") if result else NO_RESULT, disk_full=bool(result.get("disk_full")))
 
 
 def _select(data: Any, *keys: str) -> Any:
@@ -187,10 +220,7 @@ def collect(sweep_dir: Path, output_subdir: str | None = ".hydra") -> list[JobRe
 
 def write_index(sweep_dir: Path, records: list[JobRecord]) -> Path:
     target = sweep_dir / INDEX_FILE
-    tmp = target.with_name(f".{INDEX_FILE}.tmp")
-    tmp.write_text("".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, target)
-    return target
+    return atomic_write_text(target, "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in records))
 
 
 def _value(record: JobRecord, key: str) -> str | None:
@@ -274,6 +304,7 @@ class SweepResult:
 
 
 _LAST: list[SweepResult] = []  # sweeps that ended in this process, for the exit status
+_OUTPUT_DIR: list[Path] = []  # the run or sweep directory Hydra was about to write, for errors without a path
 
 
 def last_sweep() -> SweepResult | None:
@@ -281,8 +312,15 @@ def last_sweep() -> SweepResult | None:
     return _LAST[-1] if _LAST else None
 
 
+def started_output_dir() -> Path | None:
+    """The directory the latest run or sweep of this process writes into (hydra.run.dir or hydra.sweep.dir),
+    known from its start; names the place when Hydra fails to write there (a full disk) without a file name."""
+    return _OUTPUT_DIR[-1] if _OUTPUT_DIR else None
+
+
 class SweepIndex(Callback):
-    """Hydra callback: sweep.jsonl and contact_sheet.png at the end of every multirun.
+    """Hydra callback: sweep.jsonl and contact_sheet.png at the end of every multirun (and, at the start of
+    any run or sweep, its directory, for error messages).
 
     Configured in conf/config.yaml under hydra.callbacks.sweep_index; `stop_on_error=true` makes the jobs
     that have not started yet skip themselves (status cancelled) once one job has failed.
@@ -292,22 +330,36 @@ class SweepIndex(Callback):
         self.stop_on_error = stop_on_error
         self.contact_sheet = contact_sheet
 
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _OUTPUT_DIR[:] = [Path(config.hydra.run.dir).absolute()]  # a single run: only the directory is noted
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        (Path(config.hydra.sweep.dir) / STOP_FILE).unlink(missing_ok=True)  # a re-run retries everything
+        sweep_dir = Path(config.hydra.sweep.dir)
+        _OUTPUT_DIR[:] = [sweep_dir.absolute()]
+        (sweep_dir / STOP_FILE).unlink(missing_ok=True)  # a re-run retries everything
+        _STOPS.pop(sweep_dir.absolute(), None)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).absolute()
         records = collect(sweep_dir, config.hydra.output_subdir)
-        index = write_index(sweep_dir, records)
+        index = sweep_dir / INDEX_FILE
+        try:
+            write_index(sweep_dir, records)
+        except OSError as ex:  # a full disk: the exit status and its lines still report every job
+            log.warning("%s not written: %s", index, ex.strerror or ex)
         _LAST.append(SweepResult(index, records))
-        (sweep_dir / STOP_FILE).unlink(missing_ok=True)
+        _STOPS.pop(sweep_dir, None)
+        for run_dir in [d for d in _UNWRITTEN if d.is_relative_to(sweep_dir)]:
+            del _UNWRITTEN[run_dir]
+        with contextlib.suppress(OSError):
+            (sweep_dir / STOP_FILE).unlink(missing_ok=True)
         counts = {s: sum(r.status == s for r in records) for s in ("completed", "skipped", *FAILED_STATUSES)}
         log.info("sweep: %d job(s): %s; index: %s", len(records),
                  ", ".join(f"{n} {s}" for s, n in counts.items() if n), index)
         if self.contact_sheet and records:
             try:
                 sheet = contact_sheet(sweep_dir, records)
-                sheet.save(sweep_dir / SHEET_FILE)
+                atomic_save_image(sweep_dir / SHEET_FILE, sheet)
                 log.info("contact sheet: %s (axes: %s)", sweep_dir / SHEET_FILE,
                          ", ".join(reversed(swept_keys(records))) or "none")
             except Exception as ex:  # the images and the index are what matters; never fail the sweep here

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
+import pickletools
+import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +84,15 @@ def _read_pickle(path: Path, extra_safe: tuple[type, ...] = ()) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = _unpickler_reason(exc)
+        refused, clean = _refused_globals(path, str(exc), extra_safe)
+        if refused:
+            raise ModelError(
+                f"refusing to load {path}: it contains code, not just tensors (it would call {refused}); "
+                "convert it to .safetensors with a tool you trust"
+            ) from exc
+        if reason.startswith("Unsupported operand") and clean:  # a whole pickle, in opcodes torch does not read
+            raise ModelError(f"{path} is a pickle torch.load(weights_only=True) cannot read ({reason}: an old "
+                             "pickle protocol); convert it to .safetensors with a tool you trust") from exc
         if reason.startswith("Unsupported operand"):  # a damaged pickle stream, not a forbidden callable
             raise ModelError(f"{path} is not a valid PyTorch checkpoint (truncated or corrupt?)") from exc
         raise ModelError(
@@ -96,6 +109,111 @@ def _unpickler_reason(exc: Exception) -> str:
     # Skip torch's generic intro ("Weights only load failed...") and its advice lines around the reason.
     reasons = [line for line in lines[1:] if not line.startswith(("Please file an issue", "Check the doc"))]
     return reasons[0] if reasons else ""
+
+
+# torch's weights_only error names the refused global in one of these forms (2.4 to 2.13)
+_REFUSED_IN_MESSAGE = (
+    re.compile(r"GLOBAL ([\w.]+) was not an allowed global"),
+    re.compile(r"unsupported GLOBAL ([\w.]+) whose module"),
+    re.compile(r"Unsupported global: GLOBAL ([\w.]+)"),
+)
+_OS_MODULES = {"posix": "os", "nt": "os"}  # os.system pickles as posix.system (nt.system on Windows)
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}  # protocols 0-2 write Python 2's names
+_STRING_OPS = frozenset({"UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING",
+                         "SHORT_BINSTRING"})
+
+
+def _refused_globals(path: Path, message: str, extra_safe: tuple[type, ...] = ()) -> tuple[str, bool]:
+    """('posix.system (os.system)', whether the file's pickles all parsed) for a pickle weights_only refused.
+
+    The callables are read from the pickle opcodes (never run): a protocol-0 pickle stops torch's reader
+    before it reaches the global, and torch's message drops the module of builtins ('exec'). Falls back to
+    the name in torch's message. Allowed names (tensors, containers, the Lightning aliases) are left out.
+    """
+    found, clean = _pickle_globals(path)
+    found = [_PY2_MODULES.get(name.rpartition(".")[0], name.rpartition(".")[0]) + "." + name.rpartition(".")[2]
+             for name in found]
+    allowed = _allowed_globals(extra_safe)
+    refused = [name for name in found if name not in allowed and not name.startswith("torch.")]
+    if not refused:
+        refused = [m.group(1) for pattern in _REFUSED_IN_MESSAGE if (m := pattern.search(message))][:1]
+    shown = []
+    for name in dict.fromkeys(refused):  # unique, in file order
+        module, _, attr = name.rpartition(".")
+        shown.append(f"{name} ({_OS_MODULES[module]}.{attr})" if module in _OS_MODULES else name)
+    return ", ".join(shown[:5]), clean
+
+
+def _allowed_globals(extra_safe: tuple[type, ...]) -> set[str]:
+    names = {entry[1] for entry in _LEGACY_SAFE_GLOBALS if isinstance(entry, tuple)}
+    names.update(f"{cls.__module__}.{cls.__qualname__}" for cls in (*_LEGACY_SAFE_GLOBALS, *extra_safe)
+                 if isinstance(cls, type))
+    try:
+        from torch import _weights_only_unpickler
+
+        names.update(_weights_only_unpickler._get_allowed_globals())
+    except (ImportError, AttributeError):  # a private API: without it only torch.* names count as allowed
+        pass
+    return names
+
+
+def _pickle_globals(path: Path, limit: int = 8) -> tuple[list[str], bool]:
+    """'module.name' of every global the file's pickles import, read with pickletools (nothing is executed),
+    and whether every pickle read parsed to its end. A zip checkpoint's data.pkl files are read; a legacy or
+    plain file is read as consecutive pickles (the legacy format's storages after them end the reading).
+    Globals of a pickle that does not parse to its STOP are dropped: they may be garbage."""
+    found: list[str] = []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                clean = True
+                for member in archive.namelist():
+                    if member.endswith(".pkl"):
+                        names, ok = _scan_pickle(io.BytesIO(archive.read(member)))
+                        found += names if ok else []
+                        clean = clean and ok
+                return found, clean
+        with open(path, "rb") as stream:
+            for count in range(limit):
+                if not stream.peek(1):
+                    break
+                names, ok = _scan_pickle(stream)
+                if not ok:
+                    return found, count > 0
+                found += names
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        pass
+    return found, True
+
+
+def _scan_pickle(stream: io.IOBase) -> tuple[list[str], bool]:
+    """Globals ('module.name') of the one pickle at the stream's position, and whether it parsed to STOP."""
+    names: list[str] = []
+    recent: list[object] = []  # what the last opcodes pushed (strings, else None), for STACK_GLOBAL
+    memo: dict[int, object] = {}
+    try:
+        for opcode, arg, _ in pickletools.genops(stream):
+            name = opcode.name
+            if name in ("GLOBAL", "INST"):
+                names.append(".".join(str(arg).split(" ", 1)))
+            elif name == "STACK_GLOBAL":
+                module, attr = (recent[-2:] if len(recent) >= 2 else [None, None])
+                names.append(f"{module}.{attr}" if isinstance(module, str) and isinstance(attr, str) else "?")
+            if name in _STRING_OPS:
+                recent.append(arg.decode("latin-1") if isinstance(arg, bytes) else arg)
+            elif name == "MEMOIZE":
+                memo[len(memo)] = recent[-1] if recent else None
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[int(arg)] = recent[-1] if recent else None
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                recent.append(memo.get(int(arg)))
+            elif opcode.stack_after:
+                recent.append(None)
+            if name == "STOP":
+                return names, True
+    except Exception:  # garbage or a truncated stream: pickletools raises ValueError, struct.error, ...
+        return names, False
+    return names, False
 
 
 def _unsafe_globals(path: Path, reason: str) -> str:
@@ -169,14 +287,24 @@ def _read_hash_file() -> dict:
 
 
 def _write_hash_file(key: tuple[str, int, int], digest: str) -> None:
-    """Best effort: a read-only or shared cache only costs a re-hash next time."""
-    data = _read_hash_file()
-    data[key[0]] = {"size": key[1], "mtime_ns": key[2], "sha256": digest}
+    """Best effort: a read-only or shared cache only costs a re-hash next time.
+
+    Read, update and replace happen under hashes.json.lock, so processes hashing different models at once
+    each add their entry instead of overwriting the other's; a lock held for 10 s skips the update.
+    """
+    from filelock import FileLock, Timeout
+
     target = cache_root() / _HASH_FILE
     tmp = target.with_name(f".{_HASH_FILE}.{os.getpid()}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-        os.replace(tmp, target)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+        with FileLock(str(target.with_name(f"{_HASH_FILE}.lock")), timeout=10):
+            data = _read_hash_file()
+            data[key[0]] = {"size": key[1], "mtime_ns": key[2], "sha256": digest}
+            tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+            os.replace(tmp, target)
+    except (OSError, Timeout):  # Timeout is an OSError in filelock >= 3.10; named for older ones
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only cache folder
+            pass
