@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from PIL import PngImagePlugin
@@ -18,8 +18,12 @@ from sdbatch.prompts.embedding_names import used_names
 # ---------------------------------------------------------------- parameters
 
 
-def image_params(job: ImageJob, model: ModelInfo, version: str) -> dict[str, Any]:
-    """The full, JSON-able parameters of one image: manifest line and `sdbatch` PNG chunk."""
+def image_params(job: ImageJob, model: ModelInfo, version: str, vae_fallback: Collection[str] = ()) -> dict[str, Any]:
+    """The full, JSON-able parameters of one image: manifest line and `sdbatch` PNG chunk.
+
+    `vae_fallback`: the file names whose half-precision VAE decode gave NaN/inf and was redone in fp32 (the engine's
+    `vae_fallback`); such an image records "vae_fallback": "fp32", every other one null.
+    """
     params: dict[str, Any] = {
         "file": job.file_name,
         "prompt": job.prompt,
@@ -48,6 +52,7 @@ def image_params(job: ImageJob, model: ModelInfo, version: str) -> dict[str, Any
         "vae_hash": model.vae_hash,
         "v_prediction": model.v_prediction,
         "precision": model.precision,
+        "vae_fallback": "fp32" if job.file_name in vae_fallback else None,
         "origin": job.origin,
         "raw_prompt": job.raw_prompt,
         "clip_prompt": job.clip_prompt,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import reduce
 
@@ -40,7 +40,7 @@ from sdbatch.engine.text.embeddings import load_embeddings
 from sdbatch.engine.text.encoder import TextEncoder
 from sdbatch.engine.vae import decode as vae
 from sdbatch.plan.batching import Batch
-from sdbatch.plan.jobs import EmbeddingRef, ModelInfo
+from sdbatch.plan.jobs import EmbeddingRef, ImageJob, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class Engine:
         self.v_prediction = _v_prediction(model.v_parameterization, bundle.family)
         self.vae_batch_size = perf.vae_batch_size
         self.vae_slices = perf.vae_slices
+        self.vae_tiling = perf.vae_tiling
         self.text = TextEncoder(bundle.tokenizer, bundle.text_encoder)
         self.latent_channels = bundle.vae.config.latent_channels
         self.latent_factor = 2 ** (len(bundle.vae.config.block_out_channels) - 1)  # 8 for SD
@@ -65,6 +66,9 @@ class Engine:
         )
         self._session: Session | None = None
         self.stage_images: list[StageImage] = []  # what the last run_batch made on the way (Highres. fix stage 1)
+        # file names of the last run_batch's images (final and on the way) that the VAE decoded again in fp32
+        # because the half-precision decode gave NaN/inf; the runner records them ("vae_fallback": "fp32")
+        self.vae_fallback: set[str] = set()
 
     # ---------------------------------------------------------------- a run
 
@@ -99,12 +103,13 @@ class Engine:
     def run_batch(self, batch: Batch, on_step: StepCallback | None = None) -> list[Image.Image]:
         """The batch's final images, in the order of batch.jobs; images made on the way are in stage_images."""
         self.stage_images = []
+        self.vae_fallback = set()
         run = self._session.run if self._session is not None else None
         wrappers = [w for f in all_features() if (w := f.around_pass(self, batch.key, run)) is not None]
 
         def one_pass(b: Batch, start: StartFn | None = None) -> Decoded:
             latents = self.denoise(b, on_step, start)
-            return Decoded(latents, self.decode(latents))
+            return Decoded(latents, self.decode(latents, b.jobs))
 
         done = reduce(_around, wrappers, one_pass)(batch)
         self.stage_images = list(done.stages)
@@ -115,9 +120,18 @@ class Engine:
         final = self.run_batch(batch, on_step)
         return [stage.image for stage in self.stage_images], final
 
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """Final latents → PIL images (VAE decode, perf.vae_batch_size images per call)."""
-        return vae.decode(self.bundle.vae, latents, self.vae_batch_size, self.vae_slices)
+    def decode(self, latents: torch.Tensor, jobs: Sequence[ImageJob] = ()) -> list[Image.Image]:
+        """Final latents → PIL images (VAE decode, perf.vae_batch_size images per call, sliced or tiled).
+
+        `jobs` are the latents' images: those whose half-precision decode gave NaN/inf and were decoded again in
+        fp32 join `vae_fallback` by file name.
+        """
+        names = [job.file_name for job in jobs] if len(jobs) == latents.shape[0] else None
+        redone: list[int] = []
+        images = vae.decode(self.bundle.vae, latents, self.vae_batch_size, self.vae_slices, self.vae_tiling, names,
+                            redone)
+        self.vae_fallback.update(names[i] for i in redone if names is not None)
+        return images
 
     def denoise(self, batch: Batch, on_step: StepCallback | None = None, start: StartFn | None = None) -> torch.Tensor:
         """The batch's final latents: every feature's hooks for this batch, then the sampler run.
@@ -233,7 +247,8 @@ def get_engine(model: ModelConfig, perf: PerfConfig) -> Engine:
     _apply_perf(bundle, perf)
     for stale in [k for k, e in _ENGINES.items() if not is_cached(e.bundle)]:
         del _ENGINES[stale]  # its model left the cache: let its memory go
-    key = (id(bundle), model.clip_skip, model.v_parameterization, perf.vae_batch_size, perf.vae_slices)
+    key = (id(bundle), model.clip_skip, model.v_parameterization, perf.vae_batch_size, perf.vae_slices,
+           perf.vae_tiling)
     if key not in _ENGINES:
         _ENGINES[key] = Engine(bundle, placement, model, perf)
     return _ENGINES[key]
