@@ -18,7 +18,7 @@ from sdbatch.engine.models.export import save_single_file
 
 TINY_FILE_NAME = "tiny-sd1.safetensors"
 # Bump when the tiny architecture or its weights change, so a cached file from an older sdbatch is rebuilt.
-TINY_VERSION = "2"
+TINY_VERSION = "3"
 TINY_SEED = 0
 
 # Real SD layouts at small widths. GroupNorm stays at SD's 32 groups because a single-file checkpoint does
@@ -69,11 +69,18 @@ def _text_config(family: str, overrides: dict[str, Any]) -> CLIPTextConfig:
     return CLIPTextConfig(**config)
 
 
+NORM_SPREAD = 0.1  # norms' scales and shifts: 1 ± 0.1 and 0 ± 0.1, so normalisation and biases really act
+
+
 def _jitter(*modules: torch.nn.Module) -> None:
-    """Make every tensor distinct: default init leaves norms at 1/0, which would hide swapped keys."""
+    """Make every tensor distinct and every norm act: default init leaves norms at 1/0 (an identity), which
+    would hide swapped keys and make the text encoder's output mean (what emb_normalize_mode=original divides
+    by) about zero. Norm parameters get a wider spread than the rest, still close to their defaults."""
     for module in modules:
-        for param in module.parameters():
-            param.add_(torch.randn_like(param) * 0.02)
+        for sub in module.modules():
+            spread = NORM_SPREAD if isinstance(sub, torch.nn.LayerNorm | torch.nn.GroupNorm) else 0.02
+            for param in sub.parameters(recurse=False):
+                param.add_(torch.randn_like(param) * spread)
 
 
 @torch.no_grad()
