@@ -219,13 +219,19 @@ def test_existing_directory_on_a_read_only_mount(cache_dir, tmp_path) -> None:
     assert sorted(p.name for p in run_dir.rglob("*")) == before
 
 
-@pytest.mark.parametrize("multirun", [False, True])
-def test_disk_full_at_the_start(multirun, cache_dir, tmp_path) -> None:
+def _disk_and_args(tmp_path, multirun: bool) -> tuple:
+    """(a folder to fill, the run or sweep directory inside it, the command's arguments)."""
     disk = tmp_path / "disk"
     disk.mkdir()
     target = disk / "out"
     args = [*(["-m", "seed=1,2", f"hydra.sweep.dir={target}"] if multirun else [f"hydra.run.dir={target}"]),
             *SMALL, "sampler.steps=2"]
+    return disk, target, args
+
+
+@pytest.mark.parametrize("multirun", [False, True])
+def test_disk_full_at_the_start(multirun, cache_dir, tmp_path) -> None:
+    disk, target, args = _disk_and_args(tmp_path, multirun)
     line = one_line(run_cli(args, cache_dir, tmp_path, fault=f"full:{disk}"), 2)
     assert line.startswith(f"sdbatch: error: cannot write {target}") and "No space left on device" in line, line
 
@@ -233,11 +239,7 @@ def test_disk_full_at_the_start(multirun, cache_dir, tmp_path) -> None:
 @needs_unshare
 @pytest.mark.parametrize("multirun", [False, True])
 def test_disk_full_at_the_start_on_a_tiny_file_system(multirun, cache_dir, tmp_path) -> None:
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    target = disk / "out"
-    args = [*(["-m", "seed=1,2", f"hydra.sweep.dir={target}"] if multirun else [f"hydra.run.dir={target}"]),
-            *SMALL, "sampler.steps=2"]
+    disk, target, args = _disk_and_args(tmp_path, multirun)
     fill = f"mount -t tmpfs -o size=64k tmpfs '{disk}' && (head -c 200000 /dev/zero > '{disk}/fill' 2>/dev/null; true)"
     line = one_line(run_in_namespace(fill, args, cache_dir, tmp_path), 2)
     assert line.startswith(f"sdbatch: error: cannot write {target}") and "No space left on device" in line, line
