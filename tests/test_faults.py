@@ -178,6 +178,14 @@ def test_resume_hint_names_a_default_directory() -> None:
                                                   "sweep' to resume; finished jobs are skipped")
 
 
+def test_an_interrupted_interactive_session_has_nothing_to_resume() -> None:
+    from sdbatch.cli.hydra_app import interrupted_line
+
+    ex = Interrupted(signal.SIGINT)
+    ex.done, ex.interactive = 2, True
+    assert interrupted_line(ex) == "sdbatch: interrupted after 2 image(s); the interactive session's images are kept"
+
+
 def test_an_interrupt_waits_for_the_image_being_written(tmp_path) -> None:
     with pytest.raises(Interrupted) as caught:
         with deferred_interrupts():

@@ -176,6 +176,8 @@ def interrupted_line(ex: BaseException) -> str:
         where = f" after {done} of {total} images"
     if job is not None:
         where += f" in job {job}"
+    if getattr(ex, "interactive", False):
+        return f"sdbatch: interrupted{where}; the interactive session's images are kept"
     return f"sdbatch: interrupted{where}; {hint}"
 
 

@@ -70,7 +70,11 @@ def _progress(out: RunDir, jobs: list[ImageJob] | None = None, todo: list[ImageJ
 def _run_locked(spec: RunSpec, out: RunDir, run_dir: Path, stdin: TextIO | None) -> RunResult:
     base_seed = _base_seed(spec, run_dir)
     if spec.interactive:
-        return _run_interactive(spec, out, base_seed, stdin or sys.stdin)
+        try:
+            return _run_interactive(spec, out, base_seed, stdin or sys.stdin)
+        except Interrupted as ex:  # Ctrl-C ends an interactive session: nothing to resume
+            ex.interactive = True
+            raise
     # a prompt module may use the models, so they load first; otherwise prompt errors come before loading
     engine = _engine(spec) if spec.prompt_module else None
     planned = plan_run(spec, base_seed, engine)

@@ -158,6 +158,7 @@ class Interrupted(BaseException):
         self.done: int | None = None
         self.total: int | None = None
         self.job: int | None = None  # the multirun job that was running
+        self.interactive = False  # an interactive session (interactive=true) was running: nothing to resume
 
 
 _deferred = {"depth": 0, "pending": None}
