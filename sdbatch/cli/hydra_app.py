@@ -191,7 +191,7 @@ def _describe(ex: Exception) -> str:
 
 def _run_or_skip(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     """Run the job; a job whose images are all in its manifest already is skipped without loading models."""
-    from sdbatch.cli.runner import pending_images
+    from sdbatch.cli.runner import import_engine, pending_images
 
     counts = pending_images(spec, run_dir)
     wants_sheet = spec.output.grid or spec.grid.x is not None  # grid.png, or the fused grid's grid*.png
@@ -199,6 +199,7 @@ def _run_or_skip(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     if counts is not None and counts[0] > 0 and counts[1] == 0 and not sheet_missing:
         log.info("all %d image(s) already done; skipped. Output dir: %s", counts[0], run_dir)
         return {"status": "skipped", "new_images": 0}
+    import_engine()  # the first import freezes the frames on the stack: from here, none of them holds an engine
     result = _run(spec, run_dir)
     done_before = result.skipped and not result.written
     return {"status": "skipped" if done_before else "completed", "new_images": len(result.written)}

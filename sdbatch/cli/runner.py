@@ -121,6 +121,17 @@ def load_count() -> int:
     return count()
 
 
+def import_engine() -> None:
+    """Import the engine (torch, diffusers) if not done yet, freezing what the imports built (heavy_imports).
+
+    A multirun job calls this before its run, from a shallow frame. The freeze also keeps the frames on the stack
+    at that moment, each with its locals once it returns: imported from `_engine`, deep in the run, the first
+    job's engine, and with it its model, stayed for good.
+    """
+    with heavy_imports():
+        import sdbatch.engine.core.engine  # noqa: F401
+
+
 def _engine(spec: RunSpec):
     with heavy_imports():
         from sdbatch.engine.core.engine import get_engine  # torch loads only once there is work to do

@@ -5,6 +5,13 @@ each few hundred thousand allocations trigger a full collection that walks all o
 of a `python run.py` start-up on a small model. Nothing imported is garbage, so the collector is paused for
 the imports and what they built is then frozen (gc.freeze: left out of every later collection, including the
 one at interpreter exit). Cycles made by the run itself are collected as usual.
+
+The freeze also takes the frames on the import's call stack (the imports' warnings and log calls make frame
+objects of them, in reference cycles that are then never collected), and a frame keeps its locals once its
+function returns. Imported deep inside a run, the first job of a multirun kept its engine, and through it its
+text encodings and model, for good: past the engine cache's bound and the model cache's. So a multirun job
+imports the engine from a shallow frame first (`sdbatch.cli.runner.import_engine`), above any frame that will
+hold an engine.
 """
 
 from __future__ import annotations

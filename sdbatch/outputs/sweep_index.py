@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -338,6 +339,19 @@ class SweepIndex(Callback):
         _OUTPUT_DIR[:] = [sweep_dir.absolute()]
         (sweep_dir / STOP_FILE).unlink(missing_ok=True)  # a re-run retries everything
         _STOPS.pop(sweep_dir.absolute(), None)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn | None = None, **kwargs: Any) -> None:
+        """Drop the job's two config copies from its JobReturn, which the launcher keeps until the sweep ends.
+
+        Hydra's run_job deep-copies the job's config twice into the JobReturn (task config, Hydra config), and
+        the launcher and sweeper hold every job's return to the end: about 180 KiB of objects, 0.2 MiB of RSS per
+        job of a one-process multirun (+200 MiB over 1,000 jobs). Nothing reads them after the job (the sweeper
+        reads return_value; sweep.jsonl comes from job.json), and Hydra calls on_job_end callbacks in reverse
+        order, so the ones configured after this one have already had them.
+        """
+        if job_return is not None:
+            job_return.cfg = None
+            job_return.hydra_cfg = None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).absolute()

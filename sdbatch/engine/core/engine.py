@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import reduce
@@ -233,7 +234,11 @@ def _v_prediction(setting: str, family: str) -> bool:
     return False
 
 
-_ENGINES: dict[tuple, Engine] = {}
+# Engines of cached models, most recently used last. Each has its own text-encoding cache (up to 256 encodings,
+# about 60 MB for SD 1.x), and a multirun that sweeps a key of theirs (model.clip_skip, perf.vae_batch_size,
+# ...) makes one per value: unbounded, that grew by an engine per job. A new engine costs no model load.
+MAX_ENGINES = 4
+_ENGINES: OrderedDict[tuple, Engine] = OrderedDict()
 _COMPILED: set[int] = set()
 
 
@@ -249,7 +254,11 @@ def get_engine(model: ModelConfig, perf: PerfConfig) -> Engine:
         del _ENGINES[stale]  # its model left the cache: let its memory go
     key = (id(bundle), model.clip_skip, model.v_parameterization, perf.vae_batch_size, perf.vae_slices,
            perf.vae_tiling)
-    if key not in _ENGINES:
+    if key in _ENGINES:
+        _ENGINES.move_to_end(key)
+    else:
+        while len(_ENGINES) >= MAX_ENGINES:
+            _ENGINES.popitem(last=False)
         _ENGINES[key] = Engine(bundle, placement, model, perf)
     return _ENGINES[key]
 
