@@ -7,12 +7,12 @@ this module without loading a model. Highres. fix has no prompt-line options.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sdbatch.config.feature_schema import PlannedImage
+from sdbatch.config.plugins import load_callable
 from sdbatch.config.sampler_registry import MIN_STEPS
 from sdbatch.errors import ConfigError
 
@@ -36,7 +36,7 @@ class HighresConfig:
     latent_mode: str = "bilinear"  # bilinear | bicubic: interpolation of latent_upscale
     save_first_stage: bool = False  # also write the stage-1 images (NAME-first.png, "stage": 1 in the manifest)
     upscaler: str | None = None  # "module:function" replacing the built-in upscale (see README "Highres. fix")
-    disable_controlnet: bool = False  # stage 1 without ControlNet (recorded; ControlNet does not exist yet)
+    disable_controlnet: bool = False  # stage 2 without ControlNet (guidance=controlnet): stage 1 alone follows the hint
 
     def check(self, spec: RunSpec) -> None:
         """The run-level checks: the group's own (`check` below), then those against the rest of the run."""
@@ -75,16 +75,7 @@ def first_stage_size(width: int, height: int, scale: float) -> tuple[int, int]:
 
 def load_upscaler(path: str) -> Callable:
     """The `module:function` callable named by highres.upscaler; ConfigError naming the key otherwise."""
-    module_name, colon, attr = path.partition(":")
-    if not colon or not module_name or not attr:
-        raise ConfigError(f"highres.upscaler={path!r} must be 'module:function', e.g. 'my_pkg.upscale:run'")
-    try:
-        function = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as ex:
-        raise ConfigError(f"highres.upscaler={path!r} cannot be loaded: {ex}") from None
-    if not callable(function):
-        raise ConfigError(f"highres.upscaler={path!r} is not callable")
-    return function
+    return load_callable(path, "highres.upscaler", "my_pkg.upscale:run")
 
 
 def upscaler_name(cfg: HighresConfig) -> str:
