@@ -10,8 +10,9 @@ import re
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
+    convert_controlnet_checkpoint,
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
@@ -25,6 +26,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+CONTROLNET_PREFIX = "control_model."  # lllyasviel's ControlNet files
+DIFFERENCE_KEY = "difference"  # in a ControlNet file: its UNet-part tensors are offsets from the base model
 VAE_SCALING_FACTOR = 0.18215
 # LDM's normalization() is GroupNorm(32, C) everywhere; the group count leaves no trace in the shapes.
 NORM_GROUPS = 32
@@ -98,29 +101,40 @@ def unet_config(state: State, family: str, name: str) -> dict[str, Any]:
     u = strip(state, UNET_PREFIX)
     if any(k.startswith("label_emb.") for k in u):
         raise ModelError(f"{name}: class-conditioned UNets (upscalers, unCLIP) are not supported")
+    config = encoder_config(u, family, name)
+    per_level, levels = config["layers_per_block"], len(config["block_out_channels"])
+    up_depths = [_attention_depth(u, f"output_blocks.{b * (per_level + 1)}") for b in range(levels)]
+    return {
+        "sample_size": 64,
+        **config,
+        "out_channels": u["out.2.weight"].shape[0],
+        "up_block_types": ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in up_depths],
+        "time_embedding_dim": u["time_embed.0.weight"].shape[0],
+    }
+
+
+def encoder_config(u: State, family: str, name: str) -> dict[str, Any]:
+    """The config entries the encoder half (input and middle blocks, unprefixed keys) determines.
+
+    A ControlNet is a copy of that half, so it reads its config here too.
+    """
     levels = _unet_levels(u, name)
-    per_level = len(levels[0])
     channels = [u[f"input_blocks.{level[0]}.0.out_layers.3.weight"].shape[0] for level in levels]
     depths = [_attention_depth(u, f"input_blocks.{level[0]}") for level in levels]
-    up_depths = [_attention_depth(u, f"output_blocks.{b * (per_level + 1)}") for b in range(len(levels))]
     proj_in = next((v for k, v in u.items() if k.endswith(".1.proj_in.weight")), None)
     to_k = next((v for k, v in u.items() if k.endswith("attn2.to_k.weight")), None)
     if proj_in is None or to_k is None or not _attention_depth(u, "middle_block"):
         raise ModelError(f"{name}: the UNet has no cross-attention layers; not an SD 1.x/2.x UNet")
     return {
-        "sample_size": 64,
         "in_channels": u["input_blocks.0.0.weight"].shape[1],  # 4, or 9 for inpainting models
-        "out_channels": u["out.2.weight"].shape[0],
         "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths],
-        "up_block_types": ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in up_depths],
         "block_out_channels": channels,
-        "layers_per_block": per_level,
+        "layers_per_block": len(levels[0]),
         # diffusers' mid block takes the last entry; levels without attention ignore theirs.
         "transformer_layers_per_block": [d or _attention_depth(u, "middle_block") for d in depths],
         "cross_attention_dim": to_k.shape[1],
         "attention_head_dim": _unet_heads(family, channels, name),
         "use_linear_projection": proj_in.ndim == 2,  # SD2 projects with Linear, SD1 with 1x1 Conv
-        "time_embedding_dim": u["time_embed.0.weight"].shape[0],
         "norm_num_groups": NORM_GROUPS,
         # SD2.x overflows in fp16 attention without fp32 softmax; in fp32 this changes nothing.
         "upcast_attention": family == "sd2",
@@ -225,6 +239,51 @@ def convert_unet(state: State, family: str, name: str) -> UNet2DConditionModel:
     unet = _build(UNet2DConditionModel, config)
     _load(unet, convert_ldm_unet_checkpoint(state, config), name, "UNet")
     return unet
+
+
+# An SD ControlNet's hint encoder brings images to the 8x smaller latent size: a first convolution, then three
+# stride-2 steps, each after a same-size convolution, and the zero convolution out: 8 convolutions, 4 widths.
+HINT_WIDTHS = 4
+
+
+def controlnet_config(c: State, name: str) -> dict[str, Any]:
+    """ControlNetModel config read from the shapes of a ControlNet's tensors (``control_model.`` removed).
+
+    The family, which the shapes do not record, follows the attention projection: SD2 projects with Linear.
+    """
+    proj_in = next((v for k, v in c.items() if k.endswith(".proj_in.weight")), None)
+    family = "sd2" if proj_in is not None and proj_in.ndim == 2 else "sd1"
+    hint = _indices(c, r"input_hint_block\.(\d+)\.weight")
+    if len(hint) != 2 * HINT_WIDTHS:
+        raise ModelError(f"{name}: the hint encoder has {len(hint)} convolutions, not {2 * HINT_WIDTHS}; "
+                         "not a ControlNet for SD 1.x/2.x (8x latents)")
+    return {
+        **encoder_config(c, family, name),
+        "conditioning_channels": c["input_hint_block.0.weight"].shape[1],
+        # the width after the first convolution and after each stride-2 step (all but the zero convolution)
+        "conditioning_embedding_out_channels": [c[f"input_hint_block.{i}.weight"].shape[0] for i in hint[:-1:2]],
+    }
+
+
+def convert_controlnet(c: State, config: dict[str, Any], name: str, base: State | None = None) -> ControlNetModel:
+    """The ControlNet of original-layout tensors (``control_model.`` removed), with ``config`` from their shapes.
+
+    ``base`` is for a difference file: the base UNet's (diffusers) state dict. A ControlNet tensor the UNet
+    also has (the encoder half: same names in both) is then an offset, added to the UNet's weight.
+    """
+    state = {k: v for k, v in convert_controlnet_checkpoint(c, config).items() if v is not None}
+    if base is not None:
+        state = {k: _add_offset(v, base[k], k, name) if k in base else v for k, v in state.items()}
+    model = _build(ControlNetModel, config)
+    _load(model, state, name, "ControlNet")
+    return model
+
+
+def _add_offset(offset: torch.Tensor, base: torch.Tensor, key: str, name: str) -> torch.Tensor:
+    if offset.shape != base.shape:
+        raise ModelError(f"{name}: difference weight {key} has shape {tuple(offset.shape)}, the model's UNet "
+                         f"{tuple(base.shape)}; use a ControlNet trained for this model")
+    return offset.float() + base.detach().to("cpu", torch.float32)
 
 
 def convert_vae(state: State, name: str) -> AutoencoderKL:

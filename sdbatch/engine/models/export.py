@@ -1,21 +1,29 @@
-"""Write diffusers UNet/VAE/CLIP modules as an original-layout (LDM/CompVis) single file or a diffusers folder."""
+"""Write diffusers UNet/VAE/CLIP modules and ControlNets as original-layout (LDM/CompVis) files or diffusers folders."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import diffusers
 import safetensors.torch
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from transformers import CLIPTextModel
 
 from sdbatch.engine.core.scheduler_factory import make_scheduler
-from sdbatch.engine.models.convert import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from sdbatch.engine.models.convert import (
+    CLIP_PREFIX,
+    CONTROLNET_PREFIX,
+    DIFFERENCE_KEY,
+    OPENCLIP_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+)
 from sdbatch.engine.text.tokenizer import PAD_TOKENS, write_hf_tokenizer_files
 
 # Inverse of diffusers' update_unet_resnet_ldm_to_diffusers renames.
@@ -69,8 +77,17 @@ def _map_state(state: dict[str, torch.Tensor], fixed: dict[str, str], rename, wh
 
 def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     """UNet weights under original key names, without the ``model.diffusion_model.`` prefix."""
-    n = unet.config.layers_per_block + 1  # LDM slots per level: resnets + down/upsampler
     up_attn = {i for i, block in enumerate(unet.up_blocks) if getattr(block, "attentions", None)}
+    rename = _unet_renamer(unet.config.layers_per_block, up_attn)
+    return _map_state(unet.state_dict(), DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], rename, "UNet")
+
+
+def _unet_renamer(layers_per_block: int, up_attn: set[int]) -> Callable[[str], str | None]:
+    """diffusers block key -> original key, for a UNet (or a ControlNet's copy of its encoder half).
+
+    ``up_attn`` holds the up levels that have attention: their upsampler sits one slot further.
+    """
+    n = layers_per_block + 1  # LDM slots per level: resnets + down/upsampler
 
     def rename(key: str) -> str | None:
         m = _UNET_KEY.fullmatch(key)
@@ -90,7 +107,7 @@ def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
             return f"output_blocks.{b * n + n - 1}.{2 if b in up_attn else 1}.{rest}"
         return f"output_blocks.{b * n + i}.{sub}.{rest}"
 
-    return _map_state(unet.state_dict(), DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], rename, "UNet")
+    return rename
 
 
 def vae_to_ldm(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
@@ -194,6 +211,11 @@ def save_single_file(
     """Save as ``.safetensors`` or as a ``.ckpt``/``.pt``/``.pth`` holding ``{"state_dict": ...}``."""
     path = Path(path)
     state = to_ldm_state_dict(unet, vae, text_encoder, family)
+    return _write_state(path, state, metadata)
+
+
+def _write_state(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> Path:
+    """Save as ``.safetensors`` or as a ``.ckpt``/``.pt``/``.pth`` holding ``{"state_dict": ...}``."""
     if path.suffix.lower() == ".safetensors":
         safetensors.torch.save_file(state, str(path), metadata={"format": "pt", **(metadata or {})})
     elif path.suffix.lower() in (".ckpt", ".pt", ".pth"):
@@ -242,3 +264,54 @@ def save_diffusers_folder(
     }
     (root / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     return root
+
+
+# A ControlNet's own layers; everything else in it is a copy of the UNet's encoder half, named as in the UNet.
+_CONTROL_KEY = re.compile(
+    r"controlnet_(?:down_blocks\.(?P<zero>\d+)|(?P<mid>mid_block)"
+    r"|cond_embedding\.(?:(?P<hint_in>conv_in)|(?P<hint_out>conv_out)|blocks\.(?P<hint>\d+)))\.(?P<rest>\w+)"
+)
+
+
+def controlnet_to_ldm(cn: ControlNetModel) -> dict[str, torch.Tensor]:
+    """A ControlNet's weights in lllyasviel's original layout, keys under ``control_model.``.
+
+    The encoder half keeps the UNet's original names (the UNet renames apply); the ControlNet's own layers
+    are ``zero_convs.N.0``, ``middle_block_out.0`` and the ``input_hint_block`` convolutions 0, 2, 4, ...
+    """
+    hint_out = 2 * len(cn.controlnet_cond_embedding.blocks) + 2
+    unet_rename = _unet_renamer(cn.config.layers_per_block, set())
+
+    def rename(key: str) -> str | None:
+        m = _CONTROL_KEY.fullmatch(key)
+        if m is None:
+            return unet_rename(key)
+        if m["zero"] is not None:
+            return f"zero_convs.{m['zero']}.0.{m['rest']}"
+        if m["mid"]:
+            return f"middle_block_out.0.{m['rest']}"
+        index = 0 if m["hint_in"] else hint_out if m["hint_out"] else 2 * int(m["hint"]) + 2
+        return f"input_hint_block.{index}.{m['rest']}"
+
+    state = _map_state(cn.state_dict(), DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], rename, "ControlNet")
+    return {CONTROLNET_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_controlnet(
+    cn: ControlNetModel,
+    path: str | Path,
+    base_unet: UNet2DConditionModel | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Save in the original layout: ``.safetensors``, or a ``.pth``/``.ckpt``/``.pt`` of ``{"state_dict": ...}``.
+
+    With ``base_unet`` it is a difference file: every tensor the UNet also has is stored minus the UNet's
+    (the encoder half), and a ``difference`` key tells loaders to add the base model's weights back.
+    """
+    path = Path(path)
+    state = controlnet_to_ldm(cn)
+    if base_unet is not None:
+        base = {CONTROLNET_PREFIX + k: v.detach().to("cpu") for k, v in unet_to_ldm(base_unet).items()}
+        state = {k: (v - base[k].to(v.dtype)).contiguous() if k in base else v for k, v in state.items()}
+        state[DIFFERENCE_KEY] = torch.zeros(1)
+    return _write_state(path, state, metadata)

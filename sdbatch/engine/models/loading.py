@@ -51,6 +51,8 @@ class ModelBundle:
     vae_name: str | None = None  # separate VAE (model.vae) file or folder name; None = the model's own
     vae_hash: str | None = None
     source: str = ""  # the resolved file or folder
+    # ControlNets loaded for this model (controlnet_files.load_controlnet), released with the bundle
+    controlnets: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 # Loaded models stay on their device for reuse by later runs in this process (a multirun); the

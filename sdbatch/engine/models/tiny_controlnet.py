@@ -1,0 +1,75 @@
+"""The built-in tiny ControlNet `builtin:tiny` for `model=tiny`, and seeded random ControlNets for any UNet.
+
+A fresh ControlNet (``ControlNetModel.from_unet``) has zero convolutions at its outputs, so it changes
+nothing; these get small random ones instead, so a ControlNet run visibly differs from a plain one. Built
+from the tiny model's UNet on first use, kept in the sdbatch cache in lllyasviel's original file layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+
+from sdbatch.engine.models.checkpoint import cache_root
+from sdbatch.engine.models.export import save_controlnet
+from sdbatch.engine.models.tiny import (
+    TINY_SEED,
+    TINY_VERSION,
+    build_tiny_components,
+    is_current,
+    save_atomically,
+    tiny_checkpoint_path,
+)
+from sdbatch.errors import ModelError
+
+if TYPE_CHECKING:
+    from sdbatch.engine.models.loading import ModelBundle
+
+TINY_CONTROLNET = "builtin:tiny"
+TINY_CONTROLNET_FILE_NAME = "tiny-controlnet-v1.safetensors"
+# Bump the first part when these weights change; the tiny model's version follows, as its UNet is copied.
+TINY_CONTROLNET_VERSION = f"1+tiny{TINY_VERSION}"
+# The hint encoder must downscale images 8x to the latent size: three stride-2 steps, so four widths.
+TINY_HINT_CHANNELS = (16, 32, 48, 64)
+OUTPUT_STD = 0.05  # zero convolutions' random weights: small, but enough to change the images
+
+
+@torch.no_grad()
+def random_controlnet(
+    unet: UNet2DConditionModel, seed: int, hint_channels: tuple[int, ...] = TINY_HINT_CHANNELS
+) -> ControlNetModel:
+    """A ControlNet copied from ``unet`` whose output convolutions are seeded random, not zero."""
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
+        torch.manual_seed(seed)
+        cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint_channels)
+        outputs = (*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out)
+        for module in outputs:
+            for param in module.parameters():
+                param.normal_(0.0, OUTPUT_STD)
+    return cn.eval()
+
+
+def is_tiny_model(bundle: ModelBundle) -> bool:
+    """Whether the bundle is the built-in tiny model (model=tiny) of the current cache folder."""
+    return Path(bundle.source).resolve() == tiny_checkpoint_path().resolve()
+
+
+def ensure_tiny_controlnet(bundle: ModelBundle) -> Path:
+    """Path of the tiny ControlNet in the sdbatch cache, built and saved first if missing or outdated.
+
+    Built from the tiny model's own seeded UNet, not the bundle's (which may be fp16 or on a GPU), so
+    the file is the same wherever it is built. Stored in fp16 like the tiny model.
+    """
+    if not is_tiny_model(bundle):
+        raise ModelError(f"{TINY_CONTROLNET} is the tiny ControlNet of model=tiny, not of {bundle.model_name}; "
+                         "give a ControlNet file or folder")
+    path = cache_root() / TINY_CONTROLNET_FILE_NAME
+    if path.is_file() and is_current(path, TINY_CONTROLNET_VERSION):
+        return path
+    unet = build_tiny_components("sd1", TINY_SEED)[0]
+    cn = random_controlnet(unet, TINY_SEED).half()
+    metadata = {"sdbatch_tiny_version": TINY_CONTROLNET_VERSION}
+    return save_atomically(path, lambda tmp: save_controlnet(cn, tmp, metadata=metadata))
