@@ -1,0 +1,1 @@
+"""ControlNet guide images → hint images and the hint tensor the ControlNet reads."""
