@@ -42,6 +42,8 @@ def test_every_option_composes_and_resolves(group: str, option: str) -> None:
         overrides.append("model.checkpoint=/models/x.safetensors")
     if group == "network" and option != "none":
         overrides.append(f"network.loras=[{{path: {ANY_FILE}}}]")
+    if group == "guidance" and option != "none":
+        overrides += [f"guidance.models=[{ANY_FILE}]", f"guidance.guide_image={ANY_FILE}"]
     spec = resolve(_compose("model=tiny", "prompt=a cat", *overrides))
     assert isinstance(spec, RunSpec)
     assert getattr(spec, group).__class__ is GROUPS[group]

@@ -25,6 +25,7 @@ from sdbatch.outputs.metadata import image_params
 from sdbatch.outputs.run_dir import CONFIG, RunDir
 from sdbatch.plan.batching import make_batches
 from sdbatch.plan.grid import Sheet
+from sdbatch.plan.guides import assign_guides
 from sdbatch.plan.jobs import ImageJob
 from sdbatch.plan.lora_tags import apply_tags
 from sdbatch.plan.planner import plan, random_base_seed
@@ -153,7 +154,8 @@ def _run_interactive(spec: RunSpec, out: RunDir, base_seed: int, stream: TextIO)
         for number, text in enumerate(read_lines(stream), start=1):
             line = PromptLine(text, spec.negative_prompt, f"stdin:{number}")
             try:
-                planned = plan(spec, [line], base_seed, start=len(taken), taken=taken)
+                planned = assign_guides(plan(spec, [line], base_seed, start=len(taken), taken=taken), spec,
+                                        start=len(taken))
                 jobs, line_network = apply_tags(planned, spec.network)
             except PromptError as ex:  # a typo in one line should not end the session
                 log.error("%s", ex)

@@ -34,6 +34,9 @@ class PlannedImage(Protocol):
     @property
     def mask_image(self) -> str | None: ...
 
+    @property
+    def guide_images(self) -> tuple[str, ...]: ...  # ControlNet hints, one per guidance.models entry
+
 
 def given_or(value: T | None, default: T) -> T:
     """`value` unless it is None (not given), else `default`."""

@@ -28,8 +28,10 @@ AXIS_FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "prompt": ("prompt", str),
 }
 SAMPLER_KEYS = ("sampler", "sampler.name")
-# network_muls: one value per cell, the networks' multipliers separated by ";" ("0.5" or "0.5;1"), like --am
-AXIS_KEYS = (*AXIS_FIELDS, *SAMPLER_KEYS, "prompt_sr", "network_muls")
+# network_muls: one value per cell, the networks' multipliers separated by ";" ("0.5" or "0.5;1"), like --am;
+# guidance.weights: the ControlNet weights the same way, from the first model on ("0.5" sets the first model's)
+MULTI_KEYS = ("network_muls", "guidance.weights")
+AXIS_KEYS = (*AXIS_FIELDS, *SAMPLER_KEYS, "prompt_sr", *MULTI_KEYS)
 
 # ImageJob field → (check of one value, what a valid value is): the checks the same keys get in resolve
 _VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -80,7 +82,7 @@ def parse_value(axis: Axis, value: str, name: str) -> Any:
             raise ConfigError(f"grid.{name}: unknown sampler '{value}'; choose one of: {', '.join(SAMPLERS)}")
         return value
     try:
-        if axis.key == "network_muls":
+        if axis.key in MULTI_KEYS:
             muls = tuple(float(v) for v in value.split(";"))
             if not all(math.isfinite(v) for v in muls):
                 raise ValueError(value)
@@ -101,6 +103,8 @@ def axis_field(axis: Axis) -> str:
         return "sampler"
     if axis.key in ("prompt_sr", "network_muls"):
         return "network_muls" if axis.key == "network_muls" else "prompt"
+    if axis.key == "guidance.weights":
+        return "features"
     return AXIS_FIELDS[axis.key][0]
 
 
@@ -159,7 +163,21 @@ def grid_axes(spec: RunSpec) -> list[Axis]:
         raise ConfigError("grid.z needs grid.y (grid.y is the rows)")
     axes = [parse_axis(text, name) for name, text in given if text]
     _check_cells(spec, axes)
+    for name, axis in zip("xyz", axes, strict=False):
+        if axis.key == "guidance.weights":
+            _check_guidance_axis(spec, axis, name)
     return axes
+
+
+def _check_guidance_axis(spec: RunSpec, axis: Axis, name: str) -> None:
+    """guidance.weights sweeps ControlNet weights: it needs guidance=controlnet and at most one value per model."""
+    if spec.guidance.name != "controlnet":
+        raise ConfigError(f"grid.{name}=guidance.weights needs guidance=controlnet with guidance.models")
+    count = len(spec.guidance.models)
+    for value in axis.values:
+        if len(parse_value(axis, value, name)) > count:
+            raise ConfigError(f"grid.{name}: guidance.weights value {value!r} gives more weights than the {count} "
+                              "model(s) in guidance.models")
 
 
 def _check_cells(spec: RunSpec, axes: list[Axis]) -> None:

@@ -3,7 +3,7 @@
 Plain Python (no Hydra, no OmegaConf): the engine and the planner import it without the config machinery.
 `sdbatch.config.schema` generates the mutable twins Hydra composes into; `resolve` freezes them into these.
 
-Per-image features (Deep Shrink, Gradual Latent, Highres. fix) keep their config class in their own
+Per-image features (Deep Shrink, Gradual Latent, Highres. fix, ControlNet) keep their config class in their own
 `*_schema.py` module; a RunSpec field of such a class makes the feature known everywhere (`image_features`).
 An image's settings of all its features travel together as one `FeatureSettings`.
 """
@@ -19,6 +19,7 @@ from typing import Any
 
 from sdbatch.config.deep_shrink_schema import DeepShrinkConfig
 from sdbatch.config.gradual_latent_schema import GradualLatentConfig
+from sdbatch.config.guidance_schema import GuidanceConfig
 from sdbatch.config.highres_schema import HighresConfig
 
 MISSING: Any = "???"  # OmegaConf's marker for a mandatory value (the same string, so Hydra reports it as missing)
@@ -82,11 +83,6 @@ class NetworkConfig:
 def complete_muls(values: typing.Sequence[float], count: int) -> tuple[float, ...]:
     """`count` multipliers from `values`: the last value repeats, extra values are dropped (the reference's --am)."""
     return tuple(float(v) for v in (*values, *[values[-1]] * count)[:count])
-
-
-@dataclass(**_SPEC)
-class GuidanceConfig:
-    name: str = "none"  # none (ControlNet and guided generation come later)
 
 
 @dataclass(**_SPEC)

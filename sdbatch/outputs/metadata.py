@@ -12,7 +12,7 @@ from PIL import PngImagePlugin
 from sdbatch import __version__
 from sdbatch.config.sampler_registry import a1111_name, a1111_schedule, effective_schedule
 from sdbatch.config.spec import RunSpec, image_features
-from sdbatch.plan.jobs import EmbeddingRef, ImageJob, ModelInfo, NetworkRef
+from sdbatch.plan.jobs import ControlNetRef, EmbeddingRef, ImageJob, ModelInfo, NetworkRef
 from sdbatch.prompts.embedding_names import used_names
 
 # ---------------------------------------------------------------- parameters
@@ -59,6 +59,7 @@ def image_params(job: ImageJob, model: ModelInfo, version: str, vae_fallback: Co
     }
     for name in image_features(RunSpec):  # highres, deep_shrink, gradual_latent, ...: None when off
         params[name] = _record(job.features.get(name), job)
+    _name_controlnets(params.get("guidance"), model.controlnets)
     return {**params, "index": job.index, "sdbatch_version": version}
 
 
@@ -87,6 +88,12 @@ def _ti_hashes(params: Mapping[str, Any]) -> str | None:
     used = params.get("textual_inversion") or []
     entries = [f"{e['name'].replace(':', '').replace(',', '')}: {e['hash']}" for e in used]
     return ", ".join(entries) or None
+
+
+def _name_controlnets(record: dict[str, Any] | None, refs: tuple[ControlNetRef, ...]) -> None:
+    """Each ControlNet unit of an image's record gets its model's name, resolved file and hash (in model order)."""
+    for unit, ref in zip((record or {}).get("units", ()), refs, strict=False):
+        unit.update(name=ref.name, file=ref.file, hash=ref.hash)
 
 
 def _record(settings: Any, job: ImageJob) -> dict[str, Any] | None:
@@ -135,10 +142,32 @@ def _a1111_fields(params: Mapping[str, Any]) -> dict[str, Any]:
         "Hires upscale": _number(round(params["width"] / hires["first_width"], 4)) if hires else None,
         "Hires steps": params["steps"] if hires else None,  # the second pass's sampler.steps
         "Hires upscaler": hires.get("upscaler_name"),
+        **_controlnet_fields(params),
         "Lora hashes": _lora_hashes(params),
         "TI hashes": _ti_hashes(params),
         "Version": f"sdbatch {params.get('sdbatch_version', __version__)}",
     }
+
+
+def _controlnet_fields(params: Mapping[str, Any]) -> dict[str, str]:
+    """`ControlNet N: "Module: canny, Model: NAME [HASH], Weight: 1.0, ..."`, as A1111's ControlNet extension
+    writes (and reads back) one entry per unit; a unit's own `,` and `:` make quote() wrap the whole value."""
+    units = (params.get("guidance") or {}).get("units") or []
+    return {f"ControlNet {i}": (f"Module: {_module(unit['preprocess'])}, Model: {_model_label(unit)}, "
+                                f"Weight: {float(unit['weight'])}, Guidance Start: {float(unit['start'])}, "
+                                f"Guidance End: {float(unit['ratio'])}")
+            for i, unit in enumerate(units)}
+
+
+def _module(preprocess: str) -> str:
+    """A1111's module name: none, canny (thresholds are its Threshold A/B, not part of the name), invert."""
+    return "canny" if preprocess.lower().startswith("canny") else preprocess
+
+
+def _model_label(unit: Mapping[str, Any]) -> str:
+    """`NAME [HASH]` (A1111 writes the model's name and its short hash in brackets); the path when not loaded."""
+    name = unit.get("name") or unit["model"]
+    return f"{name} [{unit['hash'][:8]}]" if unit.get("hash") else name
 
 
 def _denoising_strength(params: Mapping[str, Any]) -> Any:

@@ -64,6 +64,8 @@ def _apply(job: ImageJob, axis: Axis, value: str, name: str) -> ImageJob:
     parsed = parse_value(axis, value, name)
     if axis.key == "network_muls":
         return dataclasses.replace(job, network_muls=parsed)
+    if axis.key == "guidance.weights":  # the first models' ControlNet weights
+        return dataclasses.replace(job, features=job.features.replace(guidance=job.guidance.with_weights(parsed)))
     if axis.key in SAMPLER_KEYS:
         return dataclasses.replace(job, sampler=parsed, schedule=effective_schedule(parsed, "default"))
     field, _ = AXIS_FIELDS[axis.key]

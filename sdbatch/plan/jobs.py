@@ -41,6 +41,8 @@ class ImageJob:
     init_image: str | None = field(default=None, metadata=_PER_IMAGE)
     # inpainting: path of the mask file (white = repaint); needs init_image
     mask_image: str | None = field(default=None, metadata=_PER_IMAGE)
+    # ControlNet: the image's guide images, one per guidance.models entry (() without ControlNet)
+    guide_images: tuple[str, ...] = field(default=(), metadata=_PER_IMAGE)
     features: FeatureSettings = FeatureSettings()  # per-image features: name → resolved settings (absent = off)
 
     __getattr__ = feature_attribute  # job.deep_shrink, job.gradual_latent, job.highres (None when off)
@@ -70,6 +72,15 @@ class NetworkRef:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlNetRef:
+    """A ControlNet of the run (guidance.models[i]): its name, file and short hash."""
+
+    name: str  # file stem or folder name (A1111's ControlNet "Model" name)
+    file: str  # resolved path
+    hash: str  # first 10 hex digits of the file's sha256 (folder: of its weights file)
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInfo:
     """What the outputs need to know about the loaded model (names and short hashes)."""
 
@@ -84,3 +95,4 @@ class ModelInfo:
     embeddings: tuple[EmbeddingRef, ...] = ()  # model.textual_inversion of the run; images record those they use
     xti_embeddings: tuple[EmbeddingRef, ...] = ()  # model.xti_embeddings of the run, the same way
     networks: tuple[NetworkRef, ...] = ()  # network.loras of the run, in order (an image's network_muls match)
+    controlnets: tuple[ControlNetRef, ...] = ()  # guidance.models of the run, in order

@@ -1,7 +1,8 @@
 """The planning stage: a run spec → every image of the run, in order, with what the run needs besides.
 
 Gathers the prompt lines (prompt_file, prompt, prompt_module, init images and their stored prompts), plans them
-(seeds, names, feature settings), applies Prompt S/R, expands a fused grid and resolves <lora:...> tags.
+(seeds, names, feature settings), assigns ControlNet guide images, applies Prompt S/R, expands a fused grid and
+resolves <lora:...> tags.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from sdbatch.config.grid_axes import Axis, grid_axes
 from sdbatch.config.spec import NetworkConfig, RunSpec
 from sdbatch.errors import ConfigError
 from sdbatch.plan.grid import Sheet, check_search_word, expand, search_replace, sheets
+from sdbatch.plan.guides import assign_guides
 from sdbatch.plan.jobs import ImageJob
 from sdbatch.plan.lora_tags import apply_tags
 from sdbatch.plan.planner import plan
@@ -45,6 +47,7 @@ def plan_run(spec: RunSpec, base_seed: int, engine: Any = None) -> RunPlan:
     if spec.prompt_sr is not None:  # one word of a +sweeps=prompt_sr multirun
         check_search_word(jobs, spec.prompt_sr_words[0], "prompt_sr_words")
         jobs = [search_replace(job, spec.prompt_sr_words[0], spec.prompt_sr) for job in jobs]
+    jobs = assign_guides(jobs, spec)
     axes, base_count = grid_axes(spec), len(jobs)
     if axes:  # a fused grid: each planned image becomes one image per cell
         jobs = expand(jobs, axes, spec.output.naming, spec.network, spec.perf.max_pixels)
