@@ -8,6 +8,7 @@ inpainting's blend (sdbatch.engine.features.inpaint) and, later, Gradual Latent.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -35,7 +36,7 @@ def sample(
     timesteps = scheduler.timesteps if timesteps is None else timesteps
     for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(latents, t)
-        pred = model(x_in, t, cond)
+        pred = model(x_in, t, replace(cond, step=i, steps=len(timesteps)))
         latents = scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
         for hook in after_step:
             latents = hook(i, t, latents)

@@ -86,12 +86,13 @@ class Engine:
                 if patch is not None:
                     session.add(feature.name, patch)
             self.set_textual_inversion(run.model.textual_inversion, run.model.xti_embeddings)
-            self.info = dataclasses.replace(self.info, networks=_refs(session.patches))
+            self.info = dataclasses.replace(self.info, networks=_refs(session.patches, "refs"),
+                                            controlnets=_refs(session.patches, "controlnet_refs"))
             yield session
         finally:
             self._session = None
             self.text.network_key = ()
-            self.info = dataclasses.replace(self.info, networks=())
+            self.info = dataclasses.replace(self.info, networks=(), controlnets=())
             session.close()
 
     @property
@@ -198,6 +199,7 @@ class Engine:
         if self.bundle.vae_name:
             hashes[self.bundle.vae_name] = self.bundle.vae_hash
         hashes.update({e.file: e.hash for e in (*self.info.embeddings, *self.info.xti_embeddings)})
+        hashes.update({c.file: c.hash for c in self.info.controlnets})
         return hashes
 
 
@@ -220,9 +222,10 @@ def _chain(wrappers: list, innermost: Callable):
     return call()
 
 
-def _refs(patches: dict[str, Patch]) -> tuple:
-    """The run's network references (outputs record them): what a patch says it is, in patch order."""
-    return tuple(ref for patch in patches.values() for ref in getattr(patch, "refs", ()))
+def _refs(patches: dict[str, Patch], kind: str) -> tuple:
+    """The run's references of one kind (outputs record them): what the patches say they are, in patch order.
+    `refs`: LoRA networks; `controlnet_refs`: ControlNet models."""
+    return tuple(ref for patch in patches.values() for ref in getattr(patch, kind, ()))
 
 
 def _v_prediction(setting: str, family: str) -> bool:

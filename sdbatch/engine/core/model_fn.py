@@ -29,6 +29,8 @@ class Conditioning:
     negative_scale: float | None = None
     unet_kwargs: dict = field(default_factory=dict)  # extra UNet arguments a wrapper adds (residuals, ...)
     rows: Rows | None = None  # the row contract of the UNet call; None = one row per image, no per-row data
+    step: int = 0  # which call of the pass this is (the loop's index into its timesteps) ...
+    steps: int = 1  # ... of how many (ControlNet's start/end and alternation count in these)
 
     def rows_for(self, x: torch.Tensor) -> Rows:
         """The call's rows: `rows`, or one plain row per image of x."""

@@ -54,6 +54,20 @@ def shrunk(unet: torch.nn.Module, depth: int, ratio: float) -> Iterator[None]:
     if not 0 <= depth < len(unet.down_blocks):
         raise ModelError(f"Deep Shrink depth {depth}: this model's UNet has {len(unet.down_blocks)} down blocks "
                          f"(0 to {len(unet.down_blocks) - 1}) <deep_shrink.depth_1/depth_2, --dsd1/--dsd2>")
+    for block in unet.up_blocks:
+        block.forward = types.MethodType(_up_block_forward, block)
+    try:
+        with shrunk_input(unet.down_blocks[depth], ratio):
+            yield
+    finally:
+        for block in unet.up_blocks:
+            del block.forward  # back to the class's forward
+
+
+@contextmanager
+def shrunk_input(block: torch.nn.Module, ratio: float) -> Iterator[None]:
+    """Inside the block, `block` sees its input scaled by `ratio` (bicubic): Deep Shrink's down block, and the
+    same block of a ControlNet, whose residuals must match the shrunk skip connections."""
 
     def shrink_input(module, args, kwargs):
         key = "hidden_states" if "hidden_states" in kwargs else None
@@ -61,15 +75,11 @@ def shrunk(unet: torch.nn.Module, depth: int, ratio: float) -> Iterator[None]:
         small = _interpolate(sample, scale_factor=ratio)
         return (args, {**kwargs, key: small}) if key else ((small, *args[1:]), kwargs)
 
-    handle = unet.down_blocks[depth].register_forward_pre_hook(shrink_input, with_kwargs=True)
-    for block in unet.up_blocks:
-        block.forward = types.MethodType(_up_block_forward, block)
+    handle = block.register_forward_pre_hook(shrink_input, with_kwargs=True)
     try:
         yield
     finally:
         handle.remove()
-        for block in unet.up_blocks:
-            del block.forward  # back to the class's forward
 
 
 def _up_block_forward(block, hidden_states: torch.Tensor, res_hidden_states_tuple: tuple[torch.Tensor, ...],

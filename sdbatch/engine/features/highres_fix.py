@@ -3,8 +3,9 @@
 Stage 1 is a plain txt2img batch (the same images a run at the small size with highres.steps makes). Stage 2
 is img2img with highres.strength and sampler.steps, its randomness from a fresh generator of each image's own
 seed: in pixel mode it equals an img2img run on the stage-1 image with the same seed. Both stages run over the
-whole batch. The upscale is LANCZOS on the decoded images, interpolation of the latents (latent_upscale,
-latent_mode), or the highres.upscaler plug-in: `f(images, (width, height)) → images` on PIL images, or
+whole batch; a ControlNet guides both (its hint at each stage's size) unless highres.disable_controlnet. The
+upscale is LANCZOS on the decoded images, interpolation of the latents (latent_upscale, latent_mode), or the
+highres.upscaler plug-in: `f(images, (width, height)) → images` on PIL images, or
 `f(latents, (height // 8, width // 8)) → latents` on a (B, 4, h, w) tensor in latent mode.
 """
 
@@ -34,6 +35,13 @@ def first_stage_job(job: ImageJob) -> ImageJob:
                                features=job.features.replace(highres=None), file_name=f"{stem}-first.{ext}")
 
 
+def _second_stage(job: ImageJob, cfg: HighresConfig):
+    """Stage 2's features: no Highres. fix, and no ControlNet with highres.disable_controlnet."""
+    if cfg.disable_controlnet:
+        return job.features.replace(highres=None, guidance=None)
+    return job.features.replace(highres=None)
+
+
 class HighresFix(Feature):
     """A post-decode step: the batch's first pass is stage 1, then stage 2 runs from its upscaled result."""
 
@@ -47,8 +55,8 @@ class HighresFix(Feature):
         def two_stages(batch: Batch, run_pass: RunPass) -> Decoded:
             small = tuple(first_stage_job(job) for job in batch.jobs)
             first = run_pass(Batch(BatchKey.of(small[0]), small))
-            final_jobs = tuple(dataclasses.replace(job, features=job.features.replace(highres=None),
-                                                   strength=cfg.strength) for job in batch.jobs)
+            final_jobs = tuple(dataclasses.replace(job, features=_second_stage(job, cfg), strength=cfg.strength)
+                               for job in batch.jobs)
             final_key = BatchKey.of(final_jobs[0])
             plugin = load_upscaler(cfg.upscaler) if cfg.upscaler else None
             if cfg.latent_upscale:
