@@ -154,8 +154,8 @@ def _run_interactive(spec: RunSpec, out: RunDir, base_seed: int, stream: TextIO)
         for number, text in enumerate(read_lines(stream), start=1):
             line = PromptLine(text, spec.negative_prompt, f"stdin:{number}")
             try:
-                planned = assign_guides(plan(spec, [line], base_seed, start=len(taken), taken=taken), spec,
-                                        start=len(taken))
+                start = len(taken)  # plan() adds the line's names to `taken`
+                planned = assign_guides(plan(spec, [line], base_seed, start=start, taken=taken), spec, start=start)
                 jobs, line_network = apply_tags(planned, spec.network)
             except PromptError as ex:  # a typo in one line should not end the session
                 log.error("%s", ex)
