@@ -323,8 +323,11 @@ def describe_config_error(ex: BaseException) -> str:
     if options:
         message += f"; available options in '{options[1]}': {', '.join(options[2].split())}"
     whole = str(ex)
-    if re.search(r"\b(negative_)?prompt=", whole) and ("Ambiguous value" in whole or "mismatched input" in whole):
+    unquoted = "Ambiguous value" in whole or "mismatched input" in whole
+    if unquoted and re.search(r"\b(negative_)?prompt=", whole):
         message += _QUOTING_HINT
+    elif unquoted and (axis := re.search(r"\bgrid\.([xyz])=([^'\"\s]+)", whole)):
+        message += f"; quote a grid axis's commas for Hydra: \"grid.{axis[1]}='{axis[2]}'\""
     return message
 
 
