@@ -160,9 +160,9 @@ def test_alternate_uses_model_step_mod_count(nets, sd1_single_file, monkeypatch)
     calls: list[tuple[int, int]] = []
     real = controlnet_feature._residuals
 
-    def spy(unit, x, t, cond, guess, shrink):
+    def spy(unit, x, t, cond, call, guess):
         calls.append((cond.step, id(unit.net)))
-        return real(unit, x, t, cond, guess, shrink)
+        return real(unit, x, t, cond, call, guess)
 
     monkeypatch.setattr(controlnet_feature, "_residuals", spy)
     run_spec = cn_spec(sd1_single_file, [nets["a_files"]["original"], nets["b_files"]["original"]],

@@ -60,6 +60,7 @@ class Unit:
     settings: ControlUnit
     net: torch.nn.Module
     hints: torch.Tensor
+    dtype: torch.dtype  # the net's (diffusers' .dtype walks every module: read once per pass, not per call)
 
 
 def load_units(bundle, settings: ControlNetSettings) -> list[LoadedControlNet]:
@@ -83,9 +84,11 @@ def with_controlnet(units: list[Unit], settings: ControlNetSettings, deep_shrink
                 return inner(x, t, cond)
             depth = active_depth(deep_shrink, float(t.flatten()[0])) if deep_shrink is not None else None
             shrink = (depth, deep_shrink.ratio) if depth is not None and deep_shrink.ratio != 1 else None
+            rows = cond.rows_for(x)
+            call = Call(rows, _row_groups(rows, cond.embeddings.shape[1], settings.guess_mode), shrink)
             total = None
             for unit in acting:
-                res = _residuals(unit, x, t, cond, settings.guess_mode, shrink)
+                res = _residuals(unit, x, t, cond, call, settings.guess_mode)
                 total = res if total is None else _add(total, res)
             extra = {"down_block_additional_residuals": total[0], "mid_block_additional_residual": total[1]}
             return inner(x, t, replace(cond, unet_kwargs={**cond.unet_kwargs, **extra}))
@@ -107,33 +110,43 @@ def _add(a: Residuals, b: Residuals) -> Residuals:
     return [x + y for x, y in zip(a[0], b[0], strict=True)], a[1] + b[1]
 
 
-def _residuals(unit: Unit, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guess: bool,
-               shrink: tuple[int, float] | None) -> Residuals:
+@dataclass(frozen=True)
+class Call:
+    """What every model of one UNet call shares: its rows, their groups by text length, Deep Shrink's block."""
+
+    rows: Rows
+    groups: list[tuple[torch.Tensor | None, int]]  # (row indices, None = all rows in order; text tokens)
+    shrink: tuple[int, float] | None  # (down block, ratio) while Deep Shrink acts
+
+
+def _residuals(unit: Unit, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, call: Call,
+               guess: bool) -> Residuals:
     """One model's residuals for every row of the call; rows it does not see (guess mode) get zeros."""
-    rows = cond.rows_for(x)
-    groups = _row_groups(rows, cond.embeddings.shape[1], guess)
-    hints = _hint_rows(unit.hints, rows, x)
+    hints = _hint_rows(unit.hints, call.rows, x).to(unit.dtype)
+    x, emb, shrink = x.to(unit.dtype), cond.embeddings.to(unit.dtype), call.shrink
     parts = []
-    for index, tokens in groups:
-        emb = cond.embeddings[index, :tokens]
+    for index, tokens in call.groups:
+        rows_x, rows_emb, rows_hint = (x, emb, hints) if index is None else (x[index], emb[index], hints[index])
         with shrunk_input(unit.net.down_blocks[shrink[0]], shrink[1]) if shrink else contextlib.nullcontext():
-            down, mid = unit.net(x[index].to(unit.net.dtype), t, encoder_hidden_states=emb.to(unit.net.dtype),
-                                 controlnet_cond=hints[index].to(unit.net.dtype),
+            down, mid = unit.net(rows_x, t, encoder_hidden_states=rows_emb[:, :tokens], controlnet_cond=rows_hint,
                                  conditioning_scale=unit.settings.weight, guess_mode=guess, return_dict=False)
+        if index is None:
+            return list(down), mid
         parts.append((index, list(down), mid))
-    if len(parts) == 1 and len(parts[0][0]) == len(rows):  # every row in order: nothing to scatter
-        return parts[0][1], parts[0][2]
-    return _scatter(parts, len(rows))
+    return _scatter(parts, len(call.rows))
 
 
-def _row_groups(rows: Rows, length: int, guess: bool) -> list[tuple[torch.Tensor, int]]:
-    """(row indices, text tokens) per own text length; guess mode keeps the prompt rows only."""
+def _row_groups(rows: Rows, length: int, guess: bool) -> list[tuple[torch.Tensor | None, int]]:
+    """(row indices, text tokens) per own text length, None for all rows in order; guess mode keeps the prompt
+    rows only."""
     chunks = rows.per_row(TEXT_CHUNKS)
     own = [length] * len(rows) if chunks is None else [int(c) * CHUNK_TOKENS for c in chunks.tolist()]
     by_length: dict[int, list[int]] = {}
     for r, tokens in enumerate(own):
         if not guess or rows.part[r] == PROMPT:
             by_length.setdefault(min(tokens, length), []).append(r)
+    if len(by_length) == 1 and len(next(iter(by_length.values()))) == len(rows):
+        return [(None, next(iter(by_length)))]
     return [(torch.tensor(index), tokens) for tokens, index in by_length.items()]
 
 
@@ -176,7 +189,8 @@ class ControlNet(Feature):
             return None
         device = ctx.engine.placement.device
         units = [Unit(unit, loaded.model,
-                      hint_tensor(batch_hints(ctx.jobs, i, unit, ctx.key.width, ctx.key.height), device, torch.float32))
+                      hint_tensor(batch_hints(ctx.jobs, i, unit, ctx.key.width, ctx.key.height), device, torch.float32),
+                      loaded.model.dtype)
                  for i, (unit, loaded) in enumerate(zip(settings.units, load_units(ctx.engine.bundle, settings),
                                                         strict=True))]
         return BatchHooks(unet=with_controlnet(units, settings, ctx.key.features.get("deep_shrink")))
