@@ -181,3 +181,20 @@ def test_a_batch_with_four_guide_images_equals_the_images_alone(nets, sd1_single
     for i in range(4):
         alone = ours(run_spec, [guides[i]], [prompts[i]], [seeds[i]])
         assert_same_image(together[i], alone[0])
+
+
+def test_sd2_v_prediction_controlnet_parity_with_diffusers(sd2_components, sd2_single_file, nets, tmp_path) -> None:
+    """An SD2 ControlNet (linear projections, 1024-wide context) on the SD2 model, v-prediction."""
+    net = tiny_controlnet(sd2_components[0], seed=3)
+    files = write_all_formats(net, sd2_components[0], tmp_path / "sd2")
+    guides = [(nets["guides"][0],), (nets["guides"][1],)]
+    base = pipeline(sd2_components, tmp_path, "sd2", "euler", v_pred=True)
+    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=net)
+    gens = [torch.Generator("cpu").manual_seed(s) for s in SEEDS]
+    out = pipe(PROMPTS, image=[_hint(g[0], "none") for g in guides], negative_prompt=["blurry"] * 2,
+               num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE, generator=gens,
+               output_type="pil")
+    run_spec = dataclasses.replace(spec(sd2_single_file, sampler="euler", steps=STEPS, family="sd2", v_pred=True),
+                                   guidance=GuidanceConfig(name="controlnet", models=[str(files["difference"])],
+                                                           guide_image="unused"))
+    assert max_diff(ours(run_spec, guides), [np.asarray(im) for im in out.images]) <= 1
