@@ -35,7 +35,7 @@ def test_tags_parse_and_strip() -> None:
     prompt = "a cat, <lora:style:0.7>, <lora:ink> oil <lora:style:-0.5>"
     assert tags(prompt, "p") == {"style": -0.5, "ink": 1.0}  # a later tag of a name wins
     assert strip_tags(prompt) == "a cat, ,  oil "
-    for bad, needle in [("<lora:style:0.5:1>", "separate text-encoder/UNet"), ("<lora:style:x>", "must be a number"),
+    for bad, needle in [("<lora:style:0.5:1:8>", "dynamic rank"), ("<lora:style:x>", "must be a number"),
                         ("<lora:>", "not a LoRA tag")]:
         with pytest.raises(PromptError, match=f"p:3: .*{needle}"):
             tags(f"a {bad}", "p:3")

@@ -344,10 +344,10 @@ def test_missing_and_corrupt_files(tmp_path):
 
 
 def test_unsupported_and_incomplete_files(models, tmp_path):
-    loha = {"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.hada_w1_b": torch.zeros(2, 2)}
-    with pytest.raises(ModelError, match="loha.safetensors is a LyCORIS LoHa/LoKr network; LyCORIS LoHa/LoKr "
-                                         "networks are not supported yet"):
-        load_lora(save(loha, tmp_path / "loha.safetensors"))
+    oft = {"lora_unet_x.oft_blocks": torch.zeros(2, 2, 2), "lora_unet_x.alpha": torch.tensor(1.0)}
+    with pytest.raises(ModelError, match="oft.safetensors is a LyCORIS OFT/BOFT network .*; LyCORIS OFT/BOFT "
+                                         "networks are not supported"):
+        load_lora(save(oft, tmp_path / "oft.safetensors"))
     state = kohya_state(*models)
     del state[f"{kohya_name(UNET_LINEAR[1])}.lora_up.weight"]
     with pytest.raises(ModelError, match=r"half.safetensors: module lora_unet_\w+attn2_to_k has no up"):

@@ -21,6 +21,7 @@ from sdbatch.config.deep_shrink_schema import DeepShrinkConfig
 from sdbatch.config.gradual_latent_schema import GradualLatentConfig
 from sdbatch.config.guidance_schema import GuidanceConfig
 from sdbatch.config.highres_schema import HighresConfig
+from sdbatch.config.regions_schema import RegionsConfig
 
 MISSING: Any = "???"  # OmegaConf's marker for a mandatory value (the same string, so Hydra reports it as missing)
 
@@ -56,8 +57,30 @@ class SamplerConfig:
 
 @dataclass(**_SPEC)
 class LoraConfig:
-    path: str = MISSING  # kohya LoRA/LoCon or diffusers LoRA file (.safetensors preferred; .pt/.ckpt load safely)
-    mul: float = 1.0  # multiplier (a prompt line's --am replaces it, except in merge mode)
+    # kohya LoRA/LoCon, LyCORIS LoHa/LoKr/DoRA or diffusers LoRA file (.safetensors preferred; .pt/.ckpt load safely)
+    path: str = MISSING
+    mul: float = 1.0  # text-encoder multiplier, and the UNet's unless unet_mul is set (--am replaces both)
+    unet_mul: float | None = None  # the UNet's own multiplier (A1111's <lora:NAME:TE:UNET>); null = mul
+
+    def weight(self) -> float | tuple[float, float]:
+        """This file's multipliers as an image carries them (see `pair`)."""
+        return self.pair(self.mul, self.unet_mul)
+
+    @staticmethod
+    def pair(te: float, unet: float | None = None) -> float | tuple[float, float]:
+        """One network's entry of ImageJob.network_muls: one number for the text encoder and the UNet, or a
+        (text encoder, UNet) pair when they differ."""
+        te = float(te)
+        unet = te if unet is None else float(unet)
+        return te if unet == te else (te, unet)
+
+    @staticmethod
+    def split(weight: float | typing.Sequence[float]) -> tuple[float, float]:
+        """(text encoder, UNet) multipliers of one entry of ImageJob.network_muls (a number or a pair)."""
+        if isinstance(weight, tuple | list):
+            te, unet = weight
+            return float(te), float(unet)
+        return float(weight), float(weight)
 
 
 @dataclass(**_SPEC)
@@ -72,17 +95,20 @@ class NetworkConfig:
     # what +sweeps=lora_weights sweeps: network.muls='[0.5]'
     muls: list[float] | None = None
     lora_dir: str | None = None  # folder of LoRA files for A1111's <lora:NAME:WEIGHT> prompt tags
+    show_meta: bool = False  # print each network file's training metadata before the run
 
-    def multipliers(self) -> tuple[float, ...]:
-        """The run's multiplier for each network: network.muls, else each file's mul."""
+    def multipliers(self) -> tuple[float | tuple[float, float], ...]:
+        """The run's multipliers for each network: network.muls (text encoder and UNet alike), else each file's
+        mul, or its (mul, unet_mul) pair when the UNet has its own (`LoraConfig.pair`)."""
         if self.muls:
             return complete_muls(self.muls, len(self.loras))
-        return tuple(float(lora.mul) for lora in self.loras)
+        return tuple(lora.weight() for lora in self.loras)
 
 
 def complete_muls(values: typing.Sequence[float], count: int) -> tuple[float, ...]:
-    """`count` multipliers from `values`: the last value repeats, extra values are dropped (the reference's --am)."""
-    return tuple(float(v) for v in (*values, *[values[-1]] * count)[:count])
+    """`count` multipliers from `values`: the last value repeats, extra values are dropped (the reference's --am);
+    a (text encoder, UNet) pair stays a pair."""
+    return tuple(LoraConfig.pair(*LoraConfig.split(v)) for v in (*values, *[values[-1]] * count)[:count])
 
 
 @dataclass(**_SPEC)
@@ -148,6 +174,7 @@ class RunSpec:
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
     deep_shrink: DeepShrinkConfig = field(default_factory=DeepShrinkConfig)
     gradual_latent: GradualLatentConfig = field(default_factory=GradualLatentConfig)
+    regions: RegionsConfig = field(default_factory=RegionsConfig)  # Attention Couple's region masks
     prompt: Any = None  # a string or a list of strings; in-prompt options (--w 768 --n ...) allowed
     negative_prompt: str = ""  # default negative prompt (a line's --n replaces it)
     # A1111's Prompt S/R: the first of prompt_sr_words is replaced by prompt_sr in every prompt and negative

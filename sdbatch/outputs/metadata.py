@@ -11,9 +11,11 @@ from PIL import PngImagePlugin
 
 from sdbatch import __version__
 from sdbatch.config.sampler_registry import a1111_name, a1111_schedule, effective_schedule
-from sdbatch.config.spec import RunSpec, image_features
+from sdbatch.config.spec import LoraConfig, RunSpec, image_features
 from sdbatch.plan.jobs import ControlNetRef, EmbeddingRef, ImageJob, ModelInfo, NetworkRef
+from sdbatch.prompts.couple import part_count, split_parts
 from sdbatch.prompts.embedding_names import used_names
+from sdbatch.prompts.region_masks import region_shares
 
 # ---------------------------------------------------------------- parameters
 
@@ -60,6 +62,7 @@ def image_params(job: ImageJob, model: ModelInfo, version: str, vae_fallback: Co
     for name in image_features(RunSpec):  # highres, deep_shrink, gradual_latent, ...: None when off
         params[name] = _record(job.features.get(name), job)
     _name_controlnets(params.get("guidance"), model.controlnets)
+    params["regions"] = _regions(job)
     return {**params, "index": job.index, "sdbatch_version": version}
 
 
@@ -70,15 +73,16 @@ def _embeddings_used(job: ImageJob, embeddings: tuple[EmbeddingRef, ...]) -> lis
 
 
 def _networks_used(job: ImageJob, networks: tuple[NetworkRef, ...]) -> list[dict[str, Any]]:
-    """The run's networks with this image's multipliers (--am or network.loras[].mul)."""
+    """The run's networks with this image's multipliers (--am, a <lora:> tag, or network.loras[].mul/unet_mul):
+    `mul` for the text encoder, `unet_mul` for the UNet (the same number unless they differ)."""
     muls = job.network_muls or ()
-    return [{"name": n.name, "file": n.file, "hash": n.hash, "mul": mul, "merged": n.merged}
-            for n, mul in zip(networks, muls, strict=False)]
+    return [{"name": n.name, "file": n.file, "hash": n.hash, "mul": te, "unet_mul": unet, "merged": n.merged}
+            for n, (te, unet) in zip(networks, map(LoraConfig.split, muls), strict=False)]
 
 
 def _lora_hashes(params: Mapping[str, Any]) -> str | None:
     """A1111's `Lora hashes` value, "name: hash, name2: hash" for the networks with a non-zero multiplier."""
-    used = [n for n in params.get("networks") or [] if n["mul"]]
+    used = [n for n in params.get("networks") or [] if n["mul"] or n.get("unet_mul")]
     entries = [f"{n['name'].replace(':', '').replace(',', '')}: {n['hash']}" for n in used]
     return ", ".join(entries) or None
 
@@ -94,6 +98,18 @@ def _name_controlnets(record: dict[str, Any] | None, refs: tuple[ControlNetRef, 
     """Each ControlNet unit of an image's record gets its model's name, resolved file and hash (in model order)."""
     for unit, ref in zip((record or {}).get("units", ()), refs, strict=False):
         unit.update(name=ref.name, file=ref.file, hash=ref.hash)
+
+
+def _regions(job: ImageJob) -> dict[str, Any] | None:
+    """An AND prompt's parts (text, weight, share of the image), its mask and how the mask was read; None for a
+    prompt without AND."""
+    if part_count(job.prompt) < 2:
+        return None
+    parts = split_parts(job.prompt, job.origin)
+    shares = region_shares(job.region_mask, [p.weight for p in parts], job.width, job.height, job.region_codes)
+    return {"mask": job.region_mask, "max_color_codes": job.region_codes,
+            "parts": [{"text": p.text, "weight": p.weight, "share": share} for p, share in zip(parts, shares,
+                                                                                                strict=True)]}
 
 
 def _record(settings: Any, job: ImageJob) -> dict[str, Any] | None:

@@ -1,4 +1,5 @@
-"""`<lora:NAME:WEIGHT>` tags applied to planned jobs: per-image network_muls, the tagged LoRA files added.
+"""`<lora:NAME:WEIGHT>` and `<lora:NAME:TE:UNET>` tags applied to planned jobs: per-image network_muls (a number,
+or a (text encoder, UNet) pair), the tagged LoRA files added.
 
 The tag syntax (parsing, stripping for the text encoder) is in sdbatch.prompts.extra_networks.
 """
@@ -36,7 +37,8 @@ def apply_tags(jobs: list[ImageJob], network: NetworkConfig) -> tuple[list[Image
     return [_with_weights(job, found, names, defaults) for job, found in zip(jobs, tagged, strict=True)], run_network
 
 
-def _with_weights(job: ImageJob, found: dict[str, float], names: list[str], defaults: tuple) -> ImageJob:
+def _with_weights(job: ImageJob, found: dict[str, float | tuple[float, float]], names: list[str],
+                  defaults: tuple) -> ImageJob:
     base = job.network_muls if job.network_muls is not None else defaults
     muls = [*base, *[0.0] * (len(names) - len(base))]
     for name, weight in found.items():

@@ -1,5 +1,6 @@
 """LoRA networks as a feature: the run's files patched onto the models (the session's patch), and each batch's
-multipliers: set before its text is encoded, and per image in the UNet through the row contract."""
+multipliers: the text-encoder ones set before its text is encoded, the UNet ones per image through the row
+contract. An image's multiplier for a network is a number (both models) or a (text encoder, UNet) pair."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sdbatch.config.spec import NetworkConfig, RunSpec
+from sdbatch.config.spec import LoraConfig, NetworkConfig, RunSpec
 from sdbatch.engine.core.contract import BatchContext, BatchHooks, Encode, Feature
 from sdbatch.engine.core.model_fn import Conditioning
 from sdbatch.engine.features.lora_network import ROW_MULTIPLIERS, LoraFile, NetworkPatch, load_lora
@@ -39,26 +40,32 @@ class RunNetworks:
     def refs(self) -> tuple[NetworkRef, ...]:
         return tuple(NetworkRef(f.name, f.path, f.hash, merged=self.mode == "merge") for f in self.files)
 
-    def muls_of(self, muls: Sequence[float] | None) -> tuple[float, ...]:
+    def muls_of(self, muls: Sequence[float | tuple[float, float]] | None) -> tuple:
         """An image's effective multipliers (its own, or the run's; merge mode has only the run's)."""
         return self.defaults if muls is None or self.mode == "merge" else tuple(muls)
 
-    def apply(self, muls: Sequence[float] | None) -> tuple:
+    def text_key(self, muls: tuple) -> tuple:
+        """What the text encoding depends on of these multipliers: the files and their text-encoder multipliers
+        (nothing when no network touches the text encoder)."""
+        if not self._patch.touches_text_encoder:
+            return ()
+        return tuple(f.hash for f in self.files), tuple(LoraConfig.split(m)[0] for m in muls)
+
+    def apply(self, muls: Sequence[float | tuple[float, float]] | None) -> tuple:
         """Set up the batch's multipliers; returns what the text-encoder cache key needs to know of them."""
         muls = self.muls_of(muls)
         if self.mode == "hooked":
             self._patch.set_multipliers(muls)
         elif muls != self._in_weights:  # precalc
             self._merge(muls)
-        if not self._patch.touches_text_encoder:
-            return ()
-        return tuple(f.hash for f in self.files), muls
+        return self.text_key(muls)
 
-    def per_image(self, rows: Sequence[tuple[float, ...]]) -> torch.Tensor:
-        """(images, networks) multipliers for the row contract: images of one UNet call with their own (hooked)."""
+    def per_image(self, rows: Sequence[tuple]) -> torch.Tensor:
+        """(images, networks) UNet multipliers for the row contract: images of one UNet call with their own
+        (hooked)."""
         if self.mode != "hooked":
             raise ValueError(f"per-image multipliers need network.mode=hooked, not {self.mode}")
-        return torch.tensor(rows, dtype=torch.float32)
+        return torch.tensor([[LoraConfig.split(m)[1] for m in row] for row in rows], dtype=torch.float32)
 
     def restore(self) -> None:
         """The models exactly as they were before (hooks removed, original weights back)."""
@@ -97,16 +104,17 @@ class Lora(Feature):
         text = ctx.engine.text
 
         def encode(inner: Encode) -> Conditioning:
-            """The text once per distinct multiplier set (when LoRA touches the text encoder), each image's
-            rows from its own; images with other multipliers than the batch's first get theirs per row."""
+            """The text once per distinct set of text-encoder multipliers (when LoRA touches the text encoder),
+            each image's rows from its own; images with other UNet multipliers than the batch's first get theirs
+            per row."""
             keys = [nets.muls_of(job.network_muls) for job in ctx.jobs]
+            text_keys = [nets.text_key(muls) for muls in keys]
             conds: dict[tuple, Conditioning] = {}
-            for muls in dict.fromkeys(keys):
+            for muls, text_key in dict.fromkeys(zip(keys, text_keys, strict=True)):
                 text.network_key = nets.apply(muls)
-                conds[muls] = inner()
-                if not text.network_key:  # the text encoder has no LoRA: one encoding serves every image
-                    break
-            cond = conds[keys[0]] if len(conds) == 1 else _rows_of(conds, keys)
+                if text_key not in conds:  # one key () when the text encoder has no LoRA: one encoding for all
+                    conds[text_key] = inner()
+            cond = conds[text_keys[0]] if len(conds) == 1 else _rows_of(conds, text_keys)
             if len(set(keys)) == 1:
                 return cond
             rows = cond.rows_for(cond.embeddings).with_image_data(**{ROW_MULTIPLIERS: nets.per_image(keys)})
