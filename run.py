@@ -10,6 +10,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from sdbatch.cli.hydra_app import guarded, task  # noqa: E402
+from sdbatch.cli.info import info_command  # noqa: E402
 from sdbatch.config.schema import register_configs  # noqa: E402
 
 register_configs()
@@ -21,4 +22,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if (code := info_command(sys.argv[1:])) is not None:  # +info=lora FILE...: not a run, so not for Hydra
+        sys.exit(code)
     sys.exit(guarded(main))

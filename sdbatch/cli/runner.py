@@ -16,6 +16,7 @@ import yaml
 from tqdm import tqdm
 
 from sdbatch import __version__
+from sdbatch.cli.info import show_network_meta
 from sdbatch.cli.startup import heavy_imports
 from sdbatch.config.resolve import to_plain
 from sdbatch.config.spec import RunSpec
@@ -29,6 +30,7 @@ from sdbatch.plan.guides import assign_guides
 from sdbatch.plan.jobs import ImageJob
 from sdbatch.plan.lora_tags import apply_tags
 from sdbatch.plan.planner import plan, random_base_seed
+from sdbatch.plan.regions import assign_masks
 from sdbatch.plan.stage import plan_run
 from sdbatch.prompts.sources import PromptLine
 
@@ -87,6 +89,7 @@ def _run_locked(spec: RunSpec, out: RunDir, run_dir: Path, stdin: TextIO | None)
                     len(damaged), out.manifest, ", ".join(damaged[:20]) + (", ..." if len(damaged) > 20 else ""))
     with _progress(out, jobs, todo):
         engine = engine or _engine(spec)
+        show_network_meta(planned.network)
         with engine.session(dataclasses.replace(spec, network=planned.network)):  # with the files of <lora:> tags
             out.write_config({**to_plain(spec), "seed": base_seed}, engine.model_hashes())
             if len(todo) < len(jobs):
@@ -145,6 +148,7 @@ def _run_interactive(spec: RunSpec, out: RunDir, base_seed: int, stream: TextIO)
     from sdbatch.prompts.interactive import preview_available, read_lines, report_saved, show_preview
 
     engine = _engine(spec)
+    show_network_meta(spec.network)
     with engine.session(spec):  # the run's embeddings are loaded: their hashes go into config.yaml
         out.write_config({**to_plain(spec), "seed": base_seed}, engine.model_hashes())
     spec = dataclasses.replace(spec, n_iter=1)  # one pass per typed line, as the reference does
@@ -155,13 +159,15 @@ def _run_interactive(spec: RunSpec, out: RunDir, base_seed: int, stream: TextIO)
             line = PromptLine(text, spec.negative_prompt, f"stdin:{number}")
             try:
                 start = len(taken)  # plan() adds the line's names to `taken`
-                planned = assign_guides(plan(spec, [line], base_seed, start=start, taken=taken), spec, start=start)
+                planned = plan(spec, [line], base_seed, start=start, taken=taken)
+                planned = assign_masks(assign_guides(planned, spec, start=start), spec, start=start)
                 jobs, line_network = apply_tags(planned, spec.network)
             except PromptError as ex:  # a typo in one line should not end the session
                 log.error("%s", ex)
                 continue
             if line_network != network:  # a line's <lora:...> tags may bring other files: a new patch session
                 session.close()
+                show_network_meta(line_network)
                 session.enter_context(engine.session(dataclasses.replace(spec, network=line_network)))
                 network = line_network
             saved = _generate(engine, out, jobs, spec, len(jobs))
