@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sdbatch.config.spec import ModelConfig, RunSpec, SamplerConfig
-from sdbatch.errors import ConfigError
+from sdbatch.errors import ConfigError, PromptError
 from sdbatch.plan.batching import BatchKey, make_batches
 from sdbatch.plan.planner import file_name, plan
 from sdbatch.prompts.sources import PromptLine, read_prompt_file, read_prompts
@@ -94,6 +94,9 @@ def test_network_multipliers_per_image(line, mode, muls, expected) -> None:
     assert plain.network_muls is None, "no networks, no multipliers (and --am is ignored with a warning)"
 
 
-def test_and_prompts_warn_that_regions_are_not_supported_yet(caplog) -> None:
-    plan(_spec(), [PromptLine("a cat AND a dog", "", "f:2"), PromptLine("ANDROID", "", "f:3")], base_seed=0)
-    assert caplog.text.count("not supported yet") == 1 and "f:2: ' AND '" in caplog.text
+def test_and_prompts_are_planned_and_an_empty_part_names_its_line(caplog) -> None:
+    """Issue 12 replaced the old "not supported yet" warning: AND prompts are Attention Couple prompts now."""
+    jobs = plan(_spec(), [PromptLine("a cat AND a dog", "", "f:2"), PromptLine("ANDROID", "", "f:3")], base_seed=0)
+    assert [job.prompt for job in jobs] == ["a cat AND a dog", "ANDROID"] and "AND" not in caplog.text
+    with pytest.raises(PromptError, match="f:4: part 2 of the AND prompt is empty"):
+        plan(_spec(), [PromptLine("a cat AND  AND a dog", "", "f:4")], base_seed=0)

@@ -155,6 +155,7 @@ def _check(spec: RunSpec) -> None:
         raise ConfigError(f"strength must be in (0, 1], got {spec.strength}")
     _check_seed_and_size(spec)
     _check_steps(spec)
+    spec.regions.check()
     for name in image_features(spec):  # each per-image feature's run-level checks (highres, deep_shrink, ...)
         getattr(spec, name).check(spec)
     if spec.mask_image is not None and spec.init_image is None:

@@ -43,6 +43,9 @@ class ImageJob:
     mask_image: str | None = field(default=None, metadata=_PER_IMAGE)
     # ControlNet: the image's guide images, one per guidance.models entry (() without ControlNet)
     guide_images: tuple[str, ...] = field(default=(), metadata=_PER_IMAGE)
+    # Attention Couple: the image's region mask (regions.mask, in turn; None = every part covers the image)
+    region_mask: str | None = field(default=None, metadata=_PER_IMAGE)
+    region_codes: int | None = None  # regions.max_color_codes: the mask is read by colour codes (None: by channel)
     features: FeatureSettings = FeatureSettings()  # per-image features: name → resolved settings (absent = off)
 
     __getattr__ = feature_attribute  # job.deep_shrink, job.gradual_latent, job.highres (None when off)

@@ -15,6 +15,7 @@ from sdbatch.config.sampler_registry import effective_schedule
 from sdbatch.config.spec import FeatureSettings, NetworkConfig, RunSpec, complete_muls, image_features
 from sdbatch.errors import ConfigError, PromptError
 from sdbatch.plan.jobs import ImageJob
+from sdbatch.prompts.couple import split_parts
 from sdbatch.prompts.dynamic import Wildcards, enumerate_variants, expand
 from sdbatch.prompts.init_images import image_size
 from sdbatch.prompts.sources import PromptLine
@@ -60,9 +61,7 @@ def parse_lines(spec: RunSpec, lines: list[PromptLine]) -> list[_Line]:
                 _check_mask(line.mask_image, line.init_image)
             _warn_unused_multipliers(spec, one)
             _check_given_name(one)
-            if " AND " in one.prompt:
-                log.warning("%s: ' AND ' (regional prompts, attention couple) is not supported yet: the line is "
-                            "encoded as one prompt, AND included", one.origin)
+            split_parts(one.prompt, one.origin)  # an empty AND part fails here, naming the line
             parsed.append(_Line(one, line.negative, line.init_image, init_size, line.mask_image))
         except PromptError as ex:
             if spec.on_error != "skip":

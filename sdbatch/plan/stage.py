@@ -1,8 +1,8 @@
 """The planning stage: a run spec → every image of the run, in order, with what the run needs besides.
 
 Gathers the prompt lines (prompt_file, prompt, prompt_module, init images and their stored prompts), plans them
-(seeds, names, feature settings), assigns ControlNet guide images, applies Prompt S/R, expands a fused grid and
-resolves <lora:...> tags.
+(seeds, names, feature settings), assigns ControlNet guide images and region masks, applies Prompt S/R, expands a
+fused grid and resolves <lora:...> tags.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from sdbatch.plan.guides import assign_guides
 from sdbatch.plan.jobs import ImageJob
 from sdbatch.plan.lora_tags import apply_tags
 from sdbatch.plan.planner import plan
+from sdbatch.plan.regions import assign_masks
 from sdbatch.prompts.init_images import list_images, pair_with_images, prompt_from_image
 from sdbatch.prompts.sources import PromptLine, read_prompts
 
@@ -47,7 +48,7 @@ def plan_run(spec: RunSpec, base_seed: int, engine: Any = None) -> RunPlan:
     if spec.prompt_sr is not None:  # one word of a +sweeps=prompt_sr multirun
         check_search_word(jobs, spec.prompt_sr_words[0], "prompt_sr_words")
         jobs = [search_replace(job, spec.prompt_sr_words[0], spec.prompt_sr) for job in jobs]
-    jobs = assign_guides(jobs, spec)
+    jobs = assign_masks(assign_guides(jobs, spec), spec)
     axes, base_count = grid_axes(spec), len(jobs)
     if axes:  # a fused grid: each planned image becomes one image per cell
         jobs = expand(jobs, axes, spec.output.naming, spec.network, spec.perf.max_pixels)

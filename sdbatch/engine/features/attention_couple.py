@@ -1,0 +1,220 @@
+"""Attention Couple: a prompt `A AND B AND C` conditions each image on its parts, each in its own region.
+
+Every part is encoded on its own (with the image's negative prompt deciding the shared chunk count) and the parts
+are packed along the token axis, `(B, parts·T, D)`, so CFG, LoRA and the sampling loop handle them like any
+embeddings. Only the UNet's cross-attention (`attn2`) sees the parts apart: for the prompt rows of a call it
+attends to each part's T tokens (one attention call over all parts), and blends the outputs per pixel with the
+parts' region weights, `Σ_k out_k·w_k·m_k / Σ_k w_k·m_k` (a pixel no region covers gets every part equally).
+The negative and unconditional rows attend to their own text once. Everything else in the UNet is shared,
+which is why it costs much less than one UNet pass per part (A1111's composable diffusion).
+
+Region masks (`regions.mask`) are resized to each attention's size from the image-size mask, keyed by shape
+(the reference keyed them by area: 64×32 and 32×64 collided), so Deep Shrink, Gradual Latent and Highres. fix
+sizes all get their own. Without a mask every part covers the whole image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from sdbatch.engine.core.contract import BatchContext, BatchHooks, Encode, Feature
+from sdbatch.engine.core.model_fn import Conditioning, ModelFn
+from sdbatch.engine.core.rows import PROMPT, TEXT_CHUNKS, TEXT_TOKENS, Rows, calling, current
+from sdbatch.plan.jobs import ImageJob
+from sdbatch.prompts.couple import split_parts
+from sdbatch.prompts.extra_networks import strip_tags
+from sdbatch.prompts.region_masks import region_weights
+
+COUPLE = "couple"  # per-call data: the Couple of the call
+WEIGHTS = "couple_weights"  # per-image data: (images, parts, H, W) region weights × part weights, image size
+
+
+@dataclass
+class Couple:
+    """What every cross-attention of one pass needs: the part count and tokens per part, and the weights
+    resized to each attention's size (filled as the sizes come)."""
+
+    parts: int
+    tokens: int
+    aspect: float  # image height / width, to read an attention's (h, w) from its length
+    _resized: dict[tuple, torch.Tensor] = field(default_factory=dict)
+
+    def weights_at(self, rows: Rows, length: int, index: torch.Tensor) -> torch.Tensor:
+        """(len(index), parts, length) normalised blend weights of rows `index` at an attention of `length`."""
+        h, w = attention_size(length, self.aspect)
+        key = (h, w, len(rows), tuple(index.tolist()))
+        if key not in self._resized:
+            full = rows.per_row(WEIGHTS).index_select(0, index.to(rows.per_row(WEIGHTS).device))
+            small = F.interpolate(full, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+            self._resized[key] = normalise(small.flatten(2))
+        return self._resized[key]
+
+
+def normalise(weights: torch.Tensor) -> torch.Tensor:
+    """(rows, parts, pixels) → each pixel's weights summing to 1; a pixel no part covers gets 1/parts each."""
+    total = weights.sum(dim=1, keepdim=True)
+    even = torch.full_like(weights, 1.0 / weights.shape[1])
+    return torch.where(total > 1e-6, weights / total.clamp_min(1e-6), even)
+
+
+def attention_size(length: int, aspect: float) -> tuple[int, int]:
+    """The (h, w) of an attention over `length` pixels of an image with height/width `aspect`."""
+    guess = max(1, round(math.sqrt(length * aspect)))
+    for h in sorted(range(max(1, guess - 3), guess + 4), key=lambda c: abs(c - guess)):
+        if length % h == 0:
+            return h, length // h
+    raise ValueError(f"no attention size of {length} pixels near aspect {aspect}")
+
+
+# ---------------------------------------------------------------- the text
+
+
+def encode_parts(ctx: BatchContext, parts: list[tuple]) -> Conditioning:
+    """The batch's parts packed along the tokens: part k of every image, then part k + 1; each negative (and
+    unconditional) row repeated once per part, so CFG stacks them; rows carry the parts and their weights."""
+    text, n, count = ctx.text, len(parts[0]), len(ctx.jobs)
+    prompts = [strip_tags(image_parts[k].text) for k in range(n) for image_parts in parts]
+    negatives = None if text.negatives is None else [text.negatives[j] for _ in range(n) for j in range(count)]
+    groups = [j for _ in range(n) for j in range(count)]
+    encoded = text.text.encode_texts(prompts, negatives, clip_skip=text.clip_skip, origins=text.origins[:count] * n,
+                                     groups=groups)
+    tokens = encoded.cond.shape[1]
+    packed = encoded.cond.view(n, count, tokens, -1).transpose(0, 1).reshape(count, n * tokens, -1)
+    negative = None if encoded.uncond is None else encoded.uncond[:count].repeat(1, n, 1)
+    rows = Rows.of_images(count)
+    chunks = encoded.chunks[:count]
+    if len(set(chunks)) > 1:
+        rows = rows.with_image_data(**{TEXT_CHUNKS: torch.tensor(chunks)}).with_call_data(**{TEXT_TOKENS: tokens})
+    cond = Conditioning(embeddings=packed, negative=negative, cfg_scales=text.cfg_scales, rows=rows)
+    if text.three_parts:
+        uncond = text.text.encode_texts([""] * count, None, clip_skip=text.clip_skip, groups=list(range(count)))
+        cond = dataclasses.replace(cond, uncond=_pad_to(uncond.cond, tokens).repeat(1, n, 1),
+                                   negative_scale=text.negative_scale)
+    return cond
+
+
+def _pad_to(embeddings: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The unconditional "" (one chunk) repeated to the parts' chunk count (it is the same text)."""
+    return embeddings.repeat(1, tokens // embeddings.shape[1], 1)
+
+
+def part_weights(jobs: tuple[ImageJob, ...], parts: list[tuple], width: int, height: int,
+                 device: torch.device) -> torch.Tensor:
+    """(images, parts, H, W): each image's region weights (its mask, or whole-image regions) × part weights."""
+    stacked = []
+    for job, image_parts in zip(jobs, parts, strict=True):
+        regions = region_weights(job.region_mask, len(image_parts), width, height, job.region_codes)
+        weights = torch.tensor([p.weight for p in image_parts], dtype=torch.float32).view(-1, 1, 1)
+        stacked.append(torch.from_numpy(regions) * weights)
+    return torch.stack(stacked).to(device)
+
+
+# ---------------------------------------------------------------- the cross-attention
+
+
+def couple_attention(module: torch.nn.Module, hidden_states: torch.Tensor,
+                     encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                     **kwargs) -> torch.Tensor:
+    """An attn2 forward: prompt rows attend to each part and blend; other rows attend to their text once."""
+    rows = current()
+    couple = rows.per_call.get(COUPLE) if rows is not None else None
+    forward = type(module).forward
+    if couple is None or encoder_hidden_states is None:
+        return forward(module, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+    t = couple.tokens
+    prompt = torch.tensor([r for r, part in enumerate(rows.part) if part == PROMPT])
+    other = torch.tensor([r for r, part in enumerate(rows.part) if part != PROMPT], dtype=torch.long)
+    out = torch.empty_like(hidden_states)
+    if len(other):
+        sub = _sub_rows(rows, other, region=0)
+        with calling(sub):
+            out[other] = forward(module, hidden_states[other], encoder_hidden_states[other, :t],
+                                 None if attention_mask is None else attention_mask[other, ..., :t], **kwargs)
+    if len(prompt):
+        out[prompt] = _blend(module, forward, rows, couple, prompt, hidden_states, encoder_hidden_states,
+                             attention_mask, kwargs)
+    return out
+
+
+def _blend(module, forward, rows: Rows, couple: Couple, index: torch.Tensor, hidden: torch.Tensor,
+           text: torch.Tensor, mask: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
+    """Rows `index` against every part in one attention call (part-major), blended per pixel."""
+    n, t = couple.parts, couple.tokens
+    x = hidden[index].repeat(n, 1, 1)
+    context = torch.cat([text[index, k * t : (k + 1) * t] for k in range(n)])
+    part_mask = None if mask is None else torch.cat([mask[index, ..., k * t : (k + 1) * t] for k in range(n)])
+    sub = _stacked_parts(rows, index, n)
+    with calling(sub):
+        outs = forward(module, x, context, part_mask, **kwargs).view(n, len(index), *hidden.shape[1:])
+    weights = couple.weights_at(rows, hidden.shape[1], index).to(outs.dtype)  # (rows, parts, pixels)
+    return torch.einsum("krpc,rkp->rpc", outs, weights)
+
+
+def _sub_rows(rows: Rows, index: torch.Tensor, region: int) -> Rows:
+    """The rows `index` of a call as a call of their own (LoRA's per-row data still finds their images)."""
+    picked = index.tolist()
+    return dataclasses.replace(rows, image=tuple(rows.image[r] for r in picked),
+                               part=tuple(rows.part[r] for r in picked), region=(region,) * len(picked))
+
+
+def _stacked_parts(rows: Rows, index: torch.Tensor, n: int) -> Rows:
+    """Rows `index` once per part, part-major, each with its part as its region."""
+    picked = index.tolist()
+    return dataclasses.replace(rows, image=tuple(rows.image[r] for r in picked) * n,
+                               part=tuple(rows.part[r] for r in picked) * n,
+                               region=tuple(k for k in range(n) for _ in picked))
+
+
+@contextlib.contextmanager
+def coupled(unet: torch.nn.Module) -> Iterator[None]:
+    """Inside the block every cross-attention of the UNet blends the parts (inert for calls without them)."""
+    modules = [m for name, m in unet.named_modules() if name.endswith("attn2")]
+    for m in modules:
+        m.forward = types.MethodType(couple_attention, m)
+    try:
+        yield
+    finally:
+        for m in modules:
+            del m.forward  # back to the class's forward
+
+
+def with_couple(unet: torch.nn.Module) -> ModelFn:
+    def wrap(inner: ModelFn) -> ModelFn:
+        def model(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+            with coupled(unet):
+                return inner(x, t, cond)
+
+        return model
+
+    return wrap
+
+
+class AttentionCouple(Feature):
+    name = "attention_couple"
+    order = 30  # encode: inside LoRA's (60), which re-encodes per multiplier set; UNet: inside CFG
+
+    def batch_hooks(self, ctx: BatchContext) -> BatchHooks | None:
+        if ctx.key.and_parts < 2:
+            return None
+        parts = [split_parts(job.prompt, job.origin) for job in ctx.jobs]
+        weights = part_weights(ctx.jobs, parts, ctx.key.width, ctx.key.height, ctx.engine.placement.device)
+
+        def encode(inner: Encode) -> Conditioning:
+            cond = encode_parts(ctx, parts)
+            couple = Couple(len(parts[0]), cond.embeddings.shape[1] // len(parts[0]), ctx.key.height / ctx.key.width)
+            rows = cond.rows_for(cond.embeddings).with_image_data(**{WEIGHTS: weights}).with_call_data(
+                **{COUPLE: couple})
+            return dataclasses.replace(cond, rows=rows)
+
+        return BatchHooks(encode=encode, unet=with_couple(ctx.engine.bundle.unet))
+
+
+FEATURE = AttentionCouple()
