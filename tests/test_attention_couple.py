@@ -21,6 +21,7 @@ from sdbatch.engine.features.attention_couple import attention_size, normalise
 from sdbatch.errors import ConfigError, PromptError
 from sdbatch.plan.batching import Batch, BatchKey
 from sdbatch.plan.planner import plan
+from sdbatch.plan.regions import assign_masks
 from sdbatch.prompts.couple import Part, split_parts
 from sdbatch.prompts.region_masks import region_shares, region_weights
 from sdbatch.prompts.sources import PromptLine
@@ -120,6 +121,10 @@ def test_region_weights_and_shares(masks) -> None:
     assert (weights[2] == 1).all() and (weights[3] == 1).all()  # B is empty; part 4 is past R, G, B
     assert region_shares(masks["rg"], [1, 1], S, S, None) == [0.5, 0.5]
     assert region_shares(None, [1, 3], S, S, None) == [0.25, 0.75]
+    grey = Path(masks["rg"]).with_name("grey.png")
+    Image.new("RGB", (S, S), (128, 64, 0)).save(grey)
+    soft = region_weights(str(grey), 2, S, S, None)  # feathered masks are weights, not thresholds
+    assert np.allclose(soft[0], 128 / 255) and np.allclose(soft[1], 64 / 255)
 
 
 def test_blend_weights_and_attention_sizes() -> None:
@@ -209,3 +214,97 @@ def test_bad_region_input_is_one_line(args, needle, masks, cache_dir, tmp_path) 
 def test_regions_config_checks() -> None:
     with pytest.raises(ConfigError, match="from 1 to 7"):
         RegionsConfig(mask="m.png", max_color_codes=0).check()
+
+
+# ---------------------------------------------------------------- regional LoRA
+
+
+def _lora(regional: bool, mul: float = 1.5, **extra):
+    from sdbatch.config.spec import LoraConfig, NetworkConfig
+
+    return NetworkConfig(name="lora", loras=[LoraConfig(path="builtin:tiny-lora", mul=mul, **extra)],
+                         regional=regional)
+
+
+def test_a_regional_lora_acts_in_its_region(tmp_path) -> None:
+    """LoRA 0 bound to part 0 (the left half) changes the left half much more than the right; the right changes
+    about half as much as with the LoRA everywhere (self-attention and GroupNorm mix the halves; measured away
+    from the border)."""
+    size = 128
+    pixels = np.zeros((size, size, 3), np.uint8)
+    pixels[:, : size // 2, 0], pixels[:, size // 2 :, 1] = 255, 255
+    Image.fromarray(pixels).save(tmp_path / "lr.png")
+
+    def go(name: str, **top) -> np.ndarray:
+        run_spec = spec("builtin:tiny", steps=8, width=size, height=size, prompt=f"{A} AND {B}", seed=4,
+                        regions=RegionsConfig(mask=str(tmp_path / "lr.png")), **top)
+        return run_images(run_spec, tmp_path / name)[0][0].astype(float)
+
+    plain, everywhere, regional = go("plain"), go("global", network=_lora(False)), go("regional", network=_lora(True))
+    left, right = slice(0, size // 2 - size // 8), slice(size // 2 + size // 8, size)
+
+    def change(image, cols):
+        return np.abs(image[:, cols] - plain[:, cols]).mean()
+
+    assert change(regional, left) > 2 * change(regional, right)
+    assert change(regional, right) < 0.7 * change(everywhere, right)
+
+
+def test_regional_lora_with_per_image_multipliers_batches_like_alone(masks, tmp_path) -> None:
+    prompts = [f"{A} AND {B} --am 0.5", f"{B} AND {A} --am 1.5", f"{A} AND {B} --am 0"]
+    regions = RegionsConfig(mask=masks["rg"])
+    together, lines = _run(tmp_path, "three", prompt=prompts, seed=7, batch_size=3, regions=regions,
+                           network=_lora(True))
+    alone, _ = _run(tmp_path, "one", prompt=prompts, seed=7, batch_size=1, regions=regions, network=_lora(True))
+    assert max_diff(together, alone) <= 1
+    assert [p["network"] for p in lines[0]["regions"]["parts"]] == ["tiny-lora-sd1", None]
+    plain, _ = _run(tmp_path, "plain", prompt=[f"{A} AND {B}"], seed=9, regions=regions)
+    zero, _ = _run(tmp_path, "zero", prompt=[f"{A} AND {B} --am 0"], seed=9, regions=regions, network=_lora(True))
+    assert max_diff(plain, zero) == 0  # multiplier 0: no network, regional or not
+
+
+def test_regional_lora_needs_hooked_mode_and_a_part_per_network(masks) -> None:
+    import dataclasses as dc
+
+    from sdbatch.config.resolve import _check_networks
+    from sdbatch.config.spec import LoraConfig
+
+    with pytest.raises(ConfigError, match="network.regional=true .* needs network=lora with network.mode=hooked"):
+        _check_networks(spec("builtin:tiny", network=dc.replace(_lora(True), mode="merge")))
+    three = dc.replace(_lora(True), loras=[LoraConfig(path="builtin:tiny-lora")] * 3)
+    run_spec = spec("builtin:tiny", network=three, regions=RegionsConfig(mask=masks["rg"]))
+    jobs = plan(run_spec, [PromptLine(f"{A} AND {B}", "", "f:1"), PromptLine(A, "", "f:2")], 0)
+    with pytest.raises(ConfigError, match="f:1: network.regional=true binds 3 LoRA files to AND parts, but the "
+                                          "prompt has 2"):
+        assign_masks(jobs, run_spec)
+    assert assign_masks(jobs[1:], dc.replace(run_spec, regions=RegionsConfig())) == jobs[1:]  # plain lines: as usual
+
+
+def test_a_prompt_file_mixing_plain_and_regional_lines_with_two_bound_loras(masks, cache_dir, tmp_path) -> None:
+    """The issue's end-to-end run: plain lines, AND lines with a mask, two networks bound to regions (the tiny
+    LoRA and a LoHa file), --am, from `python run.py`."""
+    import os
+
+    from lycoris_files import loha_state, targets
+    from safetensors.torch import save_file
+
+    engine = get_engine(spec("builtin:tiny").model, spec("builtin:tiny").perf)
+    loha = tmp_path / "style-loha.safetensors"
+    save_file(loha_state(targets(engine.bundle.unet, engine.bundle.text_encoder), seed=3), str(loha))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{A} --am 0.5,1\n{A} AND {B} --am 1,0.8\n{B} AND {A} :0.7\n{B}\n", encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "model=tiny", f"prompt_file={prompts}", "seed=11", "width=64",
+         "height=64", "sampler.steps=4", "batch_size=2", "network=lora", "network.regional=true",
+         f"network.loras=[{{path: builtin:tiny-lora, mul: 1.0}}, {{path: {loha}, mul: 0.9}}]",
+         f"regions.mask={masks['rg']}", f"hydra.run.dir={tmp_path / 'run'}", "perf.progress=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "SDBATCH_CACHE": str(cache_dir)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = sorted((json.loads(x) for x in (tmp_path / "run" / "manifest.jsonl").read_text().splitlines()),
+                   key=lambda line: line["index"])
+    assert [line["regions"] is None for line in lines] == [True, False, False, True]
+    assert [p["network"] for p in lines[1]["regions"]["parts"]] == ["tiny-lora-sd1", "style-loha"]
+    assert [p["weight"] for p in lines[2]["regions"]["parts"]] == [1.0, 0.7]
+    assert [n["mul"] for n in lines[0]["networks"]] == [0.5, 1.0] and lines[1]["network_muls"] == [1.0, 0.8]
+    assert all((tmp_path / "run" / line["file"]).is_file() for line in lines)

@@ -234,6 +234,9 @@ def _check_prompt_sr(spec: RunSpec) -> None:
 
 def _check_networks(spec: RunSpec) -> None:
     network = spec.network
+    if network.regional and (network.name != "lora" or network.mode != "hooked"):
+        raise ConfigError("network.regional=true binds LoRA files to AND parts per pixel: it needs network=lora "
+                          f"with network.mode=hooked (got network={network.name}, mode={network.mode})")
     if network.name == "lora" and not network.loras:
         raise ConfigError("network=lora needs at least one file: network.loras='[{path: style.safetensors, mul: 0.8}]'")
     if network.name == "none" and network.loras:

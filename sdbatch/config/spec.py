@@ -96,6 +96,9 @@ class NetworkConfig:
     muls: list[float] | None = None
     lora_dir: str | None = None  # folder of LoRA files for A1111's <lora:NAME:WEIGHT> prompt tags
     show_meta: bool = False  # print each network file's training metadata before the run
+    # Attention Couple: LoRA i acts only inside the region of part i of an AND prompt (UNet) and on that part's
+    # text (text encoder); needs mode=hooked. Prompts without AND use the networks as usual
+    regional: bool = False
 
     def multipliers(self) -> tuple[float | tuple[float, float], ...]:
         """The run's multipliers for each network: network.muls (text encoder and UNet alike), else each file's

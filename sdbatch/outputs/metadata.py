@@ -62,7 +62,7 @@ def image_params(job: ImageJob, model: ModelInfo, version: str, vae_fallback: Co
     for name in image_features(RunSpec):  # highres, deep_shrink, gradual_latent, ...: None when off
         params[name] = _record(job.features.get(name), job)
     _name_controlnets(params.get("guidance"), model.controlnets)
-    params["regions"] = _regions(job)
+    params["regions"] = _regions(job, model)
     return {**params, "index": job.index, "sdbatch_version": version}
 
 
@@ -100,16 +100,23 @@ def _name_controlnets(record: dict[str, Any] | None, refs: tuple[ControlNetRef, 
         unit.update(name=ref.name, file=ref.file, hash=ref.hash)
 
 
-def _regions(job: ImageJob) -> dict[str, Any] | None:
-    """An AND prompt's parts (text, weight, share of the image), its mask and how the mask was read; None for a
-    prompt without AND."""
+def _regions(job: ImageJob, model: ModelInfo) -> dict[str, Any] | None:
+    """An AND prompt's parts (text, weight, share of the image, and with network.regional the network bound to
+    it), its mask and how the mask was read; None for a prompt without AND."""
     if part_count(job.prompt) < 2:
         return None
     parts = split_parts(job.prompt, job.origin)
     shares = region_shares(job.region_mask, [p.weight for p in parts], job.width, job.height, job.region_codes)
     return {"mask": job.region_mask, "max_color_codes": job.region_codes,
-            "parts": [{"text": p.text, "weight": p.weight, "share": share} for p, share in zip(parts, shares,
-                                                                                                strict=True)]}
+            "parts": [{"text": p.text, "weight": p.weight, "share": share, "network": _bound(model, k)}
+                      for k, (p, share) in enumerate(zip(parts, shares, strict=True))]}
+
+
+def _bound(model: ModelInfo, part: int) -> str | None:
+    """The network bound to AND part `part` (network.regional: network i ↔ part i), or None."""
+    if not model.regional_networks or part >= len(model.networks):
+        return None
+    return model.networks[part].name
 
 
 def _record(settings: Any, job: ImageJob) -> dict[str, Any] | None:

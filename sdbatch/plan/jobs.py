@@ -99,3 +99,4 @@ class ModelInfo:
     xti_embeddings: tuple[EmbeddingRef, ...] = ()  # model.xti_embeddings of the run, the same way
     networks: tuple[NetworkRef, ...] = ()  # network.loras of the run, in order (an image's network_muls match)
     controlnets: tuple[ControlNetRef, ...] = ()  # guidance.models of the run, in order
+    regional_networks: bool = False  # network.regional: network i acts in the region of AND part i

@@ -22,6 +22,7 @@ def assign_masks(jobs: list[ImageJob], spec: RunSpec, start: int = 0) -> list[Im
     if coupled is not None and spec.model.xti_embeddings:
         raise ConfigError(f"{coupled.origin}: AND prompts (Attention Couple) cannot be combined with "
                           "model.xti_embeddings; use model.textual_inversion, or drop the AND")
+    _check_regional_networks(jobs, spec)
     if spec.regions.mask is None or not jobs:
         return jobs
     if coupled is None:
@@ -33,3 +34,15 @@ def assign_masks(jobs: list[ImageJob], spec: RunSpec, start: int = 0) -> list[Im
     codes = spec.regions.max_color_codes
     return [dataclasses.replace(job, region_mask=str(masks[(start + k) % len(masks)]), region_codes=codes)
             if part_count(job.prompt) > 1 else job for k, job in enumerate(jobs)]
+
+
+def _check_regional_networks(jobs: list[ImageJob], spec: RunSpec) -> None:
+    """network.regional binds LoRA i to part i: an AND prompt needs a part for every network."""
+    count = len(spec.network.loras)
+    if not spec.network.regional:
+        return
+    for job in jobs:
+        parts = part_count(job.prompt)
+        if 1 < parts < count:
+            raise ConfigError(f"{job.origin}: network.regional=true binds {count} LoRA files to AND parts, but the "
+                              f"prompt has {parts}; add parts or drop files from network.loras")

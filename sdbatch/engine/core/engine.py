@@ -87,12 +87,13 @@ class Engine:
                     session.add(feature.name, patch)
             self.set_textual_inversion(run.model.textual_inversion, run.model.xti_embeddings)
             self.info = dataclasses.replace(self.info, networks=_refs(session.patches, "refs"),
-                                            controlnets=_refs(session.patches, "controlnet_refs"))
+                                            controlnets=_refs(session.patches, "controlnet_refs"),
+                                            regional_networks=run.network.regional)
             yield session
         finally:
             self._session = None
             self.text.network_key = ()
-            self.info = dataclasses.replace(self.info, networks=(), controlnets=())
+            self.info = dataclasses.replace(self.info, networks=(), controlnets=(), regional_networks=False)
             session.close()
 
     @property

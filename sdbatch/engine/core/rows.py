@@ -27,6 +27,9 @@ PROMPT, NEGATIVE, UNCOND = "prompt", "negative", "uncond"  # the CFG parts
 # per-image data: the 77-token chunks of the image's text that are its own (the rest pads it to the batch's);
 # per-call data: the padded text length, in tokens, of one encoding (XTI packs several after each other)
 TEXT_CHUNKS, TEXT_TOKENS = "text_chunks", "text_tokens"
+# per-call data: regional networks (Attention Couple with network.regional), an object whose
+# factor(network, output, module_name, rows) scales a network's output in a UNet module to its region
+REGIONAL_NETWORKS = "regional_networks"
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 

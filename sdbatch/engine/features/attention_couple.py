@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from sdbatch.engine.core.contract import BatchContext, BatchHooks, Encode, Feature
-from sdbatch.engine.core.model_fn import Conditioning, ModelFn
-from sdbatch.engine.core.rows import PROMPT, TEXT_CHUNKS, TEXT_TOKENS, Rows, calling, current
+from sdbatch.engine.core.model_fn import CHUNK_TOKENS, Conditioning, ModelFn
+from sdbatch.engine.core.rows import PROMPT, REGIONAL_NETWORKS, TEXT_CHUNKS, TEXT_TOKENS, Rows, calling, current
 from sdbatch.plan.jobs import ImageJob
 from sdbatch.prompts.couple import split_parts
 from sdbatch.prompts.extra_networks import strip_tags
@@ -58,6 +58,35 @@ class Couple:
         return self._resized[key]
 
 
+@dataclass
+class RegionalNetworks:
+    """network.regional: LoRA i acts only in the region of part i (its blend weight, at each module's size), and
+    in the cross-attention's keys and values only for the rows attending to part i."""
+
+    couple: Couple
+    _at: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    def factor(self, network: int, output: torch.Tensor, name: str, rows: Rows) -> torch.Tensor:
+        if name.endswith(("attn2_to_k", "attn2_to_v")):  # text tokens: part i's rows take network i
+            chosen = [float(part == PROMPT and region == network) for part, region in zip(rows.part, rows.region,
+                                                                                        strict=True)]
+            return torch.tensor(chosen, device=output.device, dtype=output.dtype).view(-1, 1, 1)
+        spatial = output.dim() == 4
+        h, w = output.shape[-2:] if spatial else attention_size(output.shape[1], self.couple.aspect)
+        weights = self._part_weights(rows, h, w, network).to(output.device, output.dtype)  # (rows, h·w)
+        return weights.view(-1, 1, h, w) if spatial else weights.unsqueeze(-1)
+
+    def _part_weights(self, rows: Rows, h: int, w: int, network: int) -> torch.Tensor:
+        if (h, w) not in self._at:  # every image's blend weights at this size, (images, parts, h·w)
+            full = rows.per_image[WEIGHTS]
+            small = F.interpolate(full, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+            self._at[(h, w)] = normalise(small.flatten(2))
+        at = self._at[(h, w)]
+        if network >= at.shape[1]:
+            return torch.ones(len(rows), h * w, device=at.device)
+        return at[torch.tensor(rows.image, device=at.device), network]
+
+
 def normalise(weights: torch.Tensor) -> torch.Tensor:
     """(rows, parts, pixels) → each pixel's weights summing to 1; a pixel no part covers gets 1/parts each."""
     total = weights.sum(dim=1, keepdim=True)
@@ -77,33 +106,60 @@ def attention_size(length: int, aspect: float) -> tuple[int, int]:
 # ---------------------------------------------------------------- the text
 
 
-def encode_parts(ctx: BatchContext, parts: list[tuple]) -> Conditioning:
-    """The batch's parts packed along the tokens: part k of every image, then part k + 1; each negative (and
-    unconditional) row repeated once per part, so CFG stacks them; rows carry the parts and their weights."""
+def encode_parts(ctx: BatchContext, parts: list[tuple], nets=None) -> Conditioning:
+    """The batch's parts packed along the tokens: part k of every image after part k - 1, each padded to the
+    batch's chunk count; the negative (and unconditional) rows repeated once per part, so CFG stacks them.
+
+    `nets` (network.regional): part k is encoded with LoRA k alone, and the negative without any network.
+    """
     text, n, count = ctx.text, len(parts[0]), len(ctx.jobs)
-    prompts = [strip_tags(image_parts[k].text) for k in range(n) for image_parts in parts]
-    negatives = None if text.negatives is None else [text.negatives[j] for _ in range(n) for j in range(count)]
-    groups = [j for _ in range(n) for j in range(count)]
-    encoded = text.text.encode_texts(prompts, negatives, clip_skip=text.clip_skip, origins=text.origins[:count] * n,
-                                     groups=groups)
-    tokens = encoded.cond.shape[1]
-    packed = encoded.cond.view(n, count, tokens, -1).transpose(0, 1).reshape(count, n * tokens, -1)
-    negative = None if encoded.uncond is None else encoded.uncond[:count].repeat(1, n, 1)
+
+    def encode(prompts: list[str], network: int | None) -> tuple[torch.Tensor, tuple[int, ...], torch.Tensor]:
+        with _text_networks(ctx, nets, network):
+            done = text.text.encode_texts(prompts, None, clip_skip=text.clip_skip, origins=text.origins[:count])
+            empty = text.text.encode_texts([""], None, clip_skip=text.clip_skip).cond
+        return done.cond, done.chunks, empty
+
+    encoded = [encode([strip_tags(image_parts[k].text) for image_parts in parts], k) for k in range(n)]
+    unguided = text.negatives is None
+    negative = None if unguided else encode(text.negatives[:count], None)
+    chunks = [max(e[1][j] for e in encoded + ([] if unguided else [negative])) for j in range(count)]
+    tokens = max(chunks) * CHUNK_TOKENS
+    packed = torch.cat([_padded(e, tokens) for e in encoded], dim=1)
     rows = Rows.of_images(count)
-    chunks = encoded.chunks[:count]
     if len(set(chunks)) > 1:
         rows = rows.with_image_data(**{TEXT_CHUNKS: torch.tensor(chunks)}).with_call_data(**{TEXT_TOKENS: tokens})
-    cond = Conditioning(embeddings=packed, negative=negative, cfg_scales=text.cfg_scales, rows=rows)
+    cond = Conditioning(embeddings=packed, negative=None if unguided else _padded(negative, tokens).repeat(1, n, 1),
+                        cfg_scales=text.cfg_scales, rows=rows)
     if text.three_parts:
-        uncond = text.text.encode_texts([""] * count, None, clip_skip=text.clip_skip, groups=list(range(count)))
-        cond = dataclasses.replace(cond, uncond=_pad_to(uncond.cond, tokens).repeat(1, n, 1),
-                                   negative_scale=text.negative_scale)
+        uncond = _padded(encode([""] * count, None), tokens).repeat(1, n, 1)
+        cond = dataclasses.replace(cond, uncond=uncond, negative_scale=text.negative_scale)
     return cond
 
 
-def _pad_to(embeddings: torch.Tensor, tokens: int) -> torch.Tensor:
-    """The unconditional "" (one chunk) repeated to the parts' chunk count (it is the same text)."""
-    return embeddings.repeat(1, tokens // embeddings.shape[1], 1)
+def _padded(encoded: tuple, tokens: int) -> torch.Tensor:
+    """Embeddings padded with the empty prompt's chunk to `tokens` (as the encoder pads shorter texts)."""
+    embeddings, _, empty = encoded
+    missing = (tokens - embeddings.shape[1]) // CHUNK_TOKENS
+    if not missing:
+        return embeddings
+    return torch.cat([embeddings, empty.expand(embeddings.shape[0], -1, -1).repeat(1, missing, 1)], dim=1)
+
+
+@contextlib.contextmanager
+def _text_networks(ctx: BatchContext, nets, network: int | None) -> Iterator[None]:
+    """Regional LoRA: the text encoder with network `network` alone (None: none) at the batch's multipliers,
+    back to them afterwards; without `nets`, as it is."""
+    if nets is None:
+        yield
+        return
+    current, engine_text = nets.current, ctx.engine.text
+    alone = tuple(mul if i == network else 0.0 for i, mul in enumerate(current))
+    engine_text.network_key = nets.apply(alone)
+    try:
+        yield
+    finally:
+        engine_text.network_key = nets.apply(current)
 
 
 def part_weights(jobs: tuple[ImageJob, ...], parts: list[tuple], width: int, height: int,
@@ -207,11 +263,13 @@ class AttentionCouple(Feature):
         parts = [split_parts(job.prompt, job.origin) for job in ctx.jobs]
         weights = part_weights(ctx.jobs, parts, ctx.key.width, ctx.key.height, ctx.engine.placement.device)
 
+        nets = ctx.patches.get("lora") if ctx.run is not None and ctx.run.network.regional else None
+
         def encode(inner: Encode) -> Conditioning:
-            cond = encode_parts(ctx, parts)
+            cond = encode_parts(ctx, parts, nets)
             couple = Couple(len(parts[0]), cond.embeddings.shape[1] // len(parts[0]), ctx.key.height / ctx.key.width)
-            rows = cond.rows_for(cond.embeddings).with_image_data(**{WEIGHTS: weights}).with_call_data(
-                **{COUPLE: couple})
+            data = {COUPLE: couple, **({REGIONAL_NETWORKS: RegionalNetworks(couple)} if nets is not None else {})}
+            rows = cond.rows_for(cond.embeddings).with_image_data(**{WEIGHTS: weights}).with_call_data(**data)
             return dataclasses.replace(cond, rows=rows)
 
         return BatchHooks(encode=encode, unet=with_couple(ctx.engine.bundle.unet))

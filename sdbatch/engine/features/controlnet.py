@@ -30,7 +30,7 @@ from sdbatch.config.guidance_schema import ControlNetSettings, ControlUnit
 from sdbatch.config.spec import RunSpec
 from sdbatch.engine.core.contract import BatchContext, BatchHooks, Feature
 from sdbatch.engine.core.model_fn import CHUNK_TOKENS, Conditioning, ModelFn
-from sdbatch.engine.core.rows import PROMPT, TEXT_CHUNKS, Rows
+from sdbatch.engine.core.rows import PROMPT, TEXT_CHUNKS, TEXT_TOKENS, Rows
 from sdbatch.engine.features.deep_shrink import active_depth, shrunk_input
 from sdbatch.engine.guide.hints import hint_image, hint_tensor
 from sdbatch.engine.models.controlnet_files import LoadedControlNet, load_controlnet
@@ -140,7 +140,8 @@ def _row_groups(rows: Rows, length: int, guess: bool) -> list[tuple[torch.Tensor
     """(row indices, text tokens) per own text length, None for all rows in order; guess mode keeps the prompt
     rows only."""
     chunks = rows.per_row(TEXT_CHUNKS)
-    own = [length] * len(rows) if chunks is None else [int(c) * CHUNK_TOKENS for c in chunks.tolist()]
+    packed = rows.per_call.get(TEXT_TOKENS, length) < length  # AND parts one after another: all of them, padded
+    own = [length] * len(rows) if chunks is None or packed else [int(c) * CHUNK_TOKENS for c in chunks.tolist()]
     by_length: dict[int, list[int]] = {}
     for r, tokens in enumerate(own):
         if not guess or rows.part[r] == PROMPT:

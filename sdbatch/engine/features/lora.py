@@ -31,6 +31,7 @@ class RunNetworks:
         self.defaults = network.multipliers()
         self._patch = NetworkPatch(unet, text_encoder, self.files, strict=network.strict)
         self._in_weights: tuple[float, ...] | None = None  # multipliers merged into the weights now
+        self.current: tuple = self.defaults  # the multipliers set by the last apply()
         if self.mode == "hooked":
             self._patch.hook()
         elif self.mode == "merge":
@@ -54,6 +55,7 @@ class RunNetworks:
     def apply(self, muls: Sequence[float | tuple[float, float]] | None) -> tuple:
         """Set up the batch's multipliers; returns what the text-encoder cache key needs to know of them."""
         muls = self.muls_of(muls)
+        self.current = muls
         if self.mode == "hooked":
             self._patch.set_multipliers(muls)
         elif muls != self._in_weights:  # precalc

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from sdbatch.config.spec import LoraConfig
+from sdbatch.engine.core.rows import REGIONAL_NETWORKS, row_factor
 from sdbatch.engine.core.rows import current as current_rows
-from sdbatch.engine.core.rows import row_factor
 from sdbatch.engine.features.lora_updates import (
     KNOWN_SUFFIXES,
     Factors,
@@ -251,6 +251,7 @@ class NetworkPatch:
             x = args[0] if args else kwargs["input"]
             rows = current_rows() if side else None
             per_row = rows.per_row(ROW_MULTIPLIERS) if rows is not None else None  # (rows, networks) or None
+            regional = rows.per_call.get(REGIONAL_NETWORKS) if rows is not None else None
             total = None
             for delta in deltas:
                 mul = per_row[:, delta.network] if per_row is not None else self._muls[delta.network][side]
@@ -260,6 +261,8 @@ class NetworkPatch:
                 scale = delta.update.scale if delta.low_rank else 1.0  # the others hold it in their change
                 part = low_rank_output(module, x, *tensors) if delta.low_rank else weight_output(module, x, tensors[0])
                 part = part * (row_factor(mul, part) * scale if per_row is not None else mul * scale)
+                if regional is not None:  # network i only inside the region of AND part i
+                    part = part * regional.factor(delta.network, part, name, rows)
                 total = part if total is None else total + part
             return None if total is None else output + total
 
