@@ -129,8 +129,8 @@ def run_in_namespace(setup: str, args: list[str], cache: Path, cwd: Path) -> sub
 # ---------------------------------------------------------------- SIGINT / SIGTERM
 
 
-@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130),
-                                             pytest.param(signal.SIGTERM, 143, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.slow  # end-to-end in subprocesses: the slow stage of .ci/run
 def test_signal_mid_run_prints_one_line_then_the_rerun_resumes(sig, status, cache_dir, tmp_path) -> None:
     run_dir = tmp_path / "run"
     args = [*SLOW, "images_per_prompt=4", f"hydra.run.dir={run_dir}"]
@@ -253,6 +253,7 @@ def test_disk_full_at_the_start_on_a_tiny_file_system(multirun, cache_dir, tmp_p
     assert line.startswith(f"sdbatch: error: cannot write {target}") and "No space left on device" in line, line
 
 
+@pytest.mark.slow  # end-to-end in subprocesses: the slow stage of .ci/run
 def test_disk_full_mid_run_keeps_what_was_written(cache_dir, tmp_path) -> None:
     run_dir = tmp_path / "run"
     args = [*SMALL, "sampler.steps=2", "seed=7", "images_per_prompt=3", f"hydra.run.dir={run_dir}"]
@@ -303,6 +304,7 @@ def test_disk_full_for_every_file_in_a_multirun_still_ends_in_one_line(cache_dir
 # ---------------------------------------------------------------- damaged images on resume
 
 
+@pytest.mark.slow  # end-to-end in subprocesses: the slow stage of .ci/run
 def test_damaged_listed_images_are_made_again_on_resume(cache_dir, tmp_path) -> None:
     run_dir = tmp_path / "run"
     args = [*SMALL, "sampler.steps=2", "seed=5", "images_per_prompt=3", f"hydra.run.dir={run_dir}"]
@@ -342,6 +344,7 @@ def test_manifest_keeps_the_last_line_per_file(tmp_path) -> None:
 # ---------------------------------------------------------------- one writer per run directory
 
 
+@pytest.mark.slow  # end-to-end in subprocesses: the slow stage of .ci/run
 def test_a_second_process_into_a_busy_run_directory_exits_2(cache_dir, tmp_path) -> None:
     run_dir = tmp_path / "run"
     args = [*SLOW, "images_per_prompt=4", f"hydra.run.dir={run_dir}"]  # seed=null: one base seed only

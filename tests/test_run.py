@@ -53,6 +53,7 @@ def test_done_when_command_writes_the_run_directory(cache_dir, tmp_path) -> None
     assert "${" not in config
 
 
+@pytest.mark.slow  # end-to-end in subprocesses: the slow stage of .ci/run
 def test_rerun_into_the_same_directory_skips_done_images(cache_dir, tmp_path) -> None:
     run_dir = tmp_path / "run"
     args = ["model=tiny", "prompt=a cat", "images_per_prompt=2", f"hydra.run.dir={run_dir}", *SMALL]

@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
@@ -55,6 +56,7 @@ def test_engines_are_bounded_and_reused(sd1_single_file) -> None:
     assert engine_module.get_engine(base.model, perfs[-2]) is engines[-2]
 
 
+@pytest.mark.slow  # end-to-end in subprocesses: the slow stage of .ci/run
 def test_a_multirun_keeps_no_per_job_objects(cache_dir, tmp_path) -> None:
     """16 jobs in one process, each with its own perf.vae_batch_size (a new engine key): from job 4 on, the live
     objects grow by Hydra's small JobReturn (with its overrides list) per job, nothing more.

@@ -159,6 +159,7 @@ def _start_and_kill_after_first_png(args: list[str], cache: Path, cwd: Path, fir
         proc.wait(timeout=60)
 
 
+@pytest.mark.slow  # end-to-end in subprocesses: the slow stage of .ci/run
 def test_killed_sweep_resumes_and_failed_jobs_do_not_stop_it(cache_dir, tmp_path) -> None:
     sweep = tmp_path / "sweep"
     args = ["-m", "model=tiny", "prompt=a cat", "images_per_prompt=4", "seed=1,2", "width=64,100",
