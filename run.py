@@ -1,4 +1,8 @@
-"""sdbatch entry point: `python run.py prompt='a cat' model=tiny` (see README.md)."""
+"""sdbatch entry point: `python run.py prompt='a cat' model=tiny` (see README.md).
+
+The checkout's twin of the installed `sdbatch` command (sdbatch/cli/main.py): the same app on the same configs,
+read here from the repository's conf/ (sweeps/ joins it through the conf/sweeps link).
+"""
 
 import os
 import sys
@@ -9,8 +13,8 @@ os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from sdbatch.cli.hydra_app import guarded, task  # noqa: E402
-from sdbatch.cli.info import info_command  # noqa: E402
+from sdbatch.cli.hydra_app import task  # noqa: E402
+from sdbatch.cli.main import run_app  # noqa: E402
 from sdbatch.config.schema import register_configs  # noqa: E402
 
 register_configs()
@@ -22,6 +26,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if (code := info_command(sys.argv[1:])) is not None:  # +info=lora FILE...: not a run, so not for Hydra
-        sys.exit(code)
-    sys.exit(guarded(main))
+    # +info=lora FILE... is not a run, so not for Hydra; else Hydra's main under guarded (one-line errors)
+    sys.exit(run_app(main))

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import re
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -80,7 +81,25 @@ def task(cfg: DictConfig) -> None:
     except SdbatchError as ex:
         # Exit here: past this point Hydra would print its own "Error executing job" line first.
         print(f"sdbatch: error: {ex}", file=sys.stderr)
+        _drop_if_empty(run_dir)
         raise SystemExit(2) from None
+
+
+def _drop_if_empty(run_dir: Path) -> None:
+    """A run that failed before writing anything leaves no folder of Hydra's logs behind (nor an emptied
+    outputs/DATE/ folder); a folder holding anything else (images, a manifest, earlier runs) stays."""
+    hydra_only = {".hydra", "run.log"}
+    try:
+        if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - hydra_only:
+            return
+        shutil.rmtree(run_dir)
+        date, root = run_dir.parent, run_dir.parent.parent  # the default outputs/DATE/TIME
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", date.name) and not any(date.iterdir()):
+            date.rmdir()
+            if root.name == "outputs" and not any(root.iterdir()):
+                root.rmdir()
+    except OSError:  # best effort: the error line above is what matters
+        pass
 
 
 def _run(spec: RunSpec, run_dir: Path) -> RunResult:
