@@ -12,7 +12,7 @@ from PIL import Image
 
 from sdbatch import __version__
 from sdbatch.errors import OutputError
-from sdbatch.outputs.metadata import image_params, infotext
+from sdbatch.outputs.metadata import image_params, infotext, reference_keys
 from sdbatch.outputs.run_dir import RunDir
 from sdbatch.plan.jobs import ImageJob, ModelInfo
 from sdbatch.prompts.png_info import parse_infotext, read_png_params
@@ -68,7 +68,7 @@ def test_infotext_exact_with_negative_karras_and_clip_skip():
         "a red cube, studio light\n"
         "Negative prompt: blurry\n"
         "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1000, Size: 512x768, "
-        "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, Version: sdbatch 0.1.0"
+        "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, RNG: CPU, Version: sdbatch 0.1.0"
     )
 
 
@@ -76,8 +76,8 @@ def test_infotext_exact_without_negative_default_schedule():
     params = make_params(negative_prompt="", sampler="euler_a", schedule="default", cfg_scale=7.5)
     assert infotext(params) == (
         "a red cube, studio light\n"
-        "Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 1000, Size: 512x768, "
-        "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: sdbatch 0.1.0"
+        "Steps: 20, Sampler: Euler a, Schedule type: Uniform, CFG scale: 7.5, Seed: 1000, Size: 512x768, "
+        "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, RNG: CPU, Version: sdbatch 0.1.0"
     )
 
 
@@ -87,7 +87,7 @@ def test_infotext_vae_strength_and_quoting():
     text = infotext(params)
     assert text.endswith(
         'Model hash: 6ce0161689, Model: "my,model", VAE hash: abcdef0123, VAE: vae-ft-mse, '
-        "Denoising strength: 0.75, Version: sdbatch 0.1.0"
+        "Denoising strength: 0.75, RNG: CPU, Version: sdbatch 0.1.0"
     )
     parsed = parse_infotext(text)
     assert parsed["Model"] == "my,model" and parsed["VAE"] == "vae-ft-mse"
@@ -140,7 +140,8 @@ def test_save_writes_png_chunks_manifest_and_no_temp_files(tmp_path):
         path = run.save(small_image(i * 50), params)
         assert path == tmp_path / "run" / params["file"]
         with Image.open(path) as image:
-            assert image.text == {"parameters": infotext(params), "sdbatch": json.dumps(params)}
+            expected = {"parameters": infotext(params), **reference_keys(params), "sdbatch": json.dumps(params)}
+            assert image.text == expected
             assert image.size == (8, 8)
         assert b"tEXtparameters\x00" in path.read_bytes() and b"tEXtsdbatch\x00" in path.read_bytes()
     lines = (tmp_path / "run" / "manifest.jsonl").read_text(encoding="utf-8").splitlines()

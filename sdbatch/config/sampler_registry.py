@@ -22,12 +22,7 @@ SCHEDULES = ("default", "karras", "exponential")
 # diffusers 0.42): PNDM/PLMS need their 4-step warm-up (set_timesteps(3) builds a schedule that step() fails
 # on); the others run from 1 step. Used by the run's step check and by every stage that sets its own steps.
 MIN_STEPS = {"pndm": 4, "plms": 4}
-_SIGMA_SCHEDULES = ("default", "karras", "exponential")
-
-# The fewest sampler.steps each sampler runs without diffusers failing (checked for every registry sampler with
-# diffusers 0.42): PNDM/PLMS need their 4-step warm-up (set_timesteps(3) builds a schedule that step() fails
-# on); the others run from 1 step. Used by the run's step check and by every stage that sets its own steps.
-MIN_STEPS = {"pndm": 4, "plms": 4}  # schedulers with use_*_sigmas switches
+_SIGMA_SCHEDULES = ("default", "karras", "exponential")  # schedulers with use_*_sigmas switches
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +57,9 @@ _BASE: dict[str, SamplerEntry] = {
     "dpmsolver": _entry("DPMSolverMultistepScheduler", "DPM-Solver 2M", algorithm_type="dpmsolver",
                         solver_order=2, final_sigmas_type="sigma_min"),
     "dpmsolver++": _entry("DPMSolverMultistepScheduler", "DPM++ 2M", **_DPMPP_2M),
-    # dpmsingle takes no steps_offset (neither does the reference)
-    "dpmsingle": SamplerEntry("DPMSolverSinglestepScheduler", "DPM++ 2S",
+    # dpmsingle takes no steps_offset (neither does the reference). It is deterministic DPM-Solver++(2S): A1111's
+    # "DPM++ 2S a" at eta 0 (a1111_eta writes "Eta: 0"; A1111's own default is eta 1, ancestral)
+    "dpmsingle": SamplerEntry("DPMSolverSinglestepScheduler", "DPM++ 2S a",
                               {"algorithm_type": "dpmsolver++", "solver_order": 2, "lower_order_final": False},
                               _SIGMA_SCHEDULES),
     "unipc": _entry("UniPCMultistepScheduler", "UniPC"),
@@ -132,11 +128,35 @@ def scheduler_options(name: str, schedule: str, v_prediction: bool) -> tuple[str
     return entry.scheduler, options
 
 
+# A1111 labels of what `sampler.schedule: default` runs (modules/sd_schedulers.py). A1111's "Automatic" is the
+# sampler's own default, which for k-diffusion samplers is not always Uniform (DPM++ 2M, DPM2, DPM++ 2S a: Karras;
+# DPM++ 2M SDE: Exponential), so the k-diffusion family writes "Uniform" (diffusers' linspace sigmas = k-diffusion's
+# get_sigmas(n)). A1111's timestep samplers (DDIM, PLMS, UniPC) ignore Schedule type and run their own timesteps,
+# which is what sdbatch's default runs too: "Automatic" is exact there.
+_A1111_TIMESTEP_SAMPLERS = frozenset({"DDIM", "PLMS", "UniPC"})
+_A1111_SCHEDULES = {"karras": "Karras", "exponential": "Exponential"}
+
+
 def a1111_name(name: str) -> str:
-    """A1111's label for a sampler ("euler_a" → "Euler a")."""
+    """A1111's label for a sampler ("euler_a" → "Euler a"); sdbatch's own label where A1111 has no such sampler."""
     return get_sampler(name).a1111
 
 
-def a1111_schedule(schedule: str) -> str | None:
-    """A1111's "Schedule type" label; None for the sampler's own default schedule."""
-    return None if schedule == "default" else schedule.capitalize()
+def a1111_schedule(name: str, schedule: str) -> str:
+    """A1111's "Schedule type" label for the schedule a sampler ran (`schedule`: effective_schedule's value).
+
+    Always a label, never None: a missing Schedule type means A1111's "Automatic", which is not what ran.
+    """
+    if schedule != "default":
+        return _A1111_SCHEDULES[schedule]
+    return "Automatic" if a1111_name(name) in _A1111_TIMESTEP_SAMPLERS else "Uniform"
+
+
+def a1111_eta(name: str, eta: float) -> dict[str, float]:
+    """A1111's eta entry: `Eta DDIM` (its DDIM eta, written when not 0) or `Eta` (its k-diffusion samplers' eta,
+    written when not 1). sdbatch passes sampler.eta to DDIM only; its ancestral/SDE samplers run at eta 1, and
+    dpmsingle ("DPM++ 2S a") at eta 0."""
+    label = a1111_name(name)
+    if label == "DDIM":
+        return {"Eta DDIM": eta} if eta else {}
+    return {"Eta": 0} if label == "DPM++ 2S a" else {}

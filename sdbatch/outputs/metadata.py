@@ -10,11 +10,12 @@ from typing import Any
 from PIL import PngImagePlugin
 
 from sdbatch import __version__
-from sdbatch.config.sampler_registry import a1111_name, a1111_schedule, effective_schedule
+from sdbatch.config.sampler_registry import a1111_eta, a1111_name, a1111_schedule, effective_schedule
 from sdbatch.config.spec import LoraConfig, RunSpec, image_features
 from sdbatch.plan.jobs import ControlNetRef, EmbeddingRef, ImageJob, ModelInfo, NetworkRef
 from sdbatch.prompts.couple import part_count, split_parts
 from sdbatch.prompts.embedding_names import used_names
+from sdbatch.prompts.extra_networks import TAG
 from sdbatch.prompts.region_masks import region_shares
 
 # ---------------------------------------------------------------- parameters
@@ -149,10 +150,11 @@ def _a1111_fields(params: Mapping[str, Any]) -> dict[str, Any]:
     clip_skip = params.get("clip_skip") or 1
     has_vae = bool(params.get("vae"))
     hires = params.get("highres") or {}
+    schedule = params.get("schedule") or effective_schedule(params["sampler"], "default")
     return {
         "Steps": hires.get("steps", params["steps"]),  # A1111: Steps and Size are the first pass's
         "Sampler": a1111_name(params["sampler"]),
-        "Schedule type": a1111_schedule(params.get("schedule") or "default"),
+        "Schedule type": a1111_schedule(params["sampler"], schedule),  # always: missing means "Automatic"
         "CFG scale": _number(params["cfg_scale"]),
         "Seed": params["seed"],
         "Size": f"{hires.get('first_width', params['width'])}x{hires.get('first_height', params['height'])}",
@@ -162,7 +164,9 @@ def _a1111_fields(params: Mapping[str, Any]) -> dict[str, Any]:
         "VAE": params.get("vae") if has_vae else None,
         "Denoising strength": _denoising_strength(params),
         "Clip skip": clip_skip if clip_skip > 1 else None,
-        "Hires upscale": _number(round(params["width"] / hires["first_width"], 4)) if hires else None,
+        "RNG": "CPU",  # noise comes from per-image CPU generators (engine/core/noise.py); missing means GPU
+        **{key: _number(value) for key, value in a1111_eta(params["sampler"], params.get("eta") or 0.0).items()},
+        **_hires_size(params, hires),
         "Hires steps": params["steps"] if hires else None,  # the second pass's sampler.steps
         "Hires upscaler": hires.get("upscaler_name"),
         **_controlnet_fields(params),
@@ -170,6 +174,17 @@ def _a1111_fields(params: Mapping[str, Any]) -> dict[str, Any]:
         "TI hashes": _ti_hashes(params),
         "Version": f"sdbatch {params.get('sdbatch_version', __version__)}",
     }
+
+
+def _hires_size(params: Mapping[str, Any], hires: Mapping[str, Any]) -> dict[str, Any]:
+    """`Hires upscale: S` when A1111 rebuilds the final size from it (int(first × S)), else `Hires resize: WxH`."""
+    if not hires:
+        return {}
+    width, height = params["width"], params["height"]
+    scale = _number(round(width / hires["first_width"], 4))
+    if int(hires["first_width"] * scale) == width and int(hires["first_height"] * scale) == height:
+        return {"Hires upscale": scale}
+    return {"Hires resize": f"{width}x{height}"}
 
 
 def _controlnet_fields(params: Mapping[str, Any]) -> dict[str, str]:
@@ -201,20 +216,53 @@ def _denoising_strength(params: Mapping[str, Any]) -> Any:
 
 
 def infotext(params: Mapping[str, Any]) -> str:
-    """AUTOMATIC1111's `parameters` text: prompt, optional `Negative prompt:` line, parameters line."""
+    """AUTOMATIC1111's `parameters` text: prompt (with the run's LoRAs as `<lora:>` tags), optional
+    `Negative prompt:` line, parameters line."""
     fields = _a1111_fields(params)
     line = ", ".join(f"{key}: {quote(value)}" for key, value in fields.items() if value is not None)
     negative = params.get("negative_prompt") or ""
     negative_text = f"\nNegative prompt: {negative}" if negative else ""
-    return f"{params['prompt']}{negative_text}\n{line}".strip()
+    prompt = " ".join(part for part in (params["prompt"], *lora_tags(params)) if part)
+    return f"{prompt}{negative_text}\n{line}".strip()
+
+
+def lora_tags(params: Mapping[str, Any]) -> list[str]:
+    """`<lora:NAME:MUL>` (or `<lora:NAME:TE:UNET>`) for each network the image used that its prompt does not tag,
+    so that A1111's "send to txt2img" applies it; networks bound to an AND region and zero weights are left out."""
+    written = {match[1].split(":")[0].strip() for match in TAG.finditer(params["prompt"])}
+    regional = {part["network"] for part in (params.get("regions") or {}).get("parts", ())}
+    result = []
+    for net in params.get("networks") or []:
+        te, unet = net["mul"], net.get("unet_mul", net["mul"])
+        if net["name"] in written or net["name"] in regional or not (te or unet):
+            continue
+        weights = f"{_number(unet)}" if te == unet else f"{_number(te)}:{_number(unet)}"
+        result.append(f"<lora:{net['name']}:{weights}>")
+    return result
 
 
 # ---------------------------------------------------------------- PNG text chunks
 
 
+def reference_keys(params: Mapping[str, Any]) -> dict[str, str]:
+    """The reference tool's (gen_img.py) own PNG text keys, so that it reads sdbatch's images back."""
+    keys = {"prompt": params["prompt"], "seed": str(params["seed"]), "sampler": params["sampler"],
+            "steps": str(params["steps"]), "scale": str(float(params["cfg_scale"])),
+            "negative-prompt": params.get("negative_prompt") or ""}
+    if params.get("negative_scale") is not None:
+        keys["negative-scale"] = str(params["negative_scale"])
+    if params.get("clip_prompt"):
+        keys["clip-prompt"] = params["clip_prompt"]
+    keys["raw-prompt"] = params.get("raw_prompt") or params["prompt"]
+    return keys
+
+
 def pnginfo(params: Mapping[str, Any]) -> PngImagePlugin.PngInfo:
-    """The PNG text chunks of an image: `parameters` (A1111 infotext) and `sdbatch` (the JSON parameters)."""
+    """The PNG text chunks of an image: `parameters` (A1111 infotext), the reference tool's keys (`prompt`, `seed`,
+    ...) and `sdbatch` (the JSON parameters)."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", infotext(params))  # Pillow falls back to iTXt for non-Latin-1 text, as A1111
+    for key, value in reference_keys(params).items():
+        info.add_text(key, value)
     info.add_text("sdbatch", json.dumps(params))
     return info
