@@ -52,7 +52,8 @@ BAD = [
     (["seed=4294967296"], "seed must be from 0 to 4294967295"),
     (["seed=18446744073709551616"], "seed must be from 0 to 4294967295"),
     # sizes: within perf.max_pixels
-    (["width=100000"], "width=100000: 100000x512 is 51200000 pixels per image, over perf.max_pixels=16777216"),
+    # model=tiny: height defaults to its 128 (model.default_size)
+    (["width=200000"], "width=200000: 200000x128 is 25600000 pixels per image, over perf.max_pixels=16777216"),
     (["width=4096", "height=4104"], "raise the bound with perf.max_pixels=16809984"),
     (["perf.max_pixels=0"], "perf.max_pixels must be a positive number"),
     (["prompt='a cat --w 8192 --h 4096'"], "prompt: 8192x4096 is 33554432 pixels per image, over perf.max_pixels"),
@@ -69,7 +70,7 @@ BAD = [
     (["grid.x='strength:0.5,nan'"], "grid.x: strength nan is not valid"),
     (["grid.x=sampler:nosuch"], "grid.x: unknown sampler 'nosuch'"),
     (["grid.x='seed:1,2'", "grid.y='width:64,100'"], "grid.y: width 100 is not valid; give a positive multiple of 8"),
-    (["grid.x='width:64,100000'"], "grid.x=width:100000: 100000x512 is 51200000 pixels per image, over perf.max"),
+    (["grid.x='width:64,200000'"], "grid.x=width:200000: 200000x128 is 25600000 pixels per image, over perf.max"),
     (["grid.x=width:8192", "grid.y='height:512,4096'"], "grid.x=width:8192, grid.y=height:4096: 8192x4096"),
     (["grid.x='seed:1,-1'"], "grid.x: seed -1 is not valid; give a seed from 0 to 4294967295"),
     (["grid.x='seed:4294967296'"], "grid.x: seed 4294967296 is not valid"),

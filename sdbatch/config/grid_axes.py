@@ -188,7 +188,7 @@ def _check_cells(spec: RunSpec, axes: list[Axis]) -> None:
     if not named:
         return
     img2img = spec.init_image is not None
-    own = None if img2img else 512  # a size left null: 512, or the init image's (unknown until planning)
+    own = None if img2img else spec.model.default_size  # a size left null: the model's, or the init image's
     base = {"sampler": spec.sampler.name, "steps": spec.sampler.steps, "cfg_scale": spec.sampler.cfg_scale,
             "width": spec.width if spec.width is not None else own,
             "height": spec.height if spec.height is not None else own,

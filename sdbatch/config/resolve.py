@@ -196,7 +196,7 @@ def _check_seed_and_size(spec: RunSpec) -> None:
         raise ConfigError(f"perf.max_pixels must be a positive number of pixels, got {spec.perf.max_pixels}")
     if spec.width is None and spec.height is None:
         return
-    own = None if spec.init_image is not None else 512  # a size left null: 512, or the init image's own
+    own = None if spec.init_image is not None else spec.model.default_size  # null: the model's, or the init image's
     width, height = spec.width or own, spec.height or own
     if width is not None and height is not None and (problem := size_problem(width, height, spec.perf.max_pixels)):
         given = " and ".join(f"{key}={_get(spec, key)}" for key in ("width", "height") if _get(spec, key))
@@ -221,6 +221,10 @@ def _check_prompt(spec: RunSpec) -> None:
     no_source = spec.prompt_file is None and spec.prompt_module is None and not spec.interactive
     if prompt in (None, []) and no_source and spec.init_image is None:
         raise ConfigError("no prompt: set prompt='...', prompt_file=PATH, prompt_module=FILE.py or interactive=true")
+    texts = [prompt] if isinstance(prompt, str) else prompt or []
+    if prompt is not None and not any(t.strip() for t in texts) and no_source and spec.init_image is None:
+        raise ConfigError(f"prompt={prompt!r} is empty: it would make no image; give prompt='a cat' (or a "
+                          "prompt_file), or leave prompt unset to use init_image's stored prompts")
 
 
 def _check_prompt_sr(spec: RunSpec) -> None:

@@ -41,6 +41,10 @@ class ModelConfig:
     textual_inversion: list[str] = field(default_factory=list)
     # Extended Textual Inversion files (16 per-UNet-block vector sets, kohya XTI); used like textual_inversion
     xti_embeddings: list[str] = field(default_factory=list)
+    # what a run uses when it does not say: width/height of txt2img images (model=tiny: 128, for a first run in
+    # seconds) and sampler.steps (conf/config.yaml reads it; model=tiny: 12). An explicit width or steps wins
+    default_size: int = 512
+    default_steps: int = 50
 
 
 @dataclass(**_SPEC)

@@ -29,7 +29,6 @@ def random_base_seed() -> int:
     return random.SystemRandom().randrange(SEED_LIMIT)
 
 
-DEFAULT_SIZE = 512
 # A file name may take 255 bytes (ext4, xfs, btrfs, APFS, NTFS); the image is first written as ".NAME.PID.tmp"
 # (outputs.files.atomic_write), up to 13 bytes more, so an image's name may take 242 bytes, numbering included.
 MAX_NAME_BYTES = 255 - len("..4194304.tmp")
@@ -242,9 +241,10 @@ def _negative_scale(option: float | Off | None, default: float | None) -> float 
 
 
 def _size(spec: RunSpec, line: _Line) -> tuple[int, int]:
-    """--w/--h, else width/height, else the init image's size (rounded down to a multiple of 8), else 512."""
+    """--w/--h, else width/height, else the init image's size (rounded down to a multiple of 8), else the model's
+    default size (model.default_size: 512; model=tiny: 128)."""
     opts = line.parsed.options
-    own_w, own_h = line.init_size or (DEFAULT_SIZE, DEFAULT_SIZE)
+    own_w, own_h = line.init_size or (spec.model.default_size, spec.model.default_size)
     return _given(opts.width, _given(spec.width, own_w)), _given(opts.height, _given(spec.height, own_h))
 
 
