@@ -45,17 +45,22 @@ class Couple:
     parts: int
     tokens: int
     aspect: float  # image height / width, to read an attention's (h, w) from its length
-    _resized: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    _at: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    def at(self, rows: Rows, h: int, w: int) -> torch.Tensor:
+        """(images, parts, h·w) every image's normalised blend weights at an (h, w) attention, resized once per
+        size and pass (cross-attention and regional LoRA read the same maps)."""
+        if (h, w) not in self._at:
+            full = rows.per_image[WEIGHTS]
+            small = F.interpolate(full, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+            self._at[(h, w)] = normalise(small.flatten(2))
+        return self._at[(h, w)]
 
     def weights_at(self, rows: Rows, length: int, index: torch.Tensor) -> torch.Tensor:
         """(len(index), parts, length) normalised blend weights of rows `index` at an attention of `length`."""
-        h, w = attention_size(length, self.aspect)
-        key = (h, w, len(rows), tuple(index.tolist()))
-        if key not in self._resized:
-            full = rows.per_row(WEIGHTS).index_select(0, index.to(rows.per_row(WEIGHTS).device))
-            small = F.interpolate(full, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-            self._resized[key] = normalise(small.flatten(2))
-        return self._resized[key]
+        weights = self.at(rows, *attention_size(length, self.aspect))
+        images = torch.tensor([rows.image[r] for r in index.tolist()], device=weights.device)
+        return weights.index_select(0, images)
 
 
 @dataclass
@@ -64,7 +69,6 @@ class RegionalNetworks:
     in the cross-attention's keys and values only for the rows attending to part i."""
 
     couple: Couple
-    _at: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     def factor(self, network: int, output: torch.Tensor, name: str, rows: Rows) -> torch.Tensor:
         if name.endswith(("attn2_to_k", "attn2_to_v")):  # text tokens: part i's rows take network i
@@ -77,11 +81,7 @@ class RegionalNetworks:
         return weights.view(-1, 1, h, w) if spatial else weights.unsqueeze(-1)
 
     def _part_weights(self, rows: Rows, h: int, w: int, network: int) -> torch.Tensor:
-        if (h, w) not in self._at:  # every image's blend weights at this size, (images, parts, h·w)
-            full = rows.per_image[WEIGHTS]
-            small = F.interpolate(full, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-            self._at[(h, w)] = normalise(small.flatten(2))
-        at = self._at[(h, w)]
+        at = self.couple.at(rows, h, w)
         if network >= at.shape[1]:
             return torch.ones(len(rows), h * w, device=at.device)
         return at[torch.tensor(rows.image, device=at.device), network]
