@@ -88,7 +88,7 @@ def test_compose_errors_are_one_line_with_the_key(overrides: list[str], needle: 
 def test_prompt_with_commas_gets_a_quoting_hint() -> None:
     with pytest.raises(HydraException) as info:
         _compose("prompt=a, b")
-    assert "must be quoted" in describe_config_error(info.value)
+    assert "quote it for Hydra inside bash quotes: 'prompt=\"a, b\"'" in describe_config_error(info.value)
 
 
 @pytest.mark.parametrize(
@@ -135,3 +135,16 @@ def test_missing_checkpoint_names_the_key() -> None:
 
 def test_quoted_prompt_keeps_commas_and_weights() -> None:
     assert _spec('prompt="masterpiece, (red:1.2) cube"').prompt == "masterpiece, (red:1.2) cube"
+
+
+def test_grid_axis_key_and_values_compose_without_hydra_quotes() -> None:
+    from sdbatch.config.grid_axes import grid_axes
+
+    spec = _spec("grid.x.key=sampler.cfg_scale", "grid.x.values=[5,7,9]", "grid.y.key=prompt_sr",
+                 'grid.y.values=[cat,"ink, pen"]', "prompt=a cat")
+    assert [(a.key, a.values) for a in grid_axes(spec)] == [("sampler.cfg_scale", ("5", "7", "9")),
+                                                            ("prompt_sr", ("cat", "ink, pen"))]
+    quoted = _spec("grid.x='sampler.cfg_scale:5,7,9'")
+    assert grid_axes(quoted)[0].values == ("5", "7", "9"), "the quoted string form keeps working"
+    with pytest.raises((HydraException, OmegaConfBaseException), match="grid.x.kye"):
+        _spec("grid.x.kye=seed")

@@ -78,3 +78,31 @@ def test_fused_grid_run_writes_labelled_sheet(sd1_single_file, tmp_path) -> None
     sheet = pixels(tmp_path / "grid.png")
     assert sheet.shape[0] > 3 * 64 and sheet.shape[1] > 2 * 64, "labels add margins around 3 rows × 2 columns"
     assert parse_axis("sampler.cfg_scale:1,2", "x").labels == ["cfg_scale: 1", "cfg_scale: 2"]
+
+
+def test_key_and_values_form_equals_the_string_form() -> None:
+    structured = _grid_spec({"key": "sampler.cfg_scale", "values": [5, 7.5]}, {"key": "seed", "values": [1, 2]})
+    assert grid_axes(structured) == grid_axes(_grid_spec("sampler.cfg_scale:5,7.5", "seed:1,2"))
+    muls = grid_axes(_grid_spec({"key": "network_muls", "values": [[0.5, 1], 0]}))[0]
+    assert muls.values == ("0.5;1", "0"), "a list value is one cell's multipliers, as 0.5;1 in the string form"
+    words = grid_axes(_grid_spec({"key": "prompt_sr", "values": ["red", "ink, pen", "<lora:s:0.5>"]}))[0]
+    assert words.values == ("red", "ink, pen", "<lora:s:0.5>"), "values may hold commas and colons"
+
+
+@pytest.mark.parametrize(("x", "message"), [
+    ({"key": "seed", "values": None}, r"grid.x.values is not set: give the axis's values"),
+    ({"key": None, "values": [1]}, r"grid.x.key is not set"),
+    ({"key": "sed", "values": [1]}, r"unknown axis key 'sed'"),
+    ({"key": "seed", "values": []}, r"grid.x: no values for seed"),
+    ({"key": "width", "values": [100]}, r"multiple of 8"),
+    (["seed", 1], r"give grid.x.key=KEY 'grid.x.values=\[V1,V2\]'"),
+])
+def test_bad_key_and_values_axes_name_the_key(x, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        grid_axes(_grid_spec(x))
+
+
+def test_unset_axes_are_no_grid() -> None:
+    assert grid_axes(_grid_spec({"key": None, "values": None}, None, "")) == []
+    with pytest.raises(ConfigError, match="need grid.x first"):
+        grid_axes(_grid_spec({"key": None, "values": None}, {"key": "seed", "values": [1]}))

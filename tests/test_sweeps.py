@@ -18,7 +18,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from PIL import Image
 
-from sdbatch.cli.hydra_app import device_for_job, hydra_quoted, sweep_choices
+from sdbatch.cli.hydra_app import device_for_job, sweep_choices
+from sdbatch.cli.quoting import hydra_quoted
 from sdbatch.config.schema import register_configs
 from sdbatch.outputs.contact_sheet import EMPTY, labelled_grid
 from sdbatch.outputs.sweep_index import NO_RESULT, collect, swept_keys

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from sdbatch.cli.quoting import hydra_quoted, quoting_hint
+from sdbatch.config.grid_axes import axis_given
 from sdbatch.config.resolve import resolve
 from sdbatch.config.spec import RunSpec
 from sdbatch.errors import SdbatchError
@@ -57,12 +59,6 @@ warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/[^']+' is validat
 # how to resume, for the line an interrupt prints; set by the task (the run's or the sweep's directory)
 _RESUME: dict[str, Any] = {"multirun": None, "hint": None}
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-_QUOTING_HINT = (
-    "; prompts with commas, parentheses or colons must be quoted for Hydra, e.g. "
-    "prompt='masterpiece, (red:1.2) cube' (or put them in a prompt_file)"
-)
-
 
 def task(cfg: DictConfig) -> None:
     """The Hydra task: resolve the composed config and run it into Hydra's output directory.
@@ -213,7 +209,7 @@ def _run_or_skip(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     from sdbatch.cli.runner import import_engine, pending_images
 
     counts = pending_images(spec, run_dir)
-    wants_sheet = spec.output.grid or spec.grid.x is not None  # grid.png, or the fused grid's grid*.png
+    wants_sheet = spec.output.grid or axis_given(spec.grid.x)  # grid.png, or the fused grid's grid*.png
     sheet_missing = wants_sheet and not any(run_dir.glob("grid*.png"))
     if counts is not None and counts[0] > 0 and counts[1] == 0 and not sheet_missing:
         log.info("all %d image(s) already done; skipped. Output dir: %s", counts[0], run_dir)
@@ -258,7 +254,7 @@ def guarded(main: Callable[[], None]) -> int:
         print(f"sdbatch: error: {ex}", file=sys.stderr)
         return 2
     except (HydraException, OmegaConfBaseException) as ex:
-        print(f"sdbatch: config error: {describe_config_error(ex)}", file=sys.stderr)
+        print(f"sdbatch: config error: {describe_config_error(ex, sys.argv[1:])}", file=sys.stderr)
         return 2
     except OSError as ex:
         # Hydra creates the run directory and writes .hydra/ itself, before our task can turn this into an
@@ -330,8 +326,9 @@ def sweep_exit_status() -> int:
     return 2
 
 
-def describe_config_error(ex: BaseException) -> str:
-    """Hydra's multi-line compose errors → one line that keeps the key and the reason."""
+def describe_config_error(ex: BaseException, overrides: Sequence[str] | None = None) -> str:
+    """Hydra's multi-line compose errors → one line that keeps the key and the reason; with the command line's
+    `overrides`, an unreadable value gets its working quoted form (`sdbatch.cli.quoting`)."""
     cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else ex
     text = str(cause)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -341,13 +338,11 @@ def describe_config_error(ex: BaseException) -> str:
     options = re.search(r"Available options in '([^']+)':\n((?:\t.*\n?)+)", text)
     if options:
         message += f"; available options in '{options[1]}': {', '.join(options[2].split())}"
-    whole = str(ex)
-    unquoted = "Ambiguous value" in whole or "mismatched input" in whole
-    if unquoted and re.search(r"\b(negative_)?prompt=", whole):
-        message += _QUOTING_HINT
-    elif unquoted and (axis := re.search(r"\bgrid\.([xyz])=([^'\"\s]+)", whole)):
-        message += f"; quote a grid axis's commas for Hydra: \"grid.{axis[1]}='{axis[2]}'\""
-    return message
+    if overrides is None:  # no command line at hand: the override Hydra's message quotes, if any
+        named = re.search(r"(?:Ambiguous value for argument|Error parsing override) '([^']*)'", str(ex))
+        overrides = [named[1]] if named else []
+    multirun = "-m" in overrides or "--multirun" in overrides
+    return message + (quoting_hint(overrides, multirun) or "")
 
 
 # ---------------------------------------------------------------- resolvers for sweeps/ and conf/hydra/launcher/
@@ -363,12 +358,6 @@ def sweep_choices(values: Any) -> str:
     if not items:
         raise ValueError("nothing to sweep over: the list is empty")
     return ",".join(hydra_quoted(item) for item in items)
-
-
-def hydra_quoted(text: str) -> str:
-    """`text` as a double-quoted value of Hydra's override grammar (commas, brackets, colons kept literally)."""
-    text = re.sub(r'(\\+)(?="|$)', lambda m: m[1] * 2, text)  # backslashes before a quote are escapes there
-    return '"' + text.replace('"', '\\"').replace("${", "\\${") + '"'
 
 
 def sweep_seed() -> int:

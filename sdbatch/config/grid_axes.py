@@ -1,15 +1,16 @@
-"""Fused-grid axes: `grid.x/y/z=KEY:V1,V2` parsed and every value checked, before any job or model exists."""
+"""Fused-grid axes: `grid.x.key=KEY grid.x.values=[V1,V2]` or `grid.x=KEY:V1,V2` parsed and every value
+checked, before any job or model exists."""
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from sdbatch.config.sampler_registry import MIN_STEPS, SAMPLERS
-from sdbatch.config.spec import RunSpec
+from sdbatch.config.spec import UNSET_AXIS, RunSpec
 from sdbatch.errors import ConfigError
 
 SEED_LIMIT = 2**32  # seeds live in [0, 2**32), as in A1111 and the reference tool
@@ -57,19 +58,61 @@ class Axis:
         return [f"{self.key.rpartition('.')[2]}: {v}" for v in self.values]
 
 
-def parse_axis(text: str, name: str) -> Axis:
-    """`sampler.cfg_scale:5,7,9` → Axis; a bad key or value names grid.x/y/z and what is valid."""
-    key, sep, values = text.partition(":")
-    key = key.strip()
-    items = tuple(v.strip() for v in values.split(",") if v.strip()) if sep else ()
+def parse_axis(given: Any, name: str) -> Axis:
+    """grid.x/y/z as given → Axis, every value checked; a bad key or value names grid.x/y/z and what is valid.
+
+    `given` is `sampler.cfg_scale:5,7,9` or the mapping {key: sampler.cfg_scale, values: [5, 7, 9]}.
+    """
+    key, items = _structured_axis(given, name) if isinstance(given, Mapping) else _string_axis(given, name)
     if key not in AXIS_KEYS:
         raise ConfigError(f"grid.{name}: unknown axis key '{key}'; choose one of: {', '.join(AXIS_KEYS)}")
     if not items:
-        raise ConfigError(f"grid.{name}={text!r}: give values after a colon, e.g. grid.{name}={key}:1,2,3")
+        raise ConfigError(f"grid.{name}: no values for {key}; give them as 'grid.{name}.values=[1,2,3]'")
     axis = Axis(key, items)
     for value in items:  # fail before any model loads, not halfway through the run
         parse_value(axis, value, name)
     return axis
+
+
+def _string_axis(text: Any, name: str) -> tuple[str, tuple[str, ...]]:
+    """`KEY:V1,V2` → (key, values); the values split at commas."""
+    if not isinstance(text, str):
+        raise ConfigError(f"grid.{name}={text!r}: give grid.{name}.key=KEY 'grid.{name}.values=[V1,V2]' (or one "
+                          f"string \"grid.{name}='KEY:V1,V2'\")")
+    key, sep, values = text.partition(":")
+    if not sep:
+        raise ConfigError(f"grid.{name}={text!r}: give values after a colon, e.g. \"grid.{name}='{key.strip()}:1,2,3'\""
+                          f", or grid.{name}.key={key.strip()} 'grid.{name}.values=[1,2,3]'")
+    return key.strip(), tuple(v.strip() for v in values.split(",") if v.strip())
+
+
+def _structured_axis(given: Mapping, name: str) -> tuple[str, tuple[str, ...]]:
+    """{key: KEY, values: [V1, V2]} → (key, values as written); a list value of network_muls or
+    guidance.weights (several multipliers per cell) joins with ';'."""
+    unknown = sorted(set(given) - {"key", "values"})
+    if unknown:
+        raise ConfigError(f"grid.{name}.{unknown[0]}: unknown; an axis has grid.{name}.key and grid.{name}.values")
+    if not given.get("key"):
+        raise ConfigError(f"grid.{name}.key is not set: name what the axis changes, e.g. grid.{name}.key=seed")
+    values = given.get("values")
+    if values is None:
+        raise ConfigError(f"grid.{name}.values is not set: give the axis's values, e.g. 'grid.{name}.values=[1,2,3]'")
+    values = values if isinstance(values, list | tuple) else [values]
+    return str(given["key"]).strip(), tuple(_written(v) for v in values if str(v).strip())
+
+
+def _written(value: Any) -> str:
+    """One structured value as the string form writes it (its label): [0.5, 1] → '0.5;1'."""
+    if isinstance(value, list | tuple):
+        return ";".join(str(v).strip() for v in value)
+    return str(value).strip()
+
+
+def axis_key(given: Any) -> str | None:
+    """The key of grid.x/y/z as given, unchecked (None when unset or unreadable)."""
+    if isinstance(given, Mapping):
+        return str(given.get("key") or "").strip() or None
+    return given.partition(":")[0].strip() if isinstance(given, str) else None
 
 
 def parse_value(axis: Axis, value: str, name: str) -> Any:
@@ -154,14 +197,21 @@ def cells_at_fault(cell: list[tuple[str, Axis, str]], fields: tuple[str, ...]) -
                      if axis_field(axis) in fields)
 
 
+def axis_given(value: Any) -> bool:
+    """Whether grid.x/y/z is set: a string, or a mapping with a key or values (null and "" are unset)."""
+    if isinstance(value, Mapping):
+        return any(value.get(part) is not None for part in UNSET_AXIS) or bool(set(value) - set(UNSET_AXIS))
+    return bool(value)
+
+
 def grid_axes(spec: RunSpec) -> list[Axis]:
     """The fused-grid axes in x, y, z order (checked: keys, values); empty when no grid is asked for."""
-    given = [(name, getattr(spec.grid, name)) for name in "xyz"]
-    if given[0][1] is None and any(text for _, text in given[1:]):
+    x, y, z = (axis_given(getattr(spec.grid, name)) for name in "xyz")
+    if not x and (y or z):
         raise ConfigError("grid.y / grid.z need grid.x first (grid.x is the columns)")
-    if given[1][1] is None and given[2][1]:
+    if not y and z:
         raise ConfigError("grid.z needs grid.y (grid.y is the rows)")
-    axes = [parse_axis(text, name) for name, text in given if text]
+    axes = [parse_axis(getattr(spec.grid, name), name) for name in "xyz" if axis_given(getattr(spec.grid, name))]
     _check_cells(spec, axes)
     for name, axis in zip("xyz", axes, strict=False):
         if axis.key == "guidance.weights":

@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from sdbatch.config.grid_axes import SEED_LIMIT, grid_axes, size_problem
+from sdbatch.config.grid_axes import SEED_LIMIT, axis_key, grid_axes, size_problem
 from sdbatch.config.sampler_registry import MIN_STEPS, effective_schedule
 from sdbatch.config.spec import RunSpec, image_features
 from sdbatch.errors import ConfigError
@@ -261,7 +261,6 @@ def _check_networks(spec: RunSpec) -> None:
     if network.muls is not None and not network.muls:
         raise ConfigError("network.muls=[] has no multiplier; give one per network, e.g. network.muls='[0.5]'")
     for name in "xyz":
-        axis = getattr(spec.grid, name)
-        if axis and axis.partition(":")[0].strip() == "network_muls" and (not network.loras or network.mode == "merge"):
+        if axis_key(getattr(spec.grid, name)) == "network_muls" and (not network.loras or network.mode == "merge"):
             raise ConfigError(f"grid.{name}=network_muls needs network=lora with network.mode hooked or precalc "
                               "(merge mode bakes network.loras[].mul into the weights once)")

@@ -162,9 +162,16 @@ class PromptsConfig:
 
 @dataclass(**_SPEC)
 class GridConfig:
-    x: str | None = None  # fused grid axis "KEY:V1,V2,..." e.g. "sampler.cfg_scale:5,7,9" (columns)
-    y: str | None = None  # rows, e.g. "seed:1,2,3,4"
-    z: str | None = None  # one sheet per value, e.g. "prompt_sr:red,blue"
+    # Fused grid axes, each in one of two forms: a key and a list (grid.x.key=sampler.cfg_scale
+    # 'grid.x.values=[5,7,9]', which Hydra never reads as a sweep), or one string "KEY:V1,V2,..." (its commas
+    # quoted for Hydra: "grid.x='sampler.cfg_scale:5,7,9'"). Typed Any to take either: sdbatch.config.grid_axes
+    # checks them. Unset: key and values null (so that grid.x.key=... has a key to set)
+    x: Any = field(default_factory=lambda: dict(UNSET_AXIS))  # columns
+    y: Any = field(default_factory=lambda: dict(UNSET_AXIS))  # rows: grid.y.key=seed 'grid.y.values=[1,2,3,4]'
+    z: Any = field(default_factory=lambda: dict(UNSET_AXIS))  # one sheet per value
+
+
+UNSET_AXIS = {"key": None, "values": None}
 
 
 @dataclass(**_SPEC)
