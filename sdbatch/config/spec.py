@@ -152,7 +152,7 @@ class OutputConfig:
     grid: bool = False  # also write grid.png with all images of the run
     resume: bool = True  # skip images already listed in manifest.jsonl
     format: str = "png"  # png | webp | jpg; webp and jpg carry the infotext in EXIF UserComment, as A1111 writes
-    quality: int = 95  # webp and jpg quality, 1-100 (A1111's default is 80; 95 keeps detail at a third of PNG)
+    quality: int = 95  # webp and jpg quality, 1-100 (A1111's default is 80)
     sidecar: bool = False  # also write each image's infotext beside it as NAME.txt, like A1111's option
 
 
