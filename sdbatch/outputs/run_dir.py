@@ -26,8 +26,8 @@ from sdbatch.outputs.files import (
 from sdbatch.outputs.image_formats import intact_image, save_image
 from sdbatch.outputs.metadata import infotext
 from sdbatch.plan.jobs import ImageJob
+from sdbatch.prompts.png_info import MANIFEST  # one name: read-back finds a JPEG's or WebP's record there too
 
-MANIFEST = "manifest.jsonl"
 CONFIG = "config.yaml"
 GRID = "grid.png"
 
