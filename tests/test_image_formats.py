@@ -14,14 +14,16 @@ from engine_helpers import spec
 from PIL import Image, PngImagePlugin
 
 from sdbatch.cli.runner import run
-from sdbatch.config.spec import OutputConfig
+from sdbatch.config.spec import GridConfig, OutputConfig
 from sdbatch.errors import ConfigError
 from sdbatch.outputs.image_formats import intact_image
 from sdbatch.outputs.metadata import infotext
-from sdbatch.plan.stage import prompt_lines
+from sdbatch.plan.planner import plan
+from sdbatch.plan.stage import plan_run, prompt_lines
 from sdbatch.prompts.exif_comment import decode_comment, exif_with_comment, read_comment
 from sdbatch.prompts.init_images import prompt_from_image
 from sdbatch.prompts.png_info import parse_infotext, read_png_params
+from sdbatch.prompts.sources import PromptLine
 
 PROMPT = 'a "cat", (red:1.2)\nsecond line, über'
 NEGATIVE = "blurry, lowres"
@@ -97,6 +99,16 @@ def test_output_format_round_trips_through_our_reader_sd_parsers_and_resume(fmt,
                                                                                          NEGATIVE)
     assert (parsed.parameters["seed"], parsed.parameters["steps"], parsed.parameters["cfg_scale"]) == ("5", "2", "7.5")
     assert (parsed.model.name, parsed.model.hash) == (lines[0]["model"], lines[0]["model_hash"])
+
+
+def test_names_take_the_format_suffix_also_for_f_names_and_grid_cells() -> None:
+    webp = OutputConfig(format="webp")
+    jobs = plan(spec("x.safetensors", images_per_prompt=2, output=webp),
+                [PromptLine("a cat --f portrait.png", "", "p"), PromptLine("a dog", "", "q")], base_seed=7)
+    assert [job.file_name for job in jobs] == ["portrait.webp", "portrait-1.webp", "00002-9.webp", "00003-10.webp"]
+    sequential = dataclasses.replace(webp, naming="sequential", format="jpg")
+    grid = plan_run(spec("x.safetensors", prompt="a cat", output=sequential, grid=GridConfig(x="seed:1,2")), 0)
+    assert [job.file_name for job in grid.jobs] == ["im_000001.jpg", "im_000002.jpg"]
 
 
 def test_sidecar_is_off_by_default_and_png_stays_png(sd1_single_file, tmp_path) -> None:
