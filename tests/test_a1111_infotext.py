@@ -239,3 +239,26 @@ def test_sd_parsers_reads_the_fields_sdbatch_recorded(tmp_path) -> None:
     assert sampler.prompts[0].value == "a red cube, studio light"
     assert sampler.negative_prompts[0].value == "blurry"
     assert (sampler.model.name, sampler.model.hash) == ("v1-5-pruned-emaonly", "6ce0161689")
+
+
+def _prompt_reader():
+    """sd-prompt-reader's parsing core (its GUI needs tkinter and pins pillow 10.3; .ci/setup installs it with
+    --no-deps, and the core needs only Pillow and piexif)."""
+    return pytest.importorskip("sd_prompt_reader.image_data_reader",
+                               reason="sd-prompt-reader is installed by .ci/setup test (pip --no-deps)")
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp"])
+def test_sd_prompt_reader_reads_the_fields_sdbatch_recorded(suffix, tmp_path) -> None:
+    reader_module = _prompt_reader()
+    params = {**make_params(sampler="dpmpp_2m", schedule="karras"), "file": "00000-1000" + suffix}
+    path = RunDir(tmp_path / "run").save(Image.new("RGB", (8, 8)), params)
+    reader = reader_module.ImageDataReader(str(path))
+    assert reader.status.name == "READ_SUCCESS"
+    assert "A1111" in reader.tool  # a PNG says "ComfyUI (A1111 compatible)": it sees the reference tool's `prompt`
+    assert (reader.positive, reader.negative) == ("a red cube, studio light", "blurry")
+    assert reader.raw == infotext(params)
+    assert reader.setting == infotext(params).splitlines()[-1]
+    assert reader.parameter == {"model": "v1-5-pruned-emaonly", "sampler": "DPM++ 2M", "seed": "1000", "cfg": "7",
+                                "steps": "20", "size": "512x768"}
+    assert (reader.width, reader.height) == ("512", "768")

@@ -76,6 +76,9 @@ BAD = [
     (["grid.x='seed:4294967296'"], "grid.x: seed 4294967296 is not valid"),
     ([LORA, TINY_LORA, "grid.x='network_muls:0.5,nan'"], "grid.x: 'nan' is not a valid network_muls value"),
     (["highres=on", "highres.steps=2", "grid.x='sampler:ddim,plms'"], "grid.x=sampler:plms: sampler plms needs hig"),
+    # output files
+    (["output.format=gif"], "output.format='gif' is not valid; choose one of: png, webp, jpg"),
+    (["output.quality=0"], "output.quality must be from 1 to 100"),
     # a cell that only fails with a prompt line's own options: named at planning, still before any model loads
     (["prompt='a cat --s 2'", "grid.x='sampler:ddim,plms'"], "grid.x=sampler:plms for prompt: sampler plms needs"),
     (["prompt='a cat --h 4096'", "grid.x='width:64,8192'"], "grid.x=width:8192 for prompt: 8192x4096 is"),

@@ -50,9 +50,14 @@ def run(spec: RunSpec, run_dir: Path, stdin: TextIO | None = None) -> RunResult:
     The run holds run_dir's writer lock throughout (a second process into it fails with OutputError); an
     interrupt (`Interrupted`) leaves with how many of the run's images are done.
     """
-    out = RunDir(run_dir, resume=spec.output.resume)
+    out = _run_dir(run_dir, spec)
     with out.locked(), _progress(out):
         return _run_locked(spec, out, run_dir, stdin)
+
+
+def _run_dir(run_dir: Path, spec: RunSpec) -> RunDir:
+    """The run directory with the run's output settings (resume, image quality, sidecars)."""
+    return RunDir(run_dir, resume=spec.output.resume, quality=spec.output.quality, sidecar=spec.output.sidecar)
 
 
 @contextlib.contextmanager
@@ -221,6 +226,6 @@ def pending_images(spec: RunSpec, run_dir: Path) -> tuple[int, int] | None:
     """
     if spec.interactive or spec.prompt_module:
         return None
-    out = RunDir(run_dir, resume=spec.output.resume)
+    out = _run_dir(run_dir, spec)
     jobs = plan_run(spec, _base_seed(spec, run_dir)).jobs
     return len(jobs), sum(1 for job in jobs if not out.is_done(job))

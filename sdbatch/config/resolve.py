@@ -25,6 +25,7 @@ _CHOICES = {
     "model.precision": ("auto", "fp32", "fp16", "bf16"),
     "perf.attention": ("sdpa", "xformers", "eager"),
     "output.naming": ("default", "sequential", "original"),
+    "output.format": ("png", "webp", "jpg"),
     "on_error": ("stop", "skip"),
     "emb_normalize_mode": ("original", "abs", "none"),
     "network.name": ("none", "lora"),
@@ -162,6 +163,8 @@ def _check(spec: RunSpec) -> None:
         raise ConfigError("mask_image needs init_image: the mask says which part of the init image to repaint")
     if spec.output.naming == "original" and spec.init_image is None:
         raise ConfigError("output.naming=original names images after their init image; set init_image too")
+    if not 1 <= spec.output.quality <= 100:
+        raise ConfigError(f"output.quality must be from 1 to 100 (webp and jpg), got {spec.output.quality}")
     if spec.sampler.cfg_scale < 0:
         raise ConfigError(f"sampler.cfg_scale must be >= 0, got {spec.sampler.cfg_scale}")
     if not 0 <= spec.sampler.eta <= 1:

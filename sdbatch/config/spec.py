@@ -151,6 +151,9 @@ class OutputConfig:
     naming: str = "default"  # default ("00007-1234.png") | sequential ("im_000008.png") | original (init image)
     grid: bool = False  # also write grid.png with all images of the run
     resume: bool = True  # skip images already listed in manifest.jsonl
+    format: str = "png"  # png | webp | jpg; webp and jpg carry the infotext in EXIF UserComment, as A1111 writes
+    quality: int = 95  # webp and jpg quality, 1-100 (A1111's default is 80)
+    sidecar: bool = False  # also write each image's infotext beside it as NAME.txt, like A1111's option
 
 
 @dataclass(**_SPEC)

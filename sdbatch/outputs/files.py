@@ -71,8 +71,9 @@ def atomic_write_text(target: Path, text: str) -> Path:
 
 
 def atomic_save_image(target: Path, image, **save_args) -> Path:
-    """`atomic_write` of a PIL image as PNG (`save_args` go to Image.save, e.g. pnginfo)."""
-    return atomic_write(target, lambda fh: image.save(fh, format="PNG", **save_args))
+    """`atomic_write` of a PIL image, as PNG unless `save_args` name another format (they go to Image.save, e.g.
+    pnginfo, exif, quality)."""
+    return atomic_write(target, lambda fh: image.save(fh, **{"format": "PNG", **save_args}))
 
 
 def describe_os_error(exc: OSError, path: Path | str | None = None) -> str:

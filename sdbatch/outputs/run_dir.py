@@ -1,4 +1,5 @@
-"""The run directory: config.yaml, PNGs written atomically with their metadata, manifest.jsonl, resume, grids."""
+"""The run directory: config.yaml, images written atomically with their metadata (and NAME.txt sidecars),
+manifest.jsonl, resume, grids."""
 
 from __future__ import annotations
 
@@ -18,43 +19,30 @@ from sdbatch.errors import OutputError
 from sdbatch.outputs.files import (
     DirectoryBusy,
     acquire_writer_lock,
-    atomic_save_image,
     atomic_write_text,
     deferred_interrupts,
     describe_os_error,
 )
-from sdbatch.outputs.metadata import pnginfo
+from sdbatch.outputs.image_formats import intact_image, save_image
+from sdbatch.outputs.metadata import infotext
 from sdbatch.plan.jobs import ImageJob
+from sdbatch.prompts.png_info import MANIFEST  # one name: read-back finds a JPEG's or WebP's record there too
 
-MANIFEST = "manifest.jsonl"
 CONFIG = "config.yaml"
 GRID = "grid.png"
-_PNG_START = b"\x89PNG\r\n\x1a\n"
-_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk: empty, with its fixed CRC
-
-
-def intact_image(path: Path) -> bool:
-    """Cheap check of a listed image: not empty, and a PNG starts with its signature and ends with IEND."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(len(_PNG_START))
-            size = fh.seek(0, os.SEEK_END)
-            if path.suffix.lower() != ".png":
-                return size > 0
-            if size < len(_PNG_START) + len(_PNG_END):
-                return False
-            fh.seek(-len(_PNG_END), os.SEEK_END)
-            return head == _PNG_START and fh.read() == _PNG_END
-    except OSError:
-        return False
 
 
 class RunDir:
-    """One run's output directory: config.yaml, images written atomically, manifest.jsonl, resume."""
+    """One run's output directory: config.yaml, images written atomically, manifest.jsonl, resume.
 
-    def __init__(self, path: Path, *, resume: bool = True) -> None:
+    Images are written in the format their file name says (`image_formats`), JPEG and WebP at `quality`;
+    with `sidecar` each image's infotext is also written beside it as NAME.txt (A1111's option).
+    """
+
+    def __init__(self, path: Path, *, resume: bool = True, quality: int = 95, sidecar: bool = False) -> None:
         self.path = Path(path)
         self.resume = resume
+        self.quality, self.sidecar = quality, sidecar
         self.manifest = self.path / MANIFEST
         self.saved: list[str] = []  # files this RunDir wrote, in order
         try:
@@ -143,11 +131,13 @@ class RunDir:
         return [job.file_name for job in jobs if job.file_name in self._done and not self.is_done(job)]
 
     def save(self, image: Image.Image, params: Mapping[str, Any]) -> Path:
-        """Write the PNG atomically with its metadata, then append its manifest line."""
+        """Write the image atomically with its metadata (and its sidecar), then append its manifest line."""
         target = self.path / params["file"]
         try:
             with deferred_interrupts():  # an interrupt waits until the image and its line are both written
-                self._write_png(image, params, target)
+                save_image(target, image, params, self.quality)
+                if self.sidecar:
+                    atomic_write_text(target.with_suffix(".txt"), infotext(params) + "\n")
                 self._append_manifest(params)
                 self._done[params["file"]] = dict(params)
                 self.saved.append(params["file"])
@@ -169,13 +159,10 @@ class RunDir:
         """A contact sheet or grid image in the run directory, written atomically, without metadata."""
         target = self.path / name
         try:
-            self._write_png(image, None, target)
+            save_image(target, image, None, self.quality)
         except OSError as exc:
             raise _write_error(target, exc) from None
         return target
-
-    def _write_png(self, image: Image.Image, params: Mapping[str, Any] | None, target: Path) -> None:
-        atomic_save_image(target, image, pnginfo=pnginfo(params) if params is not None else None)
 
     def _append_manifest(self, params: Mapping[str, Any]) -> None:
         line = json.dumps(dict(params), ensure_ascii=False) + "\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass
+from pathlib import PurePath
 
 from sdbatch.config.grid_axes import AXIS_FIELDS, SAMPLER_KEYS, Axis, cells_at_fault, image_problem, parse_value
 from sdbatch.config.sampler_registry import effective_schedule
@@ -40,7 +41,8 @@ def expand(jobs: list[ImageJob], axes: list[Axis], naming: str, network: Network
                 new = dataclasses.replace(new, network_muls=network_muls(new.network_muls, network))
             _check_cell(new, list(zip("xyz", axes, reversed(cell), strict=False)), max_pixels)
             index = len(out)
-            out.append(dataclasses.replace(new, index=index, file_name=file_name(naming, index, new.seed)))
+            name = file_name(naming, index, new.seed, PurePath(new.file_name).suffix)  # keeps output.format's
+            out.append(dataclasses.replace(new, index=index, file_name=name))
     return out
 
 

@@ -108,22 +108,28 @@ def _seed(spec: RunSpec, line: ParsedLine, base_seed: int, index: int, pass_inde
     return (base_seed + index) % SEED_LIMIT
 
 
-def file_name(naming: str, index: int, seed: int) -> str:
+def file_name(naming: str, index: int, seed: int, suffix: str = ".png") -> str:
     """Deterministic names (no timestamps), so a re-run finds the images it already made."""
     if naming == "sequential":
-        return f"im_{index + 1:06d}.png"
-    return f"{index:05d}-{seed}.png"
+        return f"im_{index + 1:06d}{suffix}"
+    return f"{index:05d}-{seed}{suffix}"
+
+
+def image_suffix(spec: RunSpec) -> str:
+    """The images' file suffix: output.format's (".png", ".webp", ".jpg")."""
+    return f".{spec.output.format}"
 
 
 def _file_name(spec: RunSpec, line: _Line, index: int, seed: int, nth: int) -> str:
-    """--f names a line's images (stem, stem-1, stem-2, ...); otherwise the run's naming scheme."""
+    """--f names a line's images (stem, stem-1, stem-2, ...); otherwise the run's naming scheme. A --f name's
+    .png becomes output.format's suffix."""
     given = line.parsed.options.file_name
     if not given and spec.output.naming == "original" and line.parsed_init:
-        given = Path(line.parsed_init).stem + ".png"
+        given = Path(line.parsed_init).stem
     if not given:
-        return file_name(spec.output.naming, index, seed)
-    stem, dot, ext = given.rpartition(".")
-    return given if nth == 0 else f"{stem}-{nth}{dot}{ext}"
+        return file_name(spec.output.naming, index, seed, image_suffix(spec))
+    stem = given[:-4] if given.lower().endswith(".png") else given
+    return f"{stem}{image_suffix(spec)}" if nth == 0 else f"{stem}-{nth}{image_suffix(spec)}"
 
 
 def _unique(name: str, taken: set[str], origin: str = "") -> str:

@@ -90,5 +90,6 @@ def _masks_of(spec: RunSpec, images: list[Path]) -> dict[Path, str | None]:
 def _stored_prompt(image: Path, spec: RunSpec) -> PromptLine:
     line = prompt_from_image(image, spec.negative_prompt)
     if line is None:
-        raise ConfigError(f"init_image {image} carries no prompt in its metadata; give prompt='...'")
+        raise ConfigError(f"init_image {image} carries no prompt in its metadata that sdbatch can read back; "
+                          "give prompt='...'")
     return line

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -10,7 +9,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from sdbatch.errors import ConfigError
-from sdbatch.prompts.png_info import parse_infotext
+from sdbatch.prompts.comfyui import Ambiguous, comfyui_prompt, is_comfyui
+from sdbatch.prompts.png_info import image_text, parse_infotext, sdbatch_record
 from sdbatch.prompts.sources import PromptLine
 
 log = logging.getLogger(__name__)
@@ -50,29 +50,41 @@ def image_size(path: Path, key: str = "init_image") -> tuple[int, int]:
 
 
 def prompt_from_image(path: Path, negative: str) -> PromptLine | None:
-    """The prompt an image was made with: sdbatch's chunk, A1111's `parameters`, or the reference's keys.
+    """The prompt an image was made with: sdbatch's record, A1111's infotext (PNG chunk or JPEG/WebP EXIF),
+    a ComfyUI graph, or the reference tool's keys; None when it has none, or an ambiguous ComfyUI graph (warned).
 
     For sdbatch's own images the size, steps, CFG scale and seed come back too, as in-prompt options (size and
     steps not for a Highres. fix stage-1 image: img2img on it with the run's size is that fix's stage 2).
     """
     try:
-        with Image.open(path) as image:
-            text = dict(getattr(image, "text", {}) or image.info)
-    except (OSError, UnidentifiedImageError):
+        text = image_text(path)
+    except OSError:
         return None
     origin = f"{path.name}:metadata"
-    if "sdbatch" in text:
-        params = json.loads(text["sdbatch"])
+    params = sdbatch_record(path, text)
+    if params is not None:
         options = f" --l {params['cfg_scale']} --d {params['seed']}"
         if params.get("stage") != 1:  # a Highres. fix stage-1 image is upscaled: the run's size and steps apply
             options = f" --w {params['width']} --h {params['height']} --s {params['steps']}" + options
         return PromptLine(params["prompt"] + options, params.get("negative_prompt", negative), origin)
     if "parameters" in text:
-        info = parse_infotext(str(text["parameters"]))
+        info = parse_infotext(text["parameters"])
         return PromptLine(info.get("Prompt", ""), info.get("Negative prompt", negative), origin)
+    if is_comfyui(text):  # its `prompt` chunk is a JSON graph, never prompt text
+        return _comfyui_line(path, text, negative, origin)
     if "prompt" in text:  # the reference tool's keys
-        return PromptLine(str(text["prompt"]), str(text.get("negative-prompt", negative)), origin)
+        return PromptLine(text["prompt"], text.get("negative-prompt", negative), origin)
     return None
+
+
+def _comfyui_line(path: Path, text: dict[str, str], negative: str, origin: str) -> PromptLine | None:
+    try:
+        positive, stored_negative = comfyui_prompt(text)
+    except Ambiguous as ex:
+        log.warning("init_image %s: ComfyUI image whose prompt cannot be read back: %s; its prompt is not used",
+                    path, ex)
+        return None
+    return PromptLine(positive, stored_negative or negative, origin)
 
 
 def pair_with_images(lines: list[PromptLine], images: list[Path]) -> list[tuple[PromptLine, Path]]:
