@@ -5,6 +5,7 @@ command lines, unsupported flags in one line each, and gen_img-style `--from_mod
 from __future__ import annotations
 
 import io
+import os
 import re
 import shlex
 import subprocess
@@ -323,15 +324,23 @@ def test_saved_config_reproduces_the_run(tmp_path, monkeypatch, capsys) -> None:
     assert np.array_equal(pixels(next((tmp_path / "saved").glob("*.png"))), same[0])
 
 
-@pytest.mark.slow  # a process of its own (~20 s on 2 cores): the slow stage of .ci/run
-def test_console_entry_runs_the_sdbatch_app(tmp_path) -> None:
-    """The real command in a process: the run lands in --outdir, as `sdbatch hydra.run.dir=...` would."""
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-c", "from sdbatch.cli.gen_img import main; main()", *TINY,
-                           "--prompt", "a cat", "--outdir", str(out)], capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr
+@pytest.mark.slow  # three processes (~20 s each on 2 cores): the slow stage of .ci/run
+def test_console_entry_and_saved_config_in_processes(tmp_path) -> None:
+    """The real command runs into --outdir; its --save-config file, run by `python run.py --config-dir DIR
+    --config-name NAME` into another folder, makes the same image."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    entry = [sys.executable, "-c", "from sdbatch.cli.gen_img import main; main()", *TINY,
+             "--prompt", "a cat, (red:1.2)", "--sampler", "k_euler_a"]
+    out, saved = tmp_path / "out", tmp_path / "cfg" / "cat.yaml"
+    for extra in (["--outdir", str(out)], ["--save-config", str(saved)]):
+        proc = subprocess.run([*entry, *extra], capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr
     assert [line["file"] for line in manifest(out)] == ["00000-7.png"]
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "--config-dir", str(saved.parent), "--config-name",
+                           "cat", f"hydra.run.dir={again}"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(pixels(again / "00000-7.png"), pixels(out / "00000-7.png"))
 
 
 # ---------------------------------------------------------------- the reference README's command lines
