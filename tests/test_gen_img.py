@@ -32,6 +32,7 @@ from sdbatch.config.resolve import resolve
 from sdbatch.config.schema import register_configs
 from sdbatch.config.spec import RunSpec
 from sdbatch.errors import ConfigError, PromptError
+from sdbatch.plan.stage import plan_run
 from sdbatch.prompts.module import load_prompter
 
 register_configs()
@@ -472,3 +473,17 @@ def test_from_module_reaching_into_the_pipeline_is_one_line(body, needle, tmp_pa
 def test_flag_table_names_are_unique() -> None:
     names = [name for flag in FLAGS for name in (flag.name, *flag.aliases)]
     assert len(names) == len(set(names)) and BY_NAME["W"].key == "width"
+
+
+def test_from_module_seed_random_follows_the_run_seed(tmp_path) -> None:
+    """seed_random is seeded with the run's base seed, drawn ones included, so a resumed run gets its lines back."""
+    path = _module(tmp_path, """
+        def get_prompter(args, pipe, networks):
+            def prompter(args, pipe, seed_random, iter_seed, prompt_index, global_step):
+                return None if prompt_index == 2 else f"a cat {seed_random.randint(0, 999)}"
+            return prompter
+    """)
+    spec = compose_spec(translated("--ckpt", "builtin:tiny", "--from_module", str(path)))
+    assert spec.seed is None
+    texts = {seed: [job.prompt for job in plan_run(spec, seed).jobs] for seed in (5, 6)}
+    assert texts[5] == [job.prompt for job in plan_run(spec, 5).jobs] and texts[5] != texts[6]

@@ -64,11 +64,13 @@ class PipelineGuard:
 def accepts(function: Callable, *args: Any) -> bool:
     """Whether `function` can be called with these positional arguments (a callable without a signature can)."""
     try:
-        inspect.signature(function).bind(*args)
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # builtins and some callables have no signature: just call them
+        return True
+    try:
+        signature.bind(*args)
     except TypeError:
         return False
-    except ValueError:  # builtins without a signature: just call them
-        return True
     return True
 
 
