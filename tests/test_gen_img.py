@@ -110,7 +110,7 @@ def _main_error(argv: list[str], capsys) -> list[str]:
                                                                 "seed=3"]),
     (["--max_embeddings_multiples", "3", "--emb_normalize_mode", "abs", "--negative_scale", "4"],
      ["max_embeddings_multiples=3", "emb_normalize_mode=abs", "sampler.negative_scale=4.0"]),
-    (["--image_path", "in/", "--strength", "0.6"], ["init_image=in/", "strength=0.6"]),
+    (["--image_path", "in/", "--strength", "0.6", "--n_iter", "2"], ["init_image=in/", "strength=0.6", "n_iter=2"]),
     (["--image_path", "in/", "--mask_path", "m.png"], ["mask_image=m.png"]),
     (["--image_path", "a.png", "--mask_image", "m.png"], ["mask_image=m.png"]),  # the README's name
     (["--highres_fix_scale", "0.5"], ["highres=on", "highres.scale=0.5", "highres.steps=28",
@@ -190,6 +190,7 @@ def test_unsupported_flags_fail_one_line_each(capsys) -> None:
     (["--ckpt", "m"], "no prompt"),
     (["--ckpt", "m", "--prompt", "p", "--no_such_flag"], "unrecognized arguments: --no_such_flag"),
     (["--ckpt", "m", "--prompt", "p", "--steps", "many"], "--steps: invalid int value"),
+    (["--ckpt", "m", "--prompt", "p", "--sampler", "k_eular_a"], "unknown sampler 'k_eular_a'"),
     (["--ckpt", "m", "--prompt", "p", "--network_module", "networks.oft", "--network_weights", "a"],
      "--network_module networks.oft is not supported"),
     (["--ckpt", "m", "--prompt", "p", "--network_module", "networks.lora"], "one file per --network_module"),

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write the run as a config (sdbatch --config-dir DIR --config-name NAME) and exit")
     for flag in FLAGS:
         names = [f"--{flag.name}", *(f"--{alias}" for alias in flag.aliases)]
-        help_text = f"sdbatch: {flag.key or '-'} ({flag.status}{': ' + flag.note if flag.note else ''})"
+        note = f"{flag.status}: {flag.note}" if flag.note else flag.status
+        help_text = f"sdbatch: {flag.key or '-'} ({note})".replace("%", "%%")  # argparse %-formats help
         if flag.type is None:
             parser.add_argument(*names, dest=flag.name, action="store_true", help=help_text)
         else:

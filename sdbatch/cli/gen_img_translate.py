@@ -74,7 +74,7 @@ def _model(out: Translation) -> None:
     """--ckpt (required) and the precision: gen_img runs fp32 unless --fp16 (first) or --bf16."""
     if not out.args.ckpt:
         raise ConfigError("--ckpt is required: a .safetensors/.ckpt file, a diffusers folder or builtin:tiny")
-    out.overrides.insert(0, Override("model.checkpoint", out.args.ckpt))
+    out.set("model.checkpoint", out.args.ckpt)
     out.set("model.precision", "fp16" if out.args.fp16 else "bf16" if out.args.bf16 else "fp32")
     if out.args.xformers or out.args.diffusers_xformers:
         out.set("perf.attention", "xformers")
@@ -95,11 +95,14 @@ def _sources(out: Translation) -> None:
     out.set(key, const if const is not None else getattr(out.args, name))
     for other, _, _ in unused:
         out.notes.append(f"--{other} is not used: --{name} comes first, as in gen_img")
-    if out.given("n_iter"):
-        if out.args.interactive:
-            out.notes.append("--n_iter is not used with --interactive (gen_img makes each prompt once)")
-        else:
-            out.set("n_iter", out.args.n_iter)
+
+
+def _n_iter(out: Translation) -> None:
+    """--n_iter, except in interactive mode, where gen_img makes each typed prompt once."""
+    if out.given("n_iter") and out.args.interactive:
+        out.notes.append("--n_iter is not used with --interactive (gen_img makes each prompt once)")
+    elif out.given("n_iter"):
+        out.set("n_iter", out.args.n_iter)
 
 
 def _size(out: Translation) -> None:
@@ -211,4 +214,4 @@ def _vae_batch(out: Translation) -> None:
 
 
 _RULES: tuple[Callable[[Translation], None], ...] = (
-    _model, _sources, _size, _key_flags, _highres, _networks, _controlnet, _vae_batch)
+    _model, _sources, _n_iter, _size, _key_flags, _highres, _networks, _controlnet, _vae_batch)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from sdbatch.config.sampler_registry import get_sampler
+
 KEY, RULE, IGNORED, UNSUPPORTED = "key", "rule", "ignored", "unsupported"
 
 
@@ -44,6 +46,12 @@ class Flag:
 def _floats(text: str) -> list[float]:
     """'3,0.5,0.5,1' (the reference's --gradual_latent_unsharp_params) → [3.0, 0.5, 0.5, 1.0]."""
     return [float(part) for part in text.split(",")]
+
+
+def _sampler(name: str) -> str:
+    """A sampler name of the registry (gen_img's names are all there); an unknown one lists the valid ones."""
+    get_sampler(name)
+    return name
 
 
 def _flag(name: str, key: str = "", **kw: Any) -> Flag:
@@ -78,7 +86,8 @@ FLAGS: tuple[Flag, ...] = (
     _ignored("tokenizer_cache_dir", "sdbatch's tokenizer ships with it (offline)"),
     _switch("fp16", "model.precision", const="fp16", status=RULE, note="neither: model.precision=fp32"),
     _switch("bf16", "model.precision", const="bf16", status=RULE, note="--fp16 wins"),
-    _flag("sampler", "sampler", default="ddim", group=True, always=True, note="every name; k_* are aliases"),
+    _flag("sampler", "sampler", default="ddim", group=True, always=True, convert=_sampler,
+          note="every name; k_* are aliases"),
     _flag("steps", "sampler.steps", type=int, default=50, always=True),
     _flag("scale", "sampler.cfg_scale", type=float, default=7.5, always=True),
     _flag("negative_scale", "sampler.negative_scale", type=float),
