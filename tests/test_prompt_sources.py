@@ -160,9 +160,12 @@ def test_no_get_prompter(tmp_path):
 
 
 def test_gen_img_style_signature(tmp_path):
+    """gen_img's get_prompter(args, pipe, networks) must return a prompter (tests/test_gen_img.py runs them)."""
     path = _module(tmp_path, "def get_prompter(args, pipe, networks):\n    return ['x']\n")
-    message = _error(path)
-    assert "get_prompter(spec, engine)" in message and "(args, pipe, networks)" in message
+    spec = SimpleNamespace(**vars(SPEC), seed=1, iter_same_seed=False, images_per_prompt=1,
+                           network=SimpleNamespace(loras=[]))
+    message = _error(path, spec=spec)
+    assert "get_prompter(args, pipe, networks) returned list" in message and "callable prompter" in message
 
 
 def test_raising_get_prompter(tmp_path):

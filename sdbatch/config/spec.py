@@ -161,6 +161,8 @@ class PromptsConfig:
     wildcards_dir: str | None = None  # folder of NAME.txt files for __NAME__ wildcards (one option per line)
     # the most items a prompt_module may yield: an endless generator stops with an error instead of filling memory
     max_module_lines: int = 100_000
+    # a gen_img-style prompt module's args.prompter_module_args (the reference's --prompter_module_args)
+    module_args: str | None = None
 
 
 @dataclass(**_SPEC)

@@ -44,7 +44,9 @@ class RunPlan:
 
 def plan_run(spec: RunSpec, base_seed: int, engine: Any = None) -> RunPlan:
     """The run's plan; `engine` is handed to a prompt_module (which may use the models), else unused."""
-    jobs = plan(spec, prompt_lines(spec, engine), base_seed)
+    # a prompt_module sees the run's base seed (drawn when seed=null), so its lines come back on resume
+    seeded = spec if spec.seed is not None else dataclasses.replace(spec, seed=base_seed)
+    jobs = plan(spec, prompt_lines(seeded, engine), base_seed)
     if spec.prompt_sr is not None:  # one word of a +sweeps=prompt_sr multirun
         check_search_word(jobs, spec.prompt_sr_words[0], "prompt_sr_words")
         jobs = [search_replace(job, spec.prompt_sr_words[0], spec.prompt_sr) for job in jobs]

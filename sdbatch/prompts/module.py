@@ -38,9 +38,9 @@ Example, ``prompts.py``::
         yield {"prompt": "a red bird on a branch", "negative_prompt": "blurry, lowres"}
         yield "a portrait of a fox --n photo, cropped"
 
-Run it with ``python run.py model.checkpoint=... prompt_module=prompts.py``. Unlike gen_img.py's
-``--from_module`` (``get_prompter(args, pipe, networks)`` returning a callable prompter), sdbatch wants
-``get_prompter(spec, engine)`` returning the lines themselves.
+Run it with ``python run.py model.checkpoint=... prompt_module=prompts.py``. gen_img.py's ``--from_module``
+files (``get_prompter(args, pipe, networks)`` returning a callable prompter) run too, where they only read
+``args``: sdbatch.prompts.gen_img_module adapts them; get_prompter's signature tells the two apart.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from types import ModuleType
 from typing import Any
 
 from sdbatch.errors import ConfigError, PromptError
+from sdbatch.prompts.gen_img_module import accepts, gen_img_items
 from sdbatch.prompts.sources import PromptLine, clean_text
 
 _DICT_KEYS = ("prompt", "negative_prompt")
@@ -85,18 +86,25 @@ def load_prompter(path: str | Path, spec: Any, engine: Any, *, negative: str | N
     get_prompter = getattr(module, "get_prompter", None)
     if not callable(get_prompter):
         raise PromptError(f"prompt_module {path} defines no function get_prompter(spec, engine); add one")
-    _check_signature(path, get_prompter, spec, engine)
+    gen_img_style = _gen_img_style(path, get_prompter, spec, engine)
+    call = "get_prompter(args, pipe, networks)" if gen_img_style else "get_prompter(spec, engine)"
     try:
-        items = get_prompter(spec, engine)
-        if isinstance(items, str | bytes | dict) or not isinstance(items, Iterable):
-            raise PromptError(f"prompt_module {path}: get_prompter returned {type(items).__name__}; "
-                              "return a list of prompt lines (str or dict) or yield them")
-        iterator = iter(items)
+        if gen_img_style:
+            iterator = gen_img_items(path, get_prompter, spec)
+        else:
+            iterator = _iterate(path, get_prompter(spec, engine))
     except PromptError:
         raise
     except _MODULE_ERRORS as ex:
-        raise PromptError(f"prompt_module {path}: get_prompter(spec, engine) {_describe(ex, path)}") from ex
+        raise PromptError(f"prompt_module {path}: {call} {_describe(ex, path)}") from ex
     return _lines(path, iterator, negative, max_lines)
+
+
+def _iterate(path: Path, items: Any) -> Iterator[Any]:
+    if isinstance(items, str | bytes | dict) or not isinstance(items, Iterable):
+        raise PromptError(f"prompt_module {path}: get_prompter returned {type(items).__name__}; "
+                          "return a list of prompt lines (str or dict) or yield them")
+    return iter(items)
 
 
 def _load_module(path: Path) -> ModuleType:
@@ -130,17 +138,15 @@ def _load_module(path: Path) -> ModuleType:
     return module
 
 
-def _check_signature(path: Path, get_prompter: Any, spec: Any, engine: Any) -> None:
-    """A clear message for gen_img.py-style get_prompter(args, pipe, networks) and other wrong signatures."""
-    try:
-        signature = inspect.signature(get_prompter)
-    except (TypeError, ValueError):
-        return  # builtins and some callables have no signature: just call them
-    try:
-        signature.bind(spec, engine)
-    except TypeError:
-        raise PromptError(f"prompt_module {path}: get_prompter{signature} must accept two arguments, "
-                          "get_prompter(spec, engine)") from None
+def _gen_img_style(path: Path, get_prompter: Any, spec: Any, engine: Any) -> bool:
+    """Whether get_prompter is gen_img.py's get_prompter(args, pipe, networks) (sdbatch's takes (spec, engine));
+    a signature that fits neither is a PromptError naming both."""
+    if accepts(get_prompter, spec, engine):
+        return False
+    if accepts(get_prompter, None, None, None):
+        return True
+    raise PromptError(f"prompt_module {path}: get_prompter{inspect.signature(get_prompter)} must accept two "
+                      "arguments, get_prompter(spec, engine), or gen_img's three, get_prompter(args, pipe, networks)")
 
 
 def _lines(path: Path, items: Iterator[Any], negative: str, max_lines: int = MAX_LINES) -> Iterator[PromptLine]:
@@ -154,6 +160,8 @@ def _lines(path: Path, items: Iterator[Any], negative: str, max_lines: int = MAX
             item = next(items)
         except StopIteration:
             break
+        except PromptError:  # already one line (a gen_img prompter touching pipe or networks)
+            raise
         except _MODULE_ERRORS as ex:
             raise PromptError(f"prompt_module {path}: get_prompter, making item #{index} "
                               f"({index - 1} yielded before), {_describe(ex, path)}") from ex
