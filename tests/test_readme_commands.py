@@ -1,0 +1,150 @@
+"""Every command in README.md runs as typed in bash.
+
+The commands come from the README's ```bash blocks (backslash continuations joined) and from inline code spans
+that start with `python run.py`, `sdbatch`, `sdbatch-gen-img` or `sdbatch-info`. They run in README order, in one
+scratch directory, through `bash -c`, and must exit 0. What the test changes, and only that:
+- a named checkpoint (`model.checkpoint=FILE`, a `--ckpt FILE`) is a tiny model of the same family; the named
+  LoRA and image files exist as tiny stand-ins;
+- sizes are an eighth (at least 64), steps at most 4, `range(0,N)` seeds two, `--jobs N` three, Deep Shrink
+  depths 1 (a tiny UNet has two down blocks); a size or step
+  count left to the model is 64 and 4 (`model.default_size`/`default_steps`), except in the quick start's command;
+- `bash .ci/setup[ test] && ` prefixes are dropped (CI has set up), and the test command itself is not run here.
+A command holding `...`, `…` or a placeholder in capitals (FILE, NAME, ...) is a fragment (the README says so) and
+is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdbatch.engine.models.export import save_single_file
+from sdbatch.engine.models.tiny import build_tiny_components
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_STARTS = re.compile(r"^(python3? (run\.py|-c|bench/)|sdbatch(-gen-img|-info)? |mkdir |printf |echo |cat )")
+_NOT_HERE = re.compile(r"^python3? -m pytest\b")  # the test command: CI runs it, not this test
+_BARE = re.compile(r"^(python3? run\.py|sdbatch[-\w]*)$")  # a program named in prose, not a command
+# '...' or '…' for the rest of a command line, or a placeholder in capitals for the user's own value
+_FRAGMENT = re.compile(r"\.\.\.|…|\b(GROUP|OPTION|NAME|FILES?|DIR|KEY|VALUE|PATH)\b(?!\.txt)")
+
+
+def readme_commands(text: str) -> list[str]:
+    """The README's commands: ```bash blocks' lines (continuations joined, comments dropped), then inline spans."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        joined = re.sub(r"\s*\\\n\s*", " ", block)
+        commands += [line.strip() for line in joined.splitlines() if line.strip() and not line.startswith("#")]
+    outside = re.sub(r"```.*?```", "", text, flags=re.S)
+    commands += [span for span in re.findall(r"`([^`\n]+)`", outside) if _STARTS.match(re.sub(r"^nice -n \d+ ", "",
+                                                                                                   span))]
+    return list(dict.fromkeys(commands))
+
+
+def runnable(command: str) -> str | None:
+    """The command as this test runs it (see the module docstring), or None for a fragment or the test command."""
+    quick_start, command = command.startswith("bash .ci/setup"), re.sub(r"^bash \.ci/setup( test)? && ", "", command)
+    nice, command = re.match(r"(nice -n \d+ )?", command)[0], re.sub(r"^nice -n \d+ ", "", command)
+    if _FRAGMENT.search(command) or _NOT_HERE.match(command) or _BARE.match(command) or not _STARTS.match(command):
+        return None
+    family = "sd2" if re.search(r"\bmodel=sd21", command) else "sd1"
+    if not quick_start and re.match(r"(python3? run\.py|sdbatch) ", command):
+        command += " model.default_size=64 model.default_steps=4"  # the quick start shows the real defaults' speed
+    command = re.sub(r"(model\.checkpoint=|--ckpt )(?!builtin:)\S+", lambda m: f"{m[1]}tiny-{family}.safetensors",
+                     command)
+    command = re.sub(r"\b(width|height|--W|--H)([= ])(\d+)", lambda m: f"{m[1]}{m[2]}{_small(int(m[3]))}", command)
+    command = re.sub(r"\b(sampler\.steps|highres\.steps|--steps)([= ])(\d+)",
+                     lambda m: f"{m[1]}{m[2]}{min(int(m[3]), 4)}", command)
+    command = re.sub(r"range\(0,\s*\d+\)", "range(0,2)", command)
+    command = re.sub(r"--jobs \d+", "--jobs 3", command)
+    command = re.sub(r"\b(deep_shrink\.depth_[12]=|--dsd[12] )\d+", r"\g<1>1", command)  # tiny UNets: 2 blocks
+    command = re.sub(r"^python3? (run\.py|bench/)", lambda m: f"{sys.executable} {ROOT / m[1]}", command)
+    return nice + re.sub(r"^python3? ", f"{sys.executable} ", command)
+
+
+def _small(pixels: int) -> int:
+    return max(64, pixels // 8 // 8 * 8)
+
+
+COMMANDS = readme_commands((ROOT / "README.md").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory, cache_dir) -> Path:
+    """A working directory holding every file the README's commands name."""
+    where = tmp_path_factory.mktemp("readme")
+    for family in ("sd1", "sd2"):
+        save_single_file(where / f"tiny-{family}.safetensors", *build_tiny_components(family, 0), family)
+    env = {**os.environ, "SDBATCH_CACHE": str(cache_dir)}
+    lora = subprocess.run([sys.executable, "-c", "from sdbatch.engine.models.tiny_lora import ensure_tiny_lora as e;"
+                           "print(e())"], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    for name in ("style", "a", "b", "style-loha", "loras/style"):
+        (where / name).parent.mkdir(exist_ok=True)
+        shutil.copy(lora, where / f"{name}.safetensors")
+    _images(where)
+    (where / "prompts.txt").write_text("a red cube\n# a comment\na blue ball --n blurry\n", encoding="utf-8")
+    (where / "scenes.txt").write_text("a knight AND a castle\na ship AND a storm AND a lighthouse\n",
+                                      encoding="utf-8")
+    first = where / "outputs/2026-11-26/21-14-45"
+    subprocess.run([sys.executable, str(ROOT / "run.py"), "model=tiny", "prompt=a cat", "width=64", "height=64",
+                    "sampler.steps=2", "seed=3148175114", f"hydra.run.dir={first}"], cwd=where, env=env, check=True,
+                   capture_output=True)
+    assert (first / "00000-3148175114.png").is_file()
+    _downloads(where / "downloads")
+    return where
+
+
+def _downloads(folder: Path) -> None:
+    """Other tools' images: an A1111 JPEG (EXIF UserComment) and a ComfyUI PNG (graph JSON)."""
+    from test_image_formats import a1111_jpeg, comfyui_graphs, comfyui_png
+
+    folder.mkdir()
+    a1111_jpeg(folder / "a1111.jpg", "a lighthouse\nNegative prompt: fog\nSteps: 3, Seed: 5, Size: 64x64")
+    comfyui_png(folder / "comfyui.png", *comfyui_graphs("a bottle, purple galaxy", "text, watermark"))
+
+
+def _images(where: Path) -> None:
+    """Init images, inpainting masks, ControlNet guides and region masks (colour by part)."""
+    for folder in ("inputs", "photos", "masks", "pairs"):
+        (where / folder).mkdir()
+    for i, colour in enumerate(("red", "navy")):
+        Image.new("RGB", (96, 64), colour).save(where / f"inputs/{i + 1}.png")
+        Image.new("RGB", (64, 64), colour).save(where / f"photos/{i}.png")
+        Image.new("RGB", (128, 128), colour).save(where / f"pairs/{i}.png")
+    Image.new("RGB", (80, 64), "teal").save(where / "photo.png")
+    regions = Image.new("RGB", (64, 64), (255, 0, 0))
+    regions.paste((0, 255, 0), (32, 0, 64, 32))
+    regions.paste((0, 0, 255), (0, 32, 64, 64))
+    regions.save(where / "mask.png")
+    for i in range(2):
+        regions.save(where / f"masks/{i}.png")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", COMMANDS, ids=[c[:80] for c in COMMANDS])
+def test_readme_command_runs_as_typed(command: str, scratch: Path, cache_dir: Path) -> None:
+    shell = runnable(command)
+    if shell is None:
+        pytest.skip("a fragment ('...') or the test command itself")
+    done = subprocess.run(["bash", "-c", shell], cwd=scratch, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "SDBATCH_CACHE": str(cache_dir)})
+    assert done.returncode == 0, f"{command}\n-> {shell}\n{done.stderr[-3000:]}"
+
+
+def test_commands_are_found_and_substituted() -> None:
+    """The extraction itself: continuation lines join, fragments skip, named files become tiny stand-ins."""
+    text = "```bash\n# c\npython run.py a=1 \\\n    b=2\npython run.py ... x\n```\nsee `python run.py c=3`.\n"
+    assert readme_commands(text) == ["python run.py a=1 b=2", "python run.py ... x", "python run.py c=3"]
+    assert runnable("python run.py ... x") is None and runnable("python3 -m pytest") is None
+    shell = runnable("python run.py model=sd21 model.checkpoint=/m/v2.safetensors width=768 sampler.steps=30")
+    assert shell.endswith("model=sd21 model.checkpoint=tiny-sd2.safetensors width=96 sampler.steps=4 "
+                          "model.default_size=64 model.default_steps=4")
+    assert len(COMMANDS) > 30, "the README's commands are found"
