@@ -29,10 +29,10 @@ from sdbatch.outputs.sweep_index import in_process
 Routed = list[tuple[logging.StreamHandler, TextIO]]  # (handler, the stream it wrote to before)
 
 
-def route_console(logger: logging.Logger | None = None) -> Routed:
-    """Make the logger's (root's) console handlers write through tqdm.write; returns what restore_console needs."""
+def route_console() -> Routed:
+    """Make the root logger's console handlers write through tqdm.write; returns what restore_console needs."""
     routed = []
-    for handler in (logger or logging.getLogger()).handlers:
+    for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stderr, sys.stdout):
             routed.append((handler, handler.setStream(DummyTqdmFile(handler.stream))))
     return routed
@@ -113,7 +113,8 @@ class SweepProgress(Callback):
         if not self._enabled:
             return
         if self._bar is None:
-            self._bar = tqdm(total=self._total, desc="sweep", unit="job")
+            # miniters=1: tqdm's monitor thread never redraws it on its own, between two jobs where it is cleared
+            self._bar = tqdm(total=self._total, desc="sweep", unit="job", miniters=1)
             _LIVE.append(self)
         else:
             self._bar.refresh()
