@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,12 +14,11 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from PIL import Image
 
 from sdbatch.cli.hydra_app import device_for_job, sweep_choices
+from sdbatch.cli.progress import sweep_jobs
 from sdbatch.cli.quoting import hydra_quoted
 from sdbatch.config.schema import register_configs
 from sdbatch.outputs.contact_sheet import EMPTY, labelled_grid
@@ -68,10 +68,7 @@ def test_sweep_choices_quote_each_item_as_one_job() -> None:
 def _expand(*overrides: str) -> list[list[str]]:
     """The jobs Hydra's basic sweeper would launch for these overrides (sweeper params first)."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
-        params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
-        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-        return BasicSweeper.split_arguments(parser.parse_overrides([*params, *overrides]), None)[0]
+        return sweep_jobs(compose("config", overrides=list(overrides), return_hydra_config=True))
 
 
 SAMPLER_OPTIONS = len(list((ROOT / "conf" / "sampler").glob("*.yaml")))
@@ -209,12 +206,13 @@ def test_presets_share_one_seed_and_sweep_prompt_words(cache_dir, tmp_path) -> N
 
 def test_stop_on_error_cancels_the_jobs_not_started(cache_dir, tmp_path) -> None:
     sweep = tmp_path / "sweep"
-    proc = run_cli(["-m", "model=tiny", "prompt=x", "width=100,64,72", *SMALL, f"hydra.sweep.dir={sweep}",
-                    "hydra.callbacks.sweep_index.stop_on_error=true"], cache_dir, tmp_path)
+    proc = run_cli(["-m", "model=tiny", "prompt=x", "width=100,64,72", "height=64", f"hydra.sweep.dir={sweep}",
+                    "hydra.callbacks.sweep_index.stop_on_error=true"], cache_dir, tmp_path)  # with the sweep's bar
     assert proc.returncode == 2
     assert [j["status"] for j in index(sweep)] == ["failed", "cancelled", "cancelled"]
     assert not (sweep / ".sdbatch-stop").exists()
     assert "Traceback" not in proc.stderr and len(summary(proc.stderr)) == 4
+    assert any(s.startswith("sweep: 100%") and "3/3" in s for s in re.split(r"[\r\n]", proc.stderr)), proc.stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is not None,

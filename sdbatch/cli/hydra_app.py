@@ -24,6 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from sdbatch.cli.progress import end_sweep_progress
 from sdbatch.cli.quoting import hydra_quoted, quoting_hint
 from sdbatch.config.grid_axes import axis_given
 from sdbatch.config.resolve import resolve
@@ -32,6 +33,7 @@ from sdbatch.errors import SdbatchError
 from sdbatch.outputs.files import Interrupted, describe_os_error, ignore_interrupts, install_interrupt_handlers
 from sdbatch.outputs.sweep_index import (
     FAILED_STATUSES,
+    in_process,
     last_sweep,
     request_stop,
     started_output_dir,
@@ -222,9 +224,8 @@ def _run_or_skip(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
 
 def _job_spec(spec: RunSpec, hydra_cfg: DictConfig) -> RunSpec:
     """perf.device=auto in a job of a multi-process launcher (joblib, submitit, ray): cuda:(job.num % GPUs)."""
-    launcher = str(OmegaConf.select(hydra_cfg, "launcher._target_", default="") or "")
-    if spec.perf.device != "auto" or launcher.endswith(".BasicLauncher"):
-        return spec  # the basic launcher runs the jobs one after another in this process: keep one device
+    if spec.perf.device != "auto" or in_process(hydra_cfg):
+        return spec  # one process runs every job: keep one device
     device = device_for_job(int(hydra_cfg.job.num))
     log.info("job %s runs on %s <perf.device=auto, job number %% visible GPUs>", hydra_cfg.job.num, device)
     return dataclasses.replace(spec, perf=dataclasses.replace(spec.perf, device=device))
@@ -245,7 +246,8 @@ def guarded(main: Callable[[], None]) -> int:
     """
     install_interrupt_handlers()
     try:
-        main()
+        with end_sweep_progress():  # before any line below: a sweep that ends by an exception leaves its bar open
+            main()
     except (Interrupted, KeyboardInterrupt) as ex:
         ignore_interrupts()
         print(interrupted_line(ex), file=sys.stderr)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from sdbatch import __version__
 from sdbatch.cli.info import show_network_meta
+from sdbatch.cli.progress import console_through_tqdm
 from sdbatch.cli.startup import heavy_imports
 from sdbatch.config.resolve import to_plain
 from sdbatch.config.spec import RunSpec
@@ -51,7 +52,7 @@ def run(spec: RunSpec, run_dir: Path, stdin: TextIO | None = None) -> RunResult:
     interrupt (`Interrupted`) leaves with how many of the run's images are done.
     """
     out = _run_dir(run_dir, spec)
-    with out.locked(), _progress(out):
+    with out.locked(), _progress(out), console_through_tqdm(spec.perf.progress):  # log lines above the bars
         return _run_locked(spec, out, run_dir, stdin)
 
 
@@ -186,11 +187,12 @@ def _run_interactive(spec: RunSpec, out: RunDir, base_seed: int, stream: TextIO)
 def _generate(engine, out: RunDir, todo: list[ImageJob], spec: RunSpec, total: int) -> list[Path]:
     written = []
     show = spec.perf.progress
-    with tqdm(total=total, initial=total - len(todo), desc="images", unit="img", disable=not show) as bar:
+    # leave=None: the bar stays after a single run; in a multirun it sits below the sweep's bar and goes
+    with tqdm(total=total, initial=total - len(todo), desc="images", unit="img", disable=not show,
+              leave=None) as bar:
         for batch in make_batches(todo, spec.batch_size, per_image_networks=spec.network.mode == "hooked"):
-            steps = tqdm(desc="steps", unit="step", leave=False, disable=not show)
-            images = engine.run_batch(batch, on_step=lambda info, s=steps: _tick(s, info))
-            steps.close()
+            with tqdm(desc="steps", unit="step", leave=False, disable=not show) as steps:  # cleared on an interrupt too
+                images = engine.run_batch(batch, on_step=lambda info, s=steps: _tick(s, info))
             for stage in engine.stage_images:  # images made on the way that the run keeps (--save_first_stage)
                 if stage.save:
                     params = image_params(stage.job, engine.info, __version__, engine.vae_fallback)

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sdbatch.outputs.files import atomic_save_image, atomic_write_text
 
@@ -60,6 +60,11 @@ class JobRecord:
         keys = set(keys)
         chosen = [o for o in self.overrides if not keys or _split(o)[0] in keys]
         return " ".join(chosen) or "(no overrides)"
+
+
+def in_process(hydra_cfg: DictConfig) -> bool:
+    """Whether the launcher is Hydra's basic one, which runs the jobs one after another in this process."""
+    return str(OmegaConf.select(hydra_cfg, "launcher._target_", default="") or "").endswith(".BasicLauncher")
 
 
 # ---------------------------------------------------------------- written by each job
