@@ -161,6 +161,13 @@ class PromptsConfig:
 
 
 @dataclass(**_SPEC)
+class PathsConfig:
+    # a models folder in A1111's layout (Stable-diffusion/, VAE/, Lora/, embeddings/, ControlNet/) or sdbatch's
+    # (checkpoints/, vae/, loras/, embeddings/, controlnet/): model.checkpoint=NAME etc. are looked up under it
+    models: str | None = None
+
+
+@dataclass(**_SPEC)
 class GridConfig:
     x: str | None = None  # fused grid axis "KEY:V1,V2,..." e.g. "sampler.cfg_scale:5,7,9" (columns)
     y: str | None = None  # rows, e.g. "seed:1,2,3,4"
@@ -177,6 +184,7 @@ class RunSpec:
     perf: PerfConfig = field(default_factory=PerfConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
     grid: GridConfig = field(default_factory=GridConfig)
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
     deep_shrink: DeepShrinkConfig = field(default_factory=DeepShrinkConfig)

@@ -66,13 +66,18 @@ def parse_infotext(text: str) -> dict[str, str]:
     return result
 
 
-def read_png_params(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The `parameters` (infotext) and `sdbatch` (parsed JSON) text chunks of a PNG; None where absent."""
+def read_png_text(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Every text chunk of a PNG (tEXt, zTXt, iTXt), by key."""
     try:
         with Image.open(path) as image:
-            text = dict(getattr(image, "text", {}) or {})
+            return {str(k): str(v) for k, v in (getattr(image, "text", {}) or {}).items()}
     except OSError as exc:
         raise OutputError(f"cannot read image metadata from {path}: {exc}; check that it is a PNG") from None
+
+
+def read_png_params(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The `parameters` (infotext) and `sdbatch` (parsed JSON) text chunks of a PNG; None where absent."""
+    text = read_png_text(path)
     data = text.get("sdbatch")
     try:
         parsed = json.loads(data) if data else None
