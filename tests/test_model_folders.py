@@ -115,6 +115,10 @@ def test_lookup_rules_subfolders_extensions_case_and_ambiguity(tmp_path) -> None
         (tmp_path / "controlnet" / name).write_bytes(b"")
     cn = scan(kind_folders(tmp_path, "controlnet"), "controlnet")
     assert [e.name for e in cn] == ["canny", "cn"], "a diffusers folder is one model, its files are not"
+    webui = tmp_path / "webui"  # A1111: embeddings/ beside models/, not in it
+    (webui / "models" / "Stable-diffusion").mkdir(parents=True)
+    (webui / "embeddings").mkdir()
+    assert kind_folders(webui / "models", "embedding") == [webui / "embeddings"]
 
 
 def test_a_miss_names_the_key_and_the_closest_names(models) -> None:

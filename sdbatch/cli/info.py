@@ -135,7 +135,7 @@ def format_lora_meta(meta: LoraMeta) -> str:
 
 def line(label: str, value: str, indent: int = 2) -> str:
     """One `label: value` row of an info block, the values aligned; the value made safe for a terminal."""
-    return f"{' ' * indent}{label + ':':<{_LABEL_WIDTH}}{printable(value)}"
+    return f"{' ' * indent}{label + ':':<{_LABEL_WIDTH - 1}} {printable(value)}"
 
 
 def _compact_json(text: str) -> str:

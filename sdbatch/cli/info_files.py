@@ -29,7 +29,7 @@ def describe_file(file: str) -> str:
 
 
 def describe_image(file: str) -> str:
-    """A PNG's generation parameters: infotext as written, sdbatch's JSON (set values only), other text keys."""
+    """A PNG's generation parameters: infotext as written, sdbatch's JSON (keys with a value), other text keys."""
     text = read_png_text(file)
     lines = [printable(file)]
     if "parameters" in text:
@@ -52,7 +52,7 @@ def _sdbatch_lines(data: str) -> list[str]:
     if not isinstance(params, dict):
         return ["    (not a JSON object)"]
     return [line(key, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False), indent=4)
-            for key, value in params.items() if value not in (None, [], {})]
+            for key, value in params.items() if value not in (None, "", [], {})]
 
 
 def describe_model(file: str) -> str:

@@ -52,9 +52,14 @@ class Entry:
 
 
 def kind_folders(root: str | Path, kind: str) -> list[Path]:
-    """The kind's folders that exist under `root` (A1111's and sdbatch's names; both when both exist)."""
+    """The kind's folders that exist under `root` (A1111's and sdbatch's names; both when both exist), and for
+    embeddings A1111's own place, `root/../embeddings`, when `root` is an A1111 models/ folder without one."""
     base = Path(root).expanduser()
-    return [base / name for name in KINDS[kind].folders if (base / name).is_dir()]
+    folders = [base / name for name in KINDS[kind].folders if (base / name).is_dir()]
+    beside = base.parent / "embeddings"  # A1111 keeps embeddings beside its models/ folder, not in it
+    if kind == "embedding" and not folders and (base / "Stable-diffusion").is_dir() and beside.is_dir():
+        folders.append(beside)
+    return folders
 
 
 def scan(folders: list[Path], kind: str) -> list[Entry]:
