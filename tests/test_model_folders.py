@@ -205,3 +205,14 @@ def test_a_run_by_name_with_sdbatch_models_set(models, cache_dir, tmp_path, caps
     assert wrong.returncode == 2 and wrong.stderr.strip().splitlines()[-1:] == [
         f"sdbatch: error: model.checkpoint=sd15/tinny: no checkpoint file named sd15/tinny in "
         f"{models.resolve() / 'Stable-diffusion'}; closest: sd15/tiny"], wrong.stderr
+
+
+def test_sdbatch_info_is_a_console_script(capsys) -> None:
+    import importlib
+    import tomllib
+
+    target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["sdbatch-info"]
+    module, _, function = target.partition(":")
+    assert callable(getattr(importlib.import_module(module), function))
+    assert sdbatch_info([]) == 2 and "usage: sdbatch-info models" in capsys.readouterr().out
+    assert sdbatch_info(["--help"]) == 0

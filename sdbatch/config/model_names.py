@@ -1,7 +1,8 @@
 """Model names in a run spec replaced by the files they name under paths.models, once, before any check.
 
 So every later stage (checks, planner, engine, config.yaml, manifest) sees real paths. Precedence, per value:
-1. `builtin:...` and a path that exists (a file or folder, relative to the working directory) are kept as they are;
+1. `builtin:...` and a path that exists (a file, or a folder for kinds with diffusers folders; relative to the
+   working directory) are kept as they are;
 2. with paths.models set, a name found under the kind's folder (sdbatch.config.model_folders) becomes its path;
 3. a model.checkpoint shaped like a hub id (`owner/name`) not found there, whose `owner` is no subfolder there,
    is kept: the loader looks for it in the Hugging Face cache, as without paths.models;
@@ -30,7 +31,7 @@ class _Lookup:
         self._entries: dict[str, list[Entry]] = {}
 
     def path(self, value: str, kind: str, key: str) -> str:
-        if value.startswith("builtin:") or Path(value).expanduser().exists():
+        if value.startswith("builtin:") or _is_model_path(Path(value).expanduser(), kind):
             return value
         if kind not in self._entries:
             self._entries[kind] = scan(kind_folders(self.root, kind), kind)
@@ -41,7 +42,6 @@ class _Lookup:
             return value
         raise ConfigError(f"{key}={value}: no {KINDS[kind].label} file named {value} in {describe(self.root, kind)}; "
                           f"{suggest(value, self._entries[kind], kind)}")
-
 
     def _has_folder(self, name: str, kind: str) -> bool:
         """Whether a kind's folder has a subfolder `name` ("sd15/x" then means a file there, not a hub id)."""
@@ -70,6 +70,11 @@ def resolve_model_names(spec: RunSpec) -> RunSpec:
     network = dataclasses.replace(network, loras=loras)
     guidance = dataclasses.replace(guidance, models=_each(look, guidance.models, "controlnet", "guidance.models"))
     return dataclasses.replace(spec, model=model, network=network, guidance=guidance)
+
+
+def _is_model_path(path: Path, kind: str) -> bool:
+    """An existing file, or folder for kinds that have diffusers folders: a LoRA named `ink` is not a folder ink/."""
+    return path.is_file() or (KINDS[kind].marker is not None and path.is_dir())
 
 
 def _each(look: _Lookup, values: list[str], kind: str, key: str) -> list[str]:
