@@ -140,6 +140,9 @@ def test_prompt_tags_fall_back_to_the_models_lora_folder(models) -> None:
     jobs = plan(run, [PromptLine("a <lora:ink:0.5>", "", "f:1")], 0)
     _, network = apply_tags(jobs, run.network, str(models))
     assert [Path(lora.path).name for lora in network.loras] == ["ink.safetensors"]
+    lines = [PromptLine("a <lora:styles/ink:0.5>", "", "f:1"), PromptLine("b <lora:ink:0.7>", "", "f:2")]
+    jobs, network = apply_tags(plan(run, lines, 0), run.network, str(models))
+    assert len(network.loras) == 1 and [j.network_muls for j in jobs] == [(0.5,), (0.7,)], "two names, one file"
     with pytest.raises(PromptError, match=r"f:1: <lora:inc>: no LoRA file named inc in paths.models .*closest: ink"):
         apply_tags(plan(run, [PromptLine("a <lora:inc>", "", "f:1")], 0), run.network, str(models))
 

@@ -28,25 +28,35 @@ def apply_tags(jobs: list[ImageJob], network: NetworkConfig,
     if network.mode == "merge":
         raise PromptError(f"{next(j.origin for j, t in zip(jobs, tagged, strict=True) if t)}: <lora:...> tags set "
                           "per-image weights; use network.mode=hooked or precalc (merge bakes weights in once)")
-    names = [Path(lora.path).stem for lora in network.loras]
-    added, folder = [], _TagFolder(network, models)
+    index: dict[str, int] = {}  # tag name → the run's network it sets
+    for i, lora in enumerate(network.loras):
+        index.setdefault(Path(lora.path).stem, i)
+    files, folder = [_file(lora.path) for lora in network.loras], _TagFolder(network, models)
     for job, found in zip(jobs, tagged, strict=True):
-        for name in found:
-            if name not in names:
-                added.append(LoraConfig(path=str(folder.find(name, job.origin)), mul=0.0))
-                names.append(name)
+        for name in (n for n in found if n not in index):
+            path = _file(str(folder.find(name, job.origin)))
+            if path not in files:  # `<lora:styles/ink>` and `<lora:ink>` may name one file: one network
+                files.append(path)
+            index[name] = files.index(path)
+    added = [LoraConfig(path=path, mul=0.0) for path in files[len(network.loras):]]
     run_network = dataclasses.replace(network, name="lora", loras=[*network.loras, *added])
     defaults = network.multipliers() if network.loras else ()
-    return [_with_weights(job, found, names, defaults) for job, found in zip(jobs, tagged, strict=True)], run_network
+    return ([_with_weights(job, found, index, len(files), defaults) for job, found in zip(jobs, tagged, strict=True)],
+            run_network)
 
 
-def _with_weights(job: ImageJob, found: dict[str, float | tuple[float, float]], names: list[str],
+def _with_weights(job: ImageJob, found: dict[str, float | tuple[float, float]], index: dict[str, int], count: int,
                   defaults: tuple) -> ImageJob:
     base = job.network_muls if job.network_muls is not None else defaults
-    muls = [*base, *[0.0] * (len(names) - len(base))]
+    muls = [*base, *[0.0] * (count - len(base))]
     for name, weight in found.items():
-        muls[names.index(name)] = weight
+        muls[index[name]] = weight
     return dataclasses.replace(job, network_muls=tuple(muls))
+
+
+def _file(path: str) -> str:
+    """A LoRA file's absolute path, to tell two names of one file apart from two files (builtin: names as they are)."""
+    return path if path.startswith("builtin:") else str(Path(path).expanduser().resolve())
 
 
 class _TagFolder:
