@@ -57,6 +57,11 @@ def models(request, tmp_path_factory, sd1_single_file, sd1_components) -> Path:
     return _models(tmp_path_factory.mktemp(request.param), request.param, sd1_single_file, sd1_components)
 
 
+@pytest.fixture(scope="module")
+def a1111_models(tmp_path_factory, sd1_single_file, sd1_components) -> Path:
+    return _models(tmp_path_factory.mktemp("webui-models"), "a1111", sd1_single_file, sd1_components)
+
+
 def _with_names(root: Path, **changes) -> object:
     base = spec("sd15/tiny")
     return dataclasses.replace(base, paths=PathsConfig(str(root)), **changes)
@@ -178,11 +183,10 @@ def test_sdbatch_info_on_model_files(models, capsys) -> None:
     assert captured.err.strip().splitlines() == [f"sdbatch: error: {models / 'nope.pt'}: no such file"]
 
 
-def test_a_run_by_name_with_sdbatch_models_set(models, cache_dir, tmp_path, capsys) -> None:
+def test_a_run_by_name_with_sdbatch_models_set(a1111_models, cache_dir, tmp_path, capsys) -> None:
     """End to end: model.checkpoint=NAME and a <lora:NAME> tag found under SDBATCH_MODELS; the run records the
     files; a wrong name is one line, exit 2; sdbatch-info shows the image's parameters."""
-    if _layout(models) != "a1111":
-        pytest.skip("one end-to-end run is enough (both layouts are resolved above)")
+    models = a1111_models
     env = {**os.environ, "SDBATCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "SDBATCH_MODELS": str(models), "PYTHONPATH": str(ROOT)}
     run_dir = tmp_path / "run"
