@@ -26,5 +26,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    # +info=lora FILE... is not a run, so not for Hydra; else Hydra's main under guarded (one-line errors)
+    # +info=lora FILE... and +info=models are not runs; else Hydra's main under guarded (one-line errors)
     sys.exit(run_app(main))

@@ -62,7 +62,7 @@ def test_tags_add_files_and_set_each_images_weights(lora_dir) -> None:
 def test_tag_errors_name_the_line(lora_dir) -> None:
     with pytest.raises(PromptError, match=r"f:1: <lora:nope>: no LoRA file named nope in network.lora_dir"):
         _jobs(["a", "b <lora:nope>"], NetworkConfig(lora_dir=str(lora_dir)))
-    with pytest.raises(PromptError, match="network.lora_dir is not set"):
+    with pytest.raises(PromptError, match="network.lora_dir and paths.models are not set"):
         _jobs(["b <lora:ink>"], NetworkConfig())
     merged = NetworkConfig(name="lora", loras=[LoraConfig(str(lora_dir / "ink.safetensors"))], mode="merge",
                            lora_dir=str(lora_dir))

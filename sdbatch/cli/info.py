@@ -1,4 +1,5 @@
-"""LoRA training metadata for people: `python run.py +info=lora FILE...` and `network.show_meta=true`.
+"""LoRA training metadata for people: `python run.py +info=lora FILE...` and `network.show_meta=true`; and the
+`+info=...` commands' entry (`+info=models` lists paths.models: sdbatch.cli.info_models).
 
 `+info=lora` only reads the files' .safetensors headers: no model loads and nothing is generated. Hydra never
 sees it (a bare FILE is not an override), so run.py hands the command line here first.
@@ -11,6 +12,7 @@ import logging
 import math
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 INFO_PREFIX = "+info="
 USAGE = "python run.py +info=lora FILE [FILE...]"
+MODELS_USAGE = "python run.py +info=models [paths.models=DIR]"
 TOP_TAGS = 10
 _MAX_VALUE = 400  # characters of one value shown; a training comment can be any length
 _LABEL_WIDTH = 18
@@ -48,33 +51,50 @@ _shown: set[str] = set()  # files whose metadata network.show_meta printed in th
 
 
 def info_command(argv: list[str]) -> int | None:
-    """`+info=lora FILE...` in argv: print each file's metadata, return the exit status; else None (a run)."""
+    """`+info=lora FILE...` or `+info=models [OVERRIDES]` in argv: print the information, return the exit status;
+    else None (a run)."""
     at = next((i for i, arg in enumerate(argv) if arg.startswith(INFO_PREFIX)), None)
     if at is None:
         return None
-    kind, files = argv[at].removeprefix(INFO_PREFIX), argv[:at] + argv[at + 1 :]
+    kind, rest = argv[at].removeprefix(INFO_PREFIX), argv[:at] + argv[at + 1 :]
+    if kind == "models":
+        from sdbatch.cli.info_models import models_command
+
+        return models_command(rest)
     if kind != "lora":
-        return _error(f"{argv[at]}: unknown info command; the info command is {USAGE}")
+        return error(f"{argv[at]}: unknown info command; the info commands are {USAGE} and {MODELS_USAGE}")
+    return lora_command(rest)
+
+
+def lora_command(files: list[str]) -> int:
+    """Print each LoRA file's training metadata block; the exit status (2 if any file could not be read)."""
     if not files:
-        return _error(f"+info=lora needs one or more LoRA files: {USAGE}")
+        return error(f"+info=lora needs one or more LoRA files: {USAGE}")
     if files[0] in ("-h", "--help"):
         print(f"usage: {USAGE}\nprints each .safetensors file's training metadata; loads no model")
         return 0
     from sdbatch.engine.models.lora_meta import read_lora_meta  # torch loads only now (the short hash)
 
+    return print_blocks(files, lambda file: format_lora_meta(read_lora_meta(file)))
+
+
+def print_blocks(files: list[str], describe: Callable[[str], str]) -> int:
+    """Print `describe(file)` for each file, blank-line separated; the exit status. A file that cannot be read is
+    one line on stderr (status 2), and the others are still shown."""
     status, printed = 0, 0
-    for file in files:  # a bad file is one line on stderr; the others are still shown
+    for file in files:
         try:
-            block = format_lora_meta(read_lora_meta(file))
+            block = describe(file)
         except SdbatchError as ex:
-            status = _error(str(ex))
+            status = error(str(ex))
             continue
         print(("\n" if printed else "") + block, flush=True)
         printed += 1
     return status
 
 
-def _error(message: str) -> int:
+def error(message: str) -> int:
+    """Print one error line on stderr; the exit status of a user mistake (2)."""
     print(f"sdbatch: error: {printable(message)}", file=sys.stderr)
     return 2
 
@@ -100,12 +120,12 @@ def show_network_meta(network: NetworkConfig) -> None:
 
 def format_lora_meta(meta: LoraMeta) -> str:
     """A readable block: the file, its short hash, its training settings and most frequent tags."""
-    lines = [printable(meta.name), _line("short hash", meta.hash)]
+    lines = [printable(meta.name), line("short hash", meta.hash)]
     values = meta.metadata
     for key, label in _FIELDS:
         if key in values:
             shown = _compact_json(values[key]) if key == "ss_network_args" else values[key]
-            lines.append(_line(label, shown))
+            lines.append(line(label, shown))
     if "ss_tag_frequency" in values:
         lines += _tag_lines(values["ss_tag_frequency"])
     if not any(key.startswith(("ss_", "sshs_")) for key in values):
@@ -113,8 +133,9 @@ def format_lora_meta(meta: LoraMeta) -> str:
     return "\n".join(lines)
 
 
-def _line(label: str, value: str) -> str:
-    return f"  {label + ':':<{_LABEL_WIDTH}}{printable(value)}"
+def line(label: str, value: str, indent: int = 2) -> str:
+    """One `label: value` row of an info block, the values aligned; the value made safe for a terminal."""
+    return f"{' ' * indent}{label + ':':<{_LABEL_WIDTH - 1}} {printable(value)}"
 
 
 def _compact_json(text: str) -> str:
@@ -129,7 +150,7 @@ def _tag_lines(text: str) -> list[str]:
     try:
         datasets = json.loads(text)
     except ValueError:
-        return [_line("top tags", "(ss_tag_frequency is not valid JSON)")]
+        return [line("top tags", "(ss_tag_frequency is not valid JSON)")]
     counts: Counter[str] = Counter()
     sets = [tags for tags in datasets.values() if isinstance(tags, dict)] if isinstance(datasets, dict) else []
     for tags in sets:
@@ -137,11 +158,11 @@ def _tag_lines(text: str) -> list[str]:
             if isinstance(count, int | float) and not isinstance(count, bool) and math.isfinite(count):
                 counts[str(tag).strip()] += int(count)
     if not counts:
-        return [_line("top tags", "(ss_tag_frequency holds no tag counts)")]
+        return [line("top tags", "(ss_tag_frequency holds no tag counts)")]
     top = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:TOP_TAGS]
     width = len(str(top[0][1]))
     summed = f"counts summed over {len(sets)} datasets" if len(sets) > 1 else "with their counts"
-    return [_line("top tags", f"{len(top)} of {len(counts)} ({summed})"),
+    return [line("top tags", f"{len(top)} of {len(counts)} ({summed})"),
             *(f"  {'':<{_LABEL_WIDTH}}{count:>{width}}  {printable(tag)}" for tag, count in top)]
 
 

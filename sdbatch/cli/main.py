@@ -72,7 +72,7 @@ def prepare() -> None:
 
 
 def run_app(hydra_main: Callable[[], None], argv: list[str] | None = None) -> int:
-    """`+info=lora FILE...` (not a run, so not for Hydra), else Hydra's main under `guarded`: the exit status."""
+    """`+info=lora FILE...` or `+info=models` (not runs), else Hydra's main under `guarded`: the exit status."""
     if (code := info_command(sys.argv[1:] if argv is None else argv)) is not None:
         return code
     prepare()

@@ -167,7 +167,7 @@ def _run_interactive(spec: RunSpec, out: RunDir, base_seed: int, stream: TextIO)
                 start = len(taken)  # plan() adds the line's names to `taken`
                 planned = plan(spec, [line], base_seed, start=start, taken=taken)
                 planned = assign_masks(assign_guides(planned, spec, start=start), spec, start=start)
-                jobs, line_network = apply_tags(planned, spec.network)
+                jobs, line_network = apply_tags(planned, spec.network, spec.paths.models)
             except PromptError as ex:  # a typo in one line should not end the session
                 log.error("%s", ex)
                 continue

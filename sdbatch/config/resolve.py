@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from sdbatch.config.grid_axes import SEED_LIMIT, axis_key, grid_axes, size_problem
+from sdbatch.config.model_names import resolve_model_names
 from sdbatch.config.sampler_registry import MIN_STEPS, effective_schedule
 from sdbatch.config.spec import RunSpec, image_features
 from sdbatch.errors import ConfigError
@@ -50,7 +51,7 @@ def resolve(cfg: DictConfig) -> RunSpec:
     except MissingMandatoryValue as ex:
         key = ex.full_key
         raise ConfigError(f"{key} is not set: {_MISSING_HINTS.get(key, f'set {key}=VALUE')}") from None
-    spec = _normalise(_freeze(obj, RunSpec))
+    spec = resolve_model_names(_normalise(_freeze(obj, RunSpec)))  # names under paths.models → their files
     _check(spec)
     return spec
 

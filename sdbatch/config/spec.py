@@ -166,6 +166,13 @@ class PromptsConfig:
 
 
 @dataclass(**_SPEC)
+class PathsConfig:
+    # a models folder in A1111's layout (Stable-diffusion/, VAE/, Lora/, embeddings/, ControlNet/) or sdbatch's
+    # (checkpoints/, vae/, loras/, embeddings/, controlnet/): model.checkpoint=NAME etc. are looked up under it
+    models: str | None = None
+
+
+@dataclass(**_SPEC)
 class GridConfig:
     # Fused grid axes, each in one of two forms: a key and a list (grid.x.key=sampler.cfg_scale
     # 'grid.x.values=[5,7,9]', which Hydra never reads as a sweep), or one string "KEY:V1,V2,..." (its commas
@@ -189,6 +196,7 @@ class RunSpec:
     perf: PerfConfig = field(default_factory=PerfConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
     grid: GridConfig = field(default_factory=GridConfig)
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
     deep_shrink: DeepShrinkConfig = field(default_factory=DeepShrinkConfig)

@@ -54,7 +54,8 @@ def plan_run(spec: RunSpec, base_seed: int, engine: Any = None) -> RunPlan:
     axes, base_count = grid_axes(spec), len(jobs)
     if axes:  # a fused grid: each planned image becomes one image per cell
         jobs = expand(jobs, axes, spec.output.naming, spec.network, spec.perf.max_pixels)
-    jobs, network = apply_tags(jobs, spec.network)  # after the grid: an axis may write tags into prompts
+    # after the grid: an axis may write tags into prompts
+    jobs, network = apply_tags(jobs, spec.network, spec.paths.models)
     return RunPlan(jobs, network, axes, base_count)
 
 

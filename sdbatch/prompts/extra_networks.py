@@ -2,8 +2,9 @@
 that LoRA to its image (TE: the text-encoder weight, UNET: the UNet's; also `te=`/`unet=` by name, as in A1111).
 
 The tag stays in the image's prompt (so the metadata reproduces it, in sdbatch and in A1111) and is removed
-from the text the text encoder sees. NAME is a file of network.loras (by its name without extension) or a
-file in network.lora_dir; networks that only tags name join the run with weight 0 for every other image.
+from the text the text encoder sees. NAME is a file of network.loras (by its name without extension) or a file in
+network.lora_dir (else in paths.models' LoRA folder); networks that only tags name join the run with weight 0 for
+every other image.
 This module reads the tags; sdbatch.plan.lora_tags applies them to the planned jobs.
 """
 

@@ -120,12 +120,17 @@ def _manifest_records(manifest: str, mtime_ns: int, size: int) -> dict[str, dict
     return records
 
 
-def read_png_params(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """An image's `parameters` (infotext) and `sdbatch` (parsed JSON) record; None where absent. For PNG, JPEG
-    and WebP (`image_text`, `sdbatch_record`)."""
+def read_image_text(path: str | os.PathLike[str]) -> dict[str, str]:
+    """`image_text`, with an unreadable file as one OutputError line."""
     try:
-        text = image_text(path)
+        return image_text(path)
     except OSError as exc:
         raise OutputError(f"cannot read image metadata from {path}: {exc}; check that it is a PNG, JPEG or "
                           "WebP image") from None
+
+
+def read_png_params(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """An image's `parameters` (infotext) and `sdbatch` (parsed JSON) record; None where absent. For PNG, JPEG
+    and WebP (`image_text`, `sdbatch_record`)."""
+    text = read_image_text(path)
     return {"parameters": text.get("parameters"), "sdbatch": sdbatch_record(path, text)}

@@ -42,13 +42,23 @@ def read_lora_meta(path: str | Path) -> LoraMeta:
     if suffix != SAFETENSORS_SUFFIX:
         raise ModelError(f"{path} is not a .safetensors file")
     try:
-        metadata = _header_metadata(path)
+        metadata = metadata_of(read_header(path))
     except OSError as ex:
         raise ModelError(f"cannot read {path}: {ex.strerror or ex}") from None
     return LoraMeta(path=str(path), name=path.name, hash=addnet_hash(path), metadata=metadata)
 
 
-def _header_metadata(path: Path) -> dict[str, str]:
+def metadata_of(header: dict) -> dict[str, str]:
+    """The `__metadata__` of a .safetensors header (`read_header`) as strings; empty when it has none."""
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        return {}
+    # the format allows strings only; other writers' numbers or objects are kept as their JSON text
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+
+
+def read_header(path: Path) -> dict:
+    """A .safetensors file's JSON header: {tensor name: {dtype, shape, offsets}, "__metadata__": {...}}."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         length_bytes = f.read(8)
@@ -62,8 +72,4 @@ def _header_metadata(path: Path) -> dict[str, str]:
         raise ModelError(f"{path} is not a valid .safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path} is not a valid .safetensors file (its header is not a JSON object)")
-    metadata = header.get("__metadata__") or {}
-    if not isinstance(metadata, dict):
-        return {}
-    # the format allows strings only; other writers' numbers or objects are kept as their JSON text
-    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    return header
