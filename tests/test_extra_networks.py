@@ -59,6 +59,17 @@ def test_tags_add_files_and_set_each_images_weights(lora_dir) -> None:
     assert _jobs(["a", "b"], no_config) == (_jobs(["a", "b"], no_config)[0], no_config), "no tags: unchanged"
 
 
+def test_tiny_lora_tag_names_the_built_in_demo_lora(lora_dir, tmp_path) -> None:
+    jobs, network = _jobs(["a <lora:tiny-lora:0.8>", "b"], NetworkConfig())
+    assert [lora.path for lora in network.loras] == ["builtin:tiny-lora"] and jobs[0].network_muls == (0.8,)
+    configured = NetworkConfig(name="lora", loras=[LoraConfig("builtin:tiny-lora", 0.2)])
+    jobs, network = _jobs(["a <lora:tiny-lora:0.8>", "b"], configured)
+    assert len(network.loras) == 1 and [j.network_muls for j in jobs] == [(0.8,), (0.2,)], "the tag sets its weight"
+    (tmp_path / "tiny-lora.safetensors").write_bytes((lora_dir / "ink.safetensors").read_bytes())
+    _, network = _jobs(["a <lora:tiny-lora:0.8>"], NetworkConfig(lora_dir=str(tmp_path)))
+    assert network.loras[0].path == str((tmp_path / "tiny-lora.safetensors").resolve()), "a file of that name wins"
+
+
 def test_tag_errors_name_the_line(lora_dir) -> None:
     with pytest.raises(PromptError, match=r"f:1: <lora:nope>: no LoRA file named nope in network.lora_dir"):
         _jobs(["a", "b <lora:nope>"], NetworkConfig(lora_dir=str(lora_dir)))

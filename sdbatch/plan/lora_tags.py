@@ -30,7 +30,7 @@ def apply_tags(jobs: list[ImageJob], network: NetworkConfig,
                           "per-image weights; use network.mode=hooked or precalc (merge bakes weights in once)")
     index: dict[str, int] = {}  # tag name → the run's network it sets
     for i, lora in enumerate(network.loras):
-        index.setdefault(Path(lora.path).stem, i)
+        index.setdefault(_tag_name(lora.path), i)
     files, folder = [_file(lora.path) for lora in network.loras], _TagFolder(network, models)
     for job, found in zip(jobs, tagged, strict=True):
         for name in (n for n in found if n not in index):
@@ -54,9 +54,18 @@ def _with_weights(job: ImageJob, found: dict[str, float | tuple[float, float]], 
     return dataclasses.replace(job, network_muls=tuple(muls))
 
 
+def _tag_name(path: str) -> str:
+    """The name a tag uses for a network.loras file: its stem; `tiny-lora` for builtin:tiny-lora."""
+    return path.removeprefix(BUILTIN) if path.startswith(BUILTIN) else Path(path).stem
+
+
 def _file(path: str) -> str:
     """A LoRA file's absolute path, to tell two names of one file apart from two files (builtin: names as they are)."""
     return path if path.startswith("builtin:") else str(Path(path).expanduser().resolve())
+
+
+BUILTIN = "builtin:"
+DEMO_LORA = "tiny-lora"  # <lora:tiny-lora:W> is the built-in demo LoRA (builtin:tiny-lora) for model=tiny
 
 
 class _TagFolder:
@@ -72,7 +81,16 @@ class _TagFolder:
             self.folders, self.where = [], ""
         self._entries: list[Entry] | None = None
 
-    def find(self, name: str, origin: str) -> Path:
+    def find(self, name: str, origin: str) -> Path | str:
+        """The file `<lora:NAME>` names: in the folders, else the built-in demo LoRA for its name."""
+        try:
+            return self._find(name, origin)
+        except PromptError:
+            if name == DEMO_LORA:  # a file of that name in the folders wins
+                return BUILTIN + DEMO_LORA
+            raise
+
+    def _find(self, name: str, origin: str) -> Path:
         if not self.where:
             raise PromptError(f"{origin}: <lora:{name}>: no LoRA file named {name} in network.loras (network.lora_dir "
                               "and paths.models are not set); set network.lora_dir=FOLDER or add it to network.loras")
