@@ -5,10 +5,12 @@ that start with `python run.py`, `sdbatch`, `sdbatch-gen-img` or `sdbatch-info`.
 scratch directory, through `bash -c`, and must exit 0. What the test changes, and only that:
 - a named checkpoint (`model.checkpoint=FILE`, a `--ckpt FILE`) is a tiny model of the same family; the named
   LoRA and image files exist as tiny stand-ins;
-- sizes are an eighth (at least 64), steps at most 4, `range(0,N)` seeds two, `--jobs N` three, Deep Shrink
-  depths 1 (a tiny UNet has two down blocks); a size or step
-  count left to the model is 64 and 4 (`model.default_size`/`default_steps`), except in the quick start's command;
-- `bash .ci/setup[ test] && ` prefixes are dropped (CI has set up), and the test command itself is not run here.
+- sizes are an eighth (at least 64), steps at most 4, `range(0,N)` seeds two, `--jobs N` twelve (the soak's
+  least), Deep Shrink depths 1 (a tiny UNet has two down blocks); a size or step count left to the model is 64
+  and 4 (`model.default_size`/`default_steps`), except in the quick start's command;
+- HOME is the scratch folder's `home/`, where `~/stable-diffusion-webui/models` holds the model names used;
+- a block is one shell session (an `export` holds for its later lines); `bash .ci/setup[ test] && ` prefixes
+  are dropped (CI has set up), and the test command itself is not run here.
 A command holding `...`, `…` or a placeholder in capitals (FILE, NAME, ...) is a fragment (the README says so) and
 is skipped.
 """
@@ -23,6 +25,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
 from PIL import Image
 
 from sdbatch.engine.models.export import save_single_file
@@ -42,7 +46,11 @@ def readme_commands(text: str) -> list[str]:
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         joined = re.sub(r"\s*\\\n\s*", " ", block)
-        commands += [line.strip() for line in joined.splitlines() if line.strip() and not line.startswith("#")]
+        exports = ""  # a block is one shell session: its `export`s hold for the lines after them
+        for line in (line.strip() for line in joined.splitlines()):
+            if line and not line.startswith("#"):
+                commands.append(exports + line)
+                exports += f"{line}; " if line.startswith("export ") else ""
     outside = re.sub(r"```.*?```", "", text, flags=re.S)
     commands += [span for span in re.findall(r"`([^`\n]+)`", outside) if _STARTS.match(re.sub(r"^nice -n \d+ ", "",
                                                                                                    span))]
@@ -51,23 +59,27 @@ def readme_commands(text: str) -> list[str]:
 
 def runnable(command: str) -> str | None:
     """The command as this test runs it (see the module docstring), or None for a fragment or the test command."""
+    exports, command = re.match(r"(export [^;]*; )*", command)[0], re.sub(r"^(export [^;]*; )*", "", command)
     quick_start, command = command.startswith("bash .ci/setup"), re.sub(r"^bash \.ci/setup( test)? && ", "", command)
     nice, command = re.match(r"(nice -n \d+ )?", command)[0], re.sub(r"^nice -n \d+ ", "", command)
+    if command.startswith("export "):
+        return exports + command
     if _FRAGMENT.search(command) or _NOT_HERE.match(command) or _BARE.match(command) or not _STARTS.match(command):
         return None
+    command = re.sub(r"\s+#[^'\"]*$", "", command)  # a trailing comment
     family = "sd2" if re.search(r"\bmodel=sd21", command) else "sd1"
     if not quick_start and re.match(r"(python3? run\.py|sdbatch) ", command):
         command += " model.default_size=64 model.default_steps=4"  # the quick start shows the real defaults' speed
-    command = re.sub(r"(model\.checkpoint=|--ckpt )(?!builtin:)\S+", lambda m: f"{m[1]}tiny-{family}.safetensors",
-                     command)
+    command = re.sub(r"(model\.checkpoint=|--ckpt )\S+\.(safetensors|ckpt|pth?)\b",
+                     lambda m: f"{m[1]}tiny-{family}.safetensors", command)  # a file; a name is looked up
     command = re.sub(r"\b(width|height|--W|--H)([= ])(\d+)", lambda m: f"{m[1]}{m[2]}{_small(int(m[3]))}", command)
     command = re.sub(r"\b(sampler\.steps|highres\.steps|--steps)([= ])(\d+)",
                      lambda m: f"{m[1]}{m[2]}{min(int(m[3]), 4)}", command)
     command = re.sub(r"range\(0,\s*\d+\)", "range(0,2)", command)
-    command = re.sub(r"--jobs \d+", "--jobs 3", command)
+    command = re.sub(r"--jobs \d+", "--jobs 12", command)
     command = re.sub(r"\b(deep_shrink\.depth_[12]=|--dsd[12] )\d+", r"\g<1>1", command)  # tiny UNets: 2 blocks
-    command = re.sub(r"^python3? (run\.py|bench/)", lambda m: f"{sys.executable} {ROOT / m[1]}", command)
-    return nice + re.sub(r"^python3? ", f"{sys.executable} ", command)
+    command = re.sub(r"^python3? (run\.py|bench/)", lambda m: f"{sys.executable} {ROOT}/{m[1]}", command)
+    return exports + nice + re.sub(r"^python3? ", f"{sys.executable} ", command)
 
 
 def _small(pixels: int) -> int:
@@ -99,7 +111,27 @@ def scratch(tmp_path_factory, cache_dir) -> Path:
                    capture_output=True)
     assert (first / "00000-3148175114.png").is_file()
     _downloads(where / "downloads")
+    _webui_models(where / "home/stable-diffusion-webui/models", where / "tiny-sd1.safetensors", lora)
+    shutil.copytree(first, where / "outputs/2025-01-01/12-00-00")
+    shutil.copy(first / "00000-3148175114.png", where / "outputs/2025-01-01/12-00-00/00000-42.png")
     return where
+
+
+def _webui_models(root: Path, checkpoint: Path, lora: str) -> None:
+    """An A1111 models folder (HOME is the scratch folder's home/) holding the names the README uses."""
+    from sdbatch.engine.models.export import vae_to_ldm
+
+    unet, vae, text_encoder = build_tiny_components("sd1", 0)
+    for folder in ("Stable-diffusion/sd15", "VAE", "Lora", "embeddings"):
+        (root / folder).mkdir(parents=True)
+    for name in ("v1-5-pruned-emaonly", "sd15/realistic"):
+        shutil.copy(checkpoint, root / f"Stable-diffusion/{name}.safetensors")
+    safetensors.torch.save_file(vae_to_ldm(vae), str(root / "VAE/vae-ft-mse-840000-ema-pruned.safetensors"))
+    for name in ("ink", "watercolor"):
+        shutil.copy(lora, root / f"Lora/{name}.safetensors")
+    vectors = torch.randn(2, text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    embedding = {"emb_params": vectors}
+    safetensors.torch.save_file(embedding, str(root / "embeddings/EasyNegative.safetensors"))
 
 
 def _downloads(folder: Path) -> None:
@@ -135,7 +167,7 @@ def test_readme_command_runs_as_typed(command: str, scratch: Path, cache_dir: Pa
     if shell is None:
         pytest.skip("a fragment ('...') or the test command itself")
     done = subprocess.run(["bash", "-c", shell], cwd=scratch, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "SDBATCH_CACHE": str(cache_dir)})
+                          env={**os.environ, "SDBATCH_CACHE": str(cache_dir), "HOME": str(scratch / "home")})
     assert done.returncode == 0, f"{command}\n-> {shell}\n{done.stderr[-3000:]}"
 
 
