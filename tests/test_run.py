@@ -76,8 +76,8 @@ def test_rerun_into_the_same_directory_skips_done_images(cache_dir, tmp_path) ->
         (["model=tiny", "prompt=x", "sampler.stpes=3"], "sampler.stpes"),
         (["model=tiny", "prompt=x", "width=abc"], "key: width"),
         (["model=tiny", "prompt=x", "+model.colour=red"], "unknown key model.colour"),
-        (["model=tiny", "prompt=a, b"], "must be quoted"),
-        (["model=tiny", "prompt=x", "grid.x=seed:1,2"], '"grid.x=\'seed:1,2\'"'),
+        (["model=tiny", "prompt=a, b"], "quote it for Hydra inside bash quotes: 'prompt=\"a, b\"'"),
+        (["model=tiny", "prompt=x", "grid.x=seed:1,2"], "give the axis as grid.x.key=seed 'grid.x.values=[1,2]'"),
     ],
 )
 def test_config_mistakes_fail_in_one_line(args, needle, cache_dir, tmp_path) -> None:

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 import yaml
 
 from sdbatch.cli.gen_img_translate import Override, translate
+from sdbatch.cli.quoting import hydra_quoted
 from sdbatch.config.gen_img_flags import FLAGS
 from sdbatch.errors import SdbatchError
 
@@ -76,14 +77,7 @@ def hydra_value(value: Any) -> str:
     text = str(value)
     if _BARE.fullmatch(text) and text.lower() not in _KEYWORDS:
         return text
-    return _quoted(text.replace("${", "\\${"))  # a literal ${...} must not be read as an interpolation
-
-
-def _quoted(text: str) -> str:
-    """Hydra's quoted string: backslashes are doubled only before a quote or the end, the quote escaped."""
-    quote = "'" if '"' in text and "'" not in text else '"'
-    escaped = re.sub(rf"(\\*)({quote}|$)", lambda m: m[1] * 2 + ("\\" + m[2] if m[2] else ""), text)
-    return f"{quote}{escaped}{quote}"
+    return hydra_quoted(text)  # quoted, a literal ${...} escaped (not read as an interpolation)
 
 
 def override_text(override: Override) -> str:
