@@ -366,6 +366,7 @@ def test_lora_modes_agree_with_a_difference_controlnet(guides, cn_files, sd1_sin
 # ---------------------------------------------------------------- 7, 8. multirun loads, batching
 
 
+@pytest.mark.slow  # a subprocess run (default pytest stays under 10 min)
 def test_multirun_loads_the_controlnet_once(guides, cache_dir, tmp_path) -> None:
     sweep = tmp_path / "sweep"
     proc = run_cli(["-m", "model=tiny", "prompt=a cat", "seed=1,2", *cn(guides), f"hydra.sweep.dir={sweep}", *SMALL],

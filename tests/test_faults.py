@@ -207,6 +207,7 @@ def _finished_run(cache: Path, cwd: Path, run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.rglob("*"))
 
 
+@pytest.mark.slow  # a subprocess run (default pytest stays under 10 min)
 def test_existing_directory_without_write_permission(cache_dir, tmp_path) -> None:
     run_dir = tmp_path / "run"
     before = _finished_run(cache_dir, tmp_path, run_dir)
@@ -216,6 +217,7 @@ def test_existing_directory_without_write_permission(cache_dir, tmp_path) -> Non
     assert sorted(p.name for p in run_dir.rglob("*")) == before
 
 
+@pytest.mark.slow  # a subprocess run (default pytest stays under 10 min)
 @needs_unshare
 def test_existing_directory_on_a_read_only_mount(cache_dir, tmp_path) -> None:
     run_dir = tmp_path / "run"
@@ -289,6 +291,7 @@ def test_disk_full_in_a_multirun_fails_the_job_and_stops_the_sweep(cache_dir, tm
         assert_complete(sweep / job, 2)
 
 
+@pytest.mark.slow  # a subprocess run (default pytest stays under 10 min)
 def test_disk_full_for_every_file_in_a_multirun_still_ends_in_one_line(cache_dir, tmp_path) -> None:
     sweep = tmp_path / "sweep"
     args = ["-m", *SMALL, "sampler.steps=2", "images_per_prompt=2", "seed=1,2,3", f"hydra.sweep.dir={sweep}"]

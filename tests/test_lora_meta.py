@@ -172,6 +172,7 @@ def test_show_meta_logs_each_file_once(tmp_path, monkeypatch, caplog) -> None:
     assert len(warnings) == 1 and "old.pt: metadata is only stored in .safetensors files" in warnings[0]
 
 
+@pytest.mark.slow  # a subprocess run (default pytest stays under 10 min)
 def test_show_meta_run_prints_the_blocks_before_generating(cache_dir, sd1_components, tmp_path) -> None:
     """A two-job multirun in one process, a LoRA file and a <lora:> tag's file: each block once, before images."""
     unet, _, text_encoder = sd1_components

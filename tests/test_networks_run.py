@@ -107,6 +107,7 @@ def test_a_lora_for_another_model_is_one_clear_error(sd1_single_file, sd2_compon
         run(_with_lora(spec(sd1_single_file, prompt="x"), other), tmp_path / "run")
 
 
+@pytest.mark.slow  # a subprocess run (default pytest stays under 10 min)
 def test_cli_lora_run_sweep_preset_and_errors(cache_dir, tmp_path) -> None:
     """The preset's header command: the built-in demo LoRA on the built-in tiny model."""
     net = ["network=lora", "network.loras=[{path: builtin:tiny-lora}]"]

@@ -144,6 +144,7 @@ def test_multirun_over_seeds_loads_the_model_once(cache_dir, tmp_path) -> None:
     assert ["Loaded tiny-sd1" in log for log in logs] == [True, False, False]
 
 
+@pytest.mark.slow  # a subprocess run (default pytest stays under 10 min)
 def test_named_sweep_preset_runs_every_seed(cache_dir, tmp_path) -> None:
     sweep = tmp_path / "sweep"
     proc = run_cli(["+sweeps=seeds", "model=tiny", "prompt=a cat", f"hydra.sweep.dir={sweep}", *SMALL],
@@ -165,6 +166,7 @@ def test_own_single_file_checkpoint(option, fixture, v_pred, request, cache_dir,
     assert lines[0]["model"] == path.stem
 
 
+@pytest.mark.slow  # a subprocess run (default pytest stays under 10 min)
 def test_six_job_sweep_loads_once_and_encodes_each_prompt_once(cache_dir, tmp_path) -> None:
     sweep = tmp_path / "sweep"
     proc = run_cli(["-m", "model=tiny", "prompt=a cat", "negative_prompt=blurry", "seed=1,2,3",

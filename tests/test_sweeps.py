@@ -238,11 +238,13 @@ def _launcher_sweep(launcher: list[str], cache: Path, tmp: Path, python: str = s
     return jobs
 
 
+@pytest.mark.slow  # a subprocess run (default pytest stays under 10 min)
 def test_joblib_launcher_two_workers(cache_dir, tmp_path) -> None:
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher.joblib_launcher")
     _launcher_sweep(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], cache_dir, tmp_path)
 
 
+@pytest.mark.slow  # a subprocess run (default pytest stays under 10 min)
 def test_submitit_local_launcher(cache_dir, tmp_path) -> None:
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher.submitit_launcher")
     _launcher_sweep(["hydra/launcher=submitit_local"], cache_dir, tmp_path)
