@@ -1,13 +1,14 @@
 """Every command in README.md runs as typed in bash.
 
 The commands come from the README's ```bash blocks (backslash continuations joined) and from inline code spans
-that start with `python run.py`, `sdbatch`, `sdbatch-gen-img` or `sdbatch-info`. They run in README order, in one
-scratch directory, through `bash -c`, and must exit 0. What the test changes, and only that:
+that start with `python run.py`, `sdbatch`, `sdbatch-gen-img` or `sdbatch-info`. They run through `bash -c` in
+scratch directories, each block's lines in order (see `outcomes`), and must exit 0. What the test changes, and only
+that:
 - a named checkpoint (`model.checkpoint=FILE`, a `--ckpt FILE`) is a tiny model of the same family; the named
   LoRA and image files exist as tiny stand-ins;
-- sizes are an eighth (at least 64), steps at most 4, `range(0,N)` seeds two, `--jobs N` twelve (the soak's
-  least), Deep Shrink depths 1 (a tiny UNet has two down blocks); a size or step count left to the model is 64
-  and 4 (`model.default_size`/`default_steps`), except in the quick start's command;
+- sizes are an eighth (at least 64), steps at most 4 (a benchmark: one timed round), `range(0,N)` seeds two,
+  `--jobs N` twelve (the soak's least), Deep Shrink depths 1 (a tiny UNet has two down blocks); a size or step
+  count left to the model is 64 and 4 (`model.default_size`/`default_steps`), except in the quick start's command;
 - HOME is the scratch folder's `home/`, where `~/stable-diffusion-webui/models` holds the model names used;
 - a block is one shell session (an `export` holds for its later lines); `bash .ci/setup[ test] && ` prefixes
   are dropped (CI has set up), and the test command itself is not run here.
@@ -17,6 +18,7 @@ is skipped.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import shutil
@@ -41,20 +43,27 @@ _BARE = re.compile(r"^(python3? run\.py|sdbatch[-\w]*)$")  # a program named in 
 _FRAGMENT = re.compile(r"\.\.\.|…|\b(GROUP|OPTION|NAME|FILES?|DIR|KEY|VALUE|PATH)\b(?!\.txt)")
 
 
-def readme_commands(text: str) -> list[str]:
-    """The README's commands: ```bash blocks' lines (continuations joined, comments dropped), then inline spans."""
-    commands = []
+def readme_groups(text: str) -> list[list[str]]:
+    """The README's commands in groups that run in order: each ```bash block's lines (continuations joined,
+    comments dropped, its `export`s held for the lines after them), then each inline span on its own."""
+    groups, seen = [], set()
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        joined = re.sub(r"\s*\\\n\s*", " ", block)
-        exports = ""  # a block is one shell session: its `export`s hold for the lines after them
+        joined, exports, group = re.sub(r"\s*\\\n\s*", " ", block), "", []
         for line in (line.strip() for line in joined.splitlines()):
             if line and not line.startswith("#"):
-                commands.append(exports + line)
+                group.append(exports + line)
                 exports += f"{line}; " if line.startswith("export ") else ""
+        groups.append(group)
     outside = re.sub(r"```.*?```", "", text, flags=re.S)
-    commands += [span for span in re.findall(r"`([^`\n]+)`", outside) if _STARTS.match(re.sub(r"^nice -n \d+ ", "",
-                                                                                                   span))]
-    return list(dict.fromkeys(commands))
+    groups += [[span] for span in re.findall(r"`([^`\n]+)`", outside)
+               if _STARTS.match(re.sub(r"^nice -n \d+ ", "", span))]
+    unique = [[c for c in group if c not in seen and not seen.add(c)] for group in groups]
+    return [group for group in unique if group]
+
+
+def readme_commands(text: str) -> list[str]:
+    """Every command of `readme_groups`, in README order."""
+    return [command for group in readme_groups(text) for command in group]
 
 
 def runnable(command: str) -> str | None:
@@ -77,6 +86,8 @@ def runnable(command: str) -> str | None:
                      lambda m: f"{m[1]}{m[2]}{min(int(m[3]), 4)}", command)
     command = re.sub(r"range\(0,\s*\d+\)", "range(0,2)", command)
     command = re.sub(r"--jobs \d+", "--jobs 12", command)
+    if re.match(r"python3? bench/(controlnet|regional)\.py", command):
+        command += " --steps 4 --repeats 1"  # steps at most 4, as everywhere; one timed round
     command = re.sub(r"\b(deep_shrink\.depth_[12]=|--dsd[12] )\d+", r"\g<1>1", command)  # tiny UNets: 2 blocks
     command = re.sub(r"^python3? (run\.py|bench/)", lambda m: f"{sys.executable} {ROOT}/{m[1]}", command)
     return exports + nice + re.sub(r"^python3? ", f"{sys.executable} ", command)
@@ -89,10 +100,8 @@ def _small(pixels: int) -> int:
 COMMANDS = readme_commands((ROOT / "README.md").read_text(encoding="utf-8"))
 
 
-@pytest.fixture(scope="module")
-def scratch(tmp_path_factory, cache_dir) -> Path:
+def _scratch(where: Path, cache_dir: Path) -> Path:
     """A working directory holding every file the README's commands name."""
-    where = tmp_path_factory.mktemp("readme")
     for family in ("sd1", "sd2"):
         save_single_file(where / f"tiny-{family}.safetensors", *build_tiny_components(family, 0), family)
     env = {**os.environ, "SDBATCH_CACHE": str(cache_dir)}
@@ -160,15 +169,44 @@ def _images(where: Path) -> None:
         regions.save(where / f"masks/{i}.png")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("command", COMMANDS, ids=[c[:80] for c in COMMANDS])
-def test_readme_command_runs_as_typed(command: str, scratch: Path, cache_dir: Path) -> None:
+def _run(command: str, where: Path, cache_dir: Path) -> subprocess.CompletedProcess | None:
+    """The command through bash in `where` (None when it is not run, see `runnable`)."""
     shell = runnable(command)
     if shell is None:
+        return None
+    return subprocess.run(["bash", "-c", shell], cwd=where, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "SDBATCH_CACHE": str(cache_dir), "HOME": str(where / "home")})
+
+
+def _run_groups(groups: list[list[str]], where: Path, cache_dir: Path) -> dict[str, object]:
+    return {command: _run(command, where, cache_dir) for group in groups for command in group}
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, cache_dir) -> dict[str, object]:
+    """Every command's outcome. Groups that create files other groups read (`mkdir ...`) run first; the rest run
+    in two scratch folders at once, a group's commands in order (two folders, so two runs starting in one second
+    never share a run directory)."""
+    first = _scratch(tmp_path_factory.mktemp("readme"), cache_dir)
+    groups = readme_groups((ROOT / "README.md").read_text(encoding="utf-8"))
+    setup = [group for group in groups if any(c.startswith("mkdir ") for c in group)]
+    outcomes = _run_groups(setup, first, cache_dir)
+    second = tmp_path_factory.mktemp("readme") / "scratch"
+    shutil.copytree(first, second, symlinks=True)
+    rest = [group for group in groups if group not in setup]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for done in pool.map(_run_groups, (rest[0::2], rest[1::2]), (first, second), (cache_dir, cache_dir)):
+            outcomes.update(done)
+    return outcomes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", COMMANDS, ids=[c[:80] for c in COMMANDS])
+def test_readme_command_runs_as_typed(command: str, outcomes: dict[str, object]) -> None:
+    done = outcomes[command]
+    if done is None:
         pytest.skip("a fragment ('...') or the test command itself")
-    done = subprocess.run(["bash", "-c", shell], cwd=scratch, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "SDBATCH_CACHE": str(cache_dir), "HOME": str(scratch / "home")})
-    assert done.returncode == 0, f"{command}\n-> {shell}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, f"{command}\n-> {runnable(command)}\n{done.stderr[-3000:]}"
 
 
 def test_commands_are_found_and_substituted() -> None:
