@@ -1,9 +1,9 @@
 """`sdbatch-info FILE...`: what one file says about itself, for people.
 
-An image (PNG, JPEG, WebP) shows the parameters it was made with (A1111's `parameters` infotext, sdbatch's own JSON chunk and any other
-text, such as gen_img's `prompt`/`seed` keys); a model file shows its kind, family, key count, short hash and
-metadata, and a LoRA its training metadata (the `+info=lora` block). Nothing is generated and no model is built.
-"""
+An image (PNG, JPEG, WebP) shows the parameters it was made with (A1111's `parameters` infotext, sdbatch's own
+JSON record and any other text, such as gen_img's `prompt`/`seed` keys); a model file shows its kind, family, key
+count, short hash and metadata, and a LoRA its training metadata (the `+info=lora` block). Nothing is generated and
+no model is built."""
 
 from __future__ import annotations
 
