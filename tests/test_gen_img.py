@@ -38,7 +38,9 @@ from sdbatch.prompts.module import load_prompter
 register_configs()
 
 CONF = ROOT / "conf"
-REFERENCE = ROOT.parent / "shared" / "reference" / "gen_img_README-en.md"
+REFERENCE = ROOT.parent / "shared" / "reference" / "gen_img_README-en.md"  # beside the checkout, where there is one
+# what these tests read of it (its flags and command lines), kept in the repository for a clean clone's CI
+REFERENCE_EXTRACT = Path(__file__).with_name("gen_img_reference.md")
 TINY = ["--ckpt", "builtin:tiny", "--W", "64", "--H", "64", "--steps", "2", "--seed", "7"]
 # sdbatch's spelling of TINY: the reference's fp32 and DDIM spelled out
 TINY_SDBATCH = ["model.checkpoint=builtin:tiny", "model.precision=fp32", "width=64", "height=64",
@@ -205,11 +207,28 @@ def test_mistakes_are_one_line(argv, needle, capsys) -> None:
     assert len(lines) == 1 and needle in lines[0], lines
 
 
+def extract_reference(text: str) -> str:
+    """tests/gen_img_reference.md from the reference README: the flags it names, its ```batchfile examples."""
+    flags = sorted(set(re.findall(r"--([A-Za-z][\w]*)", text)))
+    lines = ["# Extracted from ../shared/reference/gen_img_README-en.md (kohya-ss gen_img.py's README) by",
+             "# tests/test_gen_img.py::extract_reference: the flags it names and its command-line examples.",
+             "# tests/test_gen_img.py checks this file against the reference wherever ../shared is present.", "",
+             "flags: " + " ".join(f"--{flag}" for flag in flags), ""]
+    for block in re.findall(r"```batchfile\n(.*?)```", text, re.S):
+        lines += ["```batchfile", block.rstrip("\n"), "```", ""]
+    return "\n".join(lines)
+
+
+@pytest.mark.skipif(not REFERENCE.is_file(), reason="the reference README lives beside the checkout, not in it")
+def test_the_reference_extract_is_current() -> None:
+    assert REFERENCE_EXTRACT.read_text(encoding="utf-8") == extract_reference(REFERENCE.read_text(encoding="utf-8"))
+
+
 def test_every_reference_flag_is_known() -> None:
     """Every command-line flag of the reference (its README, and the 94 of gen_img.py) parses."""
     prompt_options = {"n", "w", "h", "s", "d", "l", "t", "nl", "am", "c", "x", "f", "glt", "glr", "gls", "gle",
                       "dsd1", "dst1", "dsd2", "dst2", "dsr"}
-    documented = set(re.findall(r"--([A-Za-z][\w]*)", REFERENCE.read_text(encoding="utf-8"))) - prompt_options
+    documented = set(re.findall(r"--([A-Za-z][\w]*)", REFERENCE_EXTRACT.read_text(encoding="utf-8"))) - prompt_options
     known = {name for flag in FLAGS for name in (flag.name, *flag.aliases)}
     assert documented - known == set()
     assert len({flag.name for flag in FLAGS} - {"XTI_embeddings", "clip_guidance_scale", "clip_image_guidance_scale",
@@ -350,7 +369,7 @@ def test_console_entry_and_saved_config_in_processes(tmp_path) -> None:
 
 def reference_commands() -> list[list[str]]:
     """Every `python gen_img.py ...` command of the reference README, continuation lines joined."""
-    text = REFERENCE.read_text(encoding="utf-8")
+    text = REFERENCE_EXTRACT.read_text(encoding="utf-8")
     commands = []
     for block in re.findall(r"```batchfile\n(.*?)```", text, re.S):
         joined = re.sub(r"\\\s*\n", " ", block)
