@@ -144,12 +144,15 @@ def test_collect_skips_earlier_sweeps_and_reports_killed_jobs(tmp_path) -> None:
 # ---------------------------------------------------------------- end to end (python run.py -m ...)
 
 
-def _start_and_kill_after_first_png(args: list[str], cache: Path, cwd: Path, first_job: Path) -> None:
+def _start_and_kill_after_first_image(args: list[str], cache: Path, cwd: Path, first_job: Path) -> None:
     proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=_env(cache),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while not list(first_job.glob("*.png")) and proc.poll() is None and time.monotonic() < deadline:
+        # the manifest line, not the PNG: an image written but not yet in the manifest is made again on resume
+        manifest = first_job / "manifest.jsonl"
+        while not (manifest.exists() and manifest.read_text().strip()) and proc.poll() is None \
+                and time.monotonic() < deadline:
             time.sleep(0.02)
         assert proc.poll() is None, "the sweep ended before it could be killed"
         proc.send_signal(signal.SIGKILL)
@@ -163,7 +166,7 @@ def test_killed_sweep_resumes_and_failed_jobs_do_not_stop_it(cache_dir, tmp_path
     args = ["-m", "model=tiny", "prompt=a cat", "images_per_prompt=4", "seed=1,2", "width=64,100",
             f"hydra.sweep.dir={sweep}", "height=64", "sampler.steps=40", "perf.progress=false"]
     # 40 steps: each image takes long enough (~0.1 s or more) that the kill lands before job 0's last image
-    _start_and_kill_after_first_png(args, cache_dir, tmp_path, sweep / "0")
+    _start_and_kill_after_first_image(args, cache_dir, tmp_path, sweep / "0")
     assert not (sweep / "sweep.jsonl").exists()
     proc = run_cli(args, cache_dir, tmp_path)
     assert proc.returncode == 2, proc.stderr
