@@ -16,15 +16,11 @@ from collections.abc import Iterable
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
+from sdbatch.config.override_text import hydra_quoted
+
 # characters that make Hydra read a value as syntax (or a sweep) rather than text
 _SPECIAL = re.compile(r"[,()\[\]{}:<>='\"]")
 _FLAG = re.compile(r"^-")  # Hydra's own flags (-m, --cfg job, ...) are not overrides
-
-
-def hydra_quoted(text: str) -> str:
-    """`text` as a double-quoted value of Hydra's override grammar (commas, brackets, colons kept literally)."""
-    text = re.sub(r'(\\+)(?="|$)', lambda m: m[1] * 2, text)  # backslashes before a quote are escapes there
-    return '"' + text.replace('"', '\\"').replace("${", "\\${") + '"'
 
 
 def bash_form(key: str, value: str) -> str:

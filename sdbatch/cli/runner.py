@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -23,6 +23,7 @@ from sdbatch.config.resolve import to_plain
 from sdbatch.config.spec import RunSpec
 from sdbatch.errors import PromptError
 from sdbatch.outputs.files import Interrupted
+from sdbatch.outputs.gallery import RunGallery
 from sdbatch.outputs.metadata import image_params
 from sdbatch.outputs.run_dir import CONFIG, RunDir
 from sdbatch.plan.batching import make_batches
@@ -51,14 +52,19 @@ def run(spec: RunSpec, run_dir: Path, stdin: TextIO | None = None) -> RunResult:
     The run holds run_dir's writer lock throughout (a second process into it fails with OutputError); an
     interrupt (`Interrupted`) leaves with how many of the run's images are done.
     """
-    out = _run_dir(run_dir, spec)
+    gallery = RunGallery(run_dir, spec.output.gallery)
+    out = _run_dir(run_dir, spec, gallery.saved)
     with out.locked(), _progress(out), console_through_tqdm(spec.perf.progress):  # log lines above the bars
-        return _run_locked(spec, out, run_dir, stdin)
+        try:
+            return _run_locked(spec, out, run_dir, stdin)
+        finally:  # done, failed or interrupted: the page stops reloading (under the lock: it is this run's page)
+            gallery.finish()
 
 
-def _run_dir(run_dir: Path, spec: RunSpec) -> RunDir:
-    """The run directory with the run's output settings (resume, image quality, sidecars)."""
-    return RunDir(run_dir, resume=spec.output.resume, quality=spec.output.quality, sidecar=spec.output.sidecar)
+def _run_dir(run_dir: Path, spec: RunSpec, on_save: Callable[[], None] | None = None) -> RunDir:
+    """The run directory with the run's output settings (resume, image quality, sidecars, the gallery page)."""
+    return RunDir(run_dir, resume=spec.output.resume, quality=spec.output.quality, sidecar=spec.output.sidecar,
+                  on_save=on_save)
 
 
 @contextlib.contextmanager

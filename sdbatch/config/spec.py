@@ -154,6 +154,9 @@ class OutputConfig:
     format: str = "png"  # png | webp | jpg; webp and jpg carry the infotext in EXIF UserComment, as A1111 writes
     quality: int = 95  # webp and jpg quality, 1-100 (A1111's default is 80)
     sidecar: bool = False  # also write each image's infotext beside it as NAME.txt, like A1111's option
+    # index.html in the run directory (and the sweep directory): thumbnails, parameters, the command that makes
+    # each image again; rewritten as images are saved, so a long run can be watched in a browser
+    gallery: bool = True
 
 
 @dataclass(**_SPEC)

@@ -7,7 +7,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,14 @@ class RunDir:
     """One run's output directory: config.yaml, images written atomically, manifest.jsonl, resume.
 
     Images are written in the format their file name says (`image_formats`), JPEG and WebP at `quality`;
-    with `sidecar` each image's infotext is also written beside it as NAME.txt (A1111's option).
+    with `sidecar` each image's infotext is also written beside it as NAME.txt (A1111's option). `on_save`
+    is called after each image and its manifest line are written.
     """
 
-    def __init__(self, path: Path, *, resume: bool = True, quality: int = 95, sidecar: bool = False) -> None:
+    def __init__(self, path: Path, *, resume: bool = True, quality: int = 95, sidecar: bool = False,
+                 on_save: Callable[[], None] | None = None) -> None:
         self.path = Path(path)
+        self.on_save = on_save  # called after each saved image (the gallery page)
         self.resume = resume
         self.quality, self.sidecar = quality, sidecar
         self.manifest = self.path / MANIFEST
@@ -143,6 +146,8 @@ class RunDir:
                 self.saved.append(params["file"])
         except OSError as exc:
             raise _write_error(target, exc) from None
+        if self.on_save is not None:
+            self.on_save()
         return target
 
     def save_grid(self, files: list[str], cols: int) -> Path:

@@ -24,6 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from sdbatch.outputs.files import atomic_save_image, atomic_write_text
+from sdbatch.outputs.manifest_read import manifest_records
 
 log = logging.getLogger("sdbatch")
 
@@ -58,7 +59,7 @@ class JobRecord:
     def label(self, keys: Iterable[str]) -> str:
         """The job's values of `keys` (its swept keys), or all its overrides when none are given."""
         keys = set(keys)
-        chosen = [o for o in self.overrides if not keys or _split(o)[0] in keys]
+        chosen = [o for o in self.overrides if not keys or split_override(o)[0] in keys]
         return " ".join(chosen) or "(no overrides)"
 
 
@@ -117,7 +118,7 @@ def request_stop(sweep_dir: Path, reason: str = "an earlier job failed and stop_
 # ---------------------------------------------------------------- read at the end of the sweep
 
 
-def _split(override: str) -> tuple[str, str]:
+def split_override(override: str) -> tuple[str, str]:
     """Hydra's override text → (key, value as the user meant it): quotes and backslash escapes removed."""
     key, _, value = override.partition("=")
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
@@ -134,19 +135,7 @@ def _load(path: Path) -> Any:
 
 def manifest_files(run_dir: Path) -> list[str]:
     """File names listed by the complete lines of run_dir/manifest.jsonl, in order, each once."""
-    try:
-        text = (run_dir / "manifest.jsonl").read_text(encoding="utf-8")
-    except OSError:
-        return []
-    files: dict[str, None] = {}
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("file"), str):
-            files[record["file"]] = None
-    return list(files)
+    return [record["file"] for record in manifest_records(run_dir)]
 
 
 def _job_dirs(sweep_dir: Path, output_subdir: str | None) -> dict[Path, Path | None]:
@@ -230,12 +219,12 @@ def write_index(sweep_dir: Path, records: list[JobRecord]) -> Path:
 
 
 def _value(record: JobRecord, key: str) -> str | None:
-    return next((o for o in record.overrides if _split(o)[0] == key), None)
+    return next((o for o in record.overrides if split_override(o)[0] == key), None)
 
 
 def swept_keys(records: list[JobRecord]) -> list[str]:
     """Override keys whose value differs between jobs, in the order they first appear (Hydra's sweep order)."""
-    keys = dict.fromkeys(_split(o)[0] for r in records for o in r.overrides)
+    keys = dict.fromkeys(split_override(o)[0] for r in records for o in r.overrides)
     return [key for key in keys if len({_value(r, key) for r in records}) > 1]
 
 
@@ -297,7 +286,7 @@ def contact_sheet(sweep_dir: Path, records: list[JobRecord]):
 def _label(override: str) -> str:
     if not override:
         return ""
-    key, value = _split(override)
+    key, value = split_override(override)
     return f"{key}={value}"
 
 
@@ -325,8 +314,8 @@ def started_output_dir() -> Path | None:
 
 
 class SweepIndex(Callback):
-    """Hydra callback: sweep.jsonl and contact_sheet.png at the end of every multirun (and, at the start of
-    any run or sweep, its directory, for error messages).
+    """Hydra callback: sweep.jsonl, contact_sheet.png and index.html (unless output.gallery=false) at the end of
+    every multirun (and, at the start of any run or sweep, its directory, for error messages).
 
     Configured in conf/config.yaml under hydra.callbacks.sweep_index; `stop_on_error=true` makes the jobs
     that have not started yet skip themselves (status cancelled) once one job has failed.
@@ -383,3 +372,15 @@ class SweepIndex(Callback):
                          ", ".join(reversed(swept_keys(records))) or "none")
             except Exception as ex:  # the images and the index are what matters; never fail the sweep here
                 log.warning("contact sheet not written: %s: %s", type(ex).__name__, ex)
+        if records and OmegaConf.select(config, "output.gallery", default=True):
+            self._write_gallery(sweep_dir, records)
+
+    @staticmethod
+    def _write_gallery(sweep_dir: Path, records: list[JobRecord]) -> None:
+        from sdbatch.outputs.gallery import write_sweep_page  # imported here: the gallery reads this module
+
+        try:
+            page = write_sweep_page(sweep_dir, records)
+            log.info("gallery: %s", page)
+        except Exception as ex:  # like the contact sheet: never fail the sweep for its page
+            log.warning("gallery page not written: %s: %s", type(ex).__name__, ex)
