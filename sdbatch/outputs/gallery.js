@@ -1,5 +1,5 @@
 // sdbatch gallery: builds the interactive page from the JSON in #gallery-data. Text is only ever set with
-// textContent / text nodes, never parsed as HTML, so a prompt like "<script>" shows as the text it is.
+// textContent / text nodes, never parsed as HTML, so a prompt holding a script tag shows as the text it is.
 (() => {
   "use strict";
   const DATA = JSON.parse(document.getElementById("gallery-data").textContent);
@@ -331,8 +331,7 @@
         } }),
         el("button", { type: "button", class: "close", title: "Close (Esc)", text: "\u2715", onclick: close })),
       el("div", { class: "compare-images" }, ...chosen.map((item) => el("figure", {},
-        el("img", { src: href(item.file), alt: "seed " + show(params(item).seed) }),
-        el("figcaption", { text: item.file })))),
+        fullImage(item), el("figcaption", { text: item.file })))),
       el("div", { class: "compare-table" }, el("table", { class: "params" },
         el("tr", {}, el("th", { text: "" }), ...chosen.map((item) => el("th", { text: item.file }))), ...rows))));
     compareView.hidden = false;

@@ -17,7 +17,7 @@ def manifest_records(run_dir: Path) -> list[dict[str, Any]]:
     except OSError:
         return []
     records: dict[str, dict[str, Any]] = {}
-    for line in text.splitlines():
+    for line in text.split("\n"):  # not splitlines(): a prompt may hold U+2028, which it would split at
         try:
             record = json.loads(line)
         except ValueError:
