@@ -39,18 +39,29 @@ def _missing(reason: str) -> None:
     pytest.skip(reason)
 
 
+def missing_browser() -> str | None:
+    """What is missing for the browser tests (selenium, Chromium, ChromeDriver), or None."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[browser]'; bash .ci/browser does it)"
+    if not _find("chromium", "chromium-browser", "/usr/bin/chromium") or not _find("chromedriver",
+                                                                                  "/usr/bin/chromedriver"):
+        return ("Chromium or ChromeDriver is not installed (Debian: apt-get install chromium chromium-driver; "
+                "bash .ci/browser does it)")
+    return None
+
+
 def chromium(width: int = 1280, height: int = 2000, dark: bool = False):
     """A fresh headless Chromium (with the clipboard stand-in), or a skip naming what is missing."""
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        _missing("selenium is not installed (pip install -e '.[browser]'; bash .ci/browser does it)")
+    reason = missing_browser()
+    if reason:
+        _missing(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
     binary = _find("chromium", "chromium-browser", "/usr/bin/chromium")
     driver_path = _find("chromedriver", "/usr/bin/chromedriver")
-    if not binary or not driver_path:
-        _missing("Chromium or ChromeDriver is not installed (Debian: apt-get install chromium chromium-driver; "
-                 "bash .ci/browser does it)")
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for flag in (*FLAGS, f"--window-size={width},{height}"):

@@ -36,11 +36,12 @@ def pages(tmp_path_factory, cache_dir) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("gallery")
     run, sweep = base / "run", base / "sweep"
     quoted = ",".join('"' + p + '"' for p in PROMPTS)
-    common = ["model=tiny", "width=64", "height=64", "sampler.steps=4", "perf.progress=false"]
-    proc = _cli([sys.executable, str(ROOT / "run.py"), *common, f"prompt=[{quoted}]", "images_per_prompt=4",
-                 "seed=100", f"hydra.run.dir={run}"], cache_dir, base)
+    common = ["model=tiny", "sampler.steps=4", "perf.progress=false"]
+    proc = _cli([sys.executable, str(ROOT / "run.py"), *common, "width=64", "height=64", f"prompt=[{quoted}]",
+                 "images_per_prompt=4", "seed=100", f"hydra.run.dir={run}"], cache_dir, base)
     assert proc.returncode == 0, proc.stderr
-    proc = _cli([sys.executable, str(ROOT / "run.py"), "-m", *common, "prompt=a lighthouse at dusk",
+    proc = _cli([sys.executable, str(ROOT / "run.py"), "-m", *common, "width=128", "height=128",  # the README's picture
+                 "prompt=a lighthouse at dusk",
                  "seed=1,2", "sampler.cfg_scale=3,9", f"hydra.sweep.dir={sweep}"], cache_dir, base)
     assert proc.returncode == 0, proc.stderr
     return {"run": run, "sweep": sweep, "base": base}

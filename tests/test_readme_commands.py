@@ -1,9 +1,9 @@
 """Every command in README.md runs as typed in bash.
 
 The commands come from the README's ```bash blocks (backslash continuations joined) and from inline code spans
-that start with `python run.py`, `sdbatch`, `sdbatch-gen-img` or `sdbatch-info`. They run through `bash -c` in
-scratch directories, each block's lines in order (see `outcomes`), and must exit 0. What the test changes, and only
-that:
+that start with `python run.py`, `sdbatch`, `sdbatch-gen-img`, `sdbatch-info` or `sdbatch-gallery`. They run
+through `bash -c` in scratch directories, each block's lines in order (see `outcomes`), and must exit 0. What the
+test changes, and only that:
 - a named checkpoint (`model.checkpoint=FILE`, a `--ckpt FILE`) is a tiny model of the same family; the named
   LoRA and image files exist as tiny stand-ins;
 - sizes are an eighth (at least 64), steps at most 4 (a benchmark: one timed round), `range(0,N)` seeds two,
@@ -36,7 +36,7 @@ from sdbatch.engine.models.tiny import build_tiny_components
 
 ROOT = Path(__file__).resolve().parents[1]
 
-_STARTS = re.compile(r"^(python3? (run\.py|-c|bench/)|sdbatch(-gen-img|-info)? |mkdir |printf |echo |cat )")
+_STARTS = re.compile(r"^(python3? (run\.py|-c|bench/)|sdbatch(-gen-img|-info|-gallery)? |mkdir |printf |echo |cat )")
 _NOT_HERE = re.compile(r"^python3? -m pytest\b")  # the test command: CI runs it, not this test
 _BARE = re.compile(r"^(python3? run\.py|sdbatch[-\w]*)$")  # a program named in prose, not a command
 # '...' or '…' for the rest of a command line, or a placeholder in capitals for the user's own value

@@ -74,7 +74,8 @@
       el("figcaption", {}, el("span", { class: "prompt", text: (item.overrides || []).join(" ") })));
       return node;
     }
-    const img = el("img", { src: href(item.thumb), loading: "lazy", decoding: "async",
+    // loading before src: an image given its src first starts loading at once, and 1,000 of them take seconds
+    const img = el("img", { loading: "lazy", decoding: "async", src: href(item.thumb),
       alt: "seed " + params(item).seed, width: params(item).width, height: params(item).height });
     img.addEventListener("error", () => node.classList.add("broken"));
     const box = el("input", { type: "checkbox", "aria-label": "Pick for compare" });
@@ -200,7 +201,7 @@
       return el("div", { class: "error" }, el("strong", { text: item.status }), el("span", { text: item.error || "" }));
     }
     return el("button", { type: "button", title: "seed " + params(item).seed, onclick: () => openDetail(item, order) },
-      el("img", { src: href(item.thumb), loading: "lazy", alt: "seed " + params(item).seed }));
+      el("img", { loading: "lazy", src: href(item.thumb), alt: "seed " + params(item).seed }));
   }
 
   // ------------------------------------------------------------------ detail view

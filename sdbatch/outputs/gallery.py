@@ -31,6 +31,7 @@ class RunGallery:
         self.run_dir, self.enabled, self.interval = Path(run_dir), enabled, interval
         self._last = -float("inf")
         self._warned = False
+        self._cache: dict = {}  # image → its page entry, reused by the next write while unchanged
 
     def saved(self) -> None:
         """An image was saved: rewrite the live page unless it was written moments ago."""
@@ -44,7 +45,7 @@ class RunGallery:
 
     def _write(self, *, live: bool) -> None:
         try:
-            write_page(self.run_dir, run_page_data(self.run_dir, live=live))
+            write_page(self.run_dir, run_page_data(self.run_dir, live=live, cache=self._cache))
         except OSError as exc:
             if not self._warned:
                 log.warning("gallery page not written: %s", describe_os_error(exc, self.run_dir / PAGE))

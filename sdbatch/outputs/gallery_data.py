@@ -27,14 +27,19 @@ from sdbatch.outputs.thumbnails import thumbnail
 IMAGE_DIM = "image"  # the n-th planned image (a run) or the n-th image of a job (a sweep)
 
 
-def run_page_data(run_dir: Path, *, live: bool, records: Iterable[Mapping[str, Any]] | None = None) -> dict[str, Any]:
-    """The run page's data: every image in the manifest (or `records`), in order; `live` while the run goes on."""
+def run_page_data(run_dir: Path, *, live: bool, cache: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run page's data: every image in the manifest, in order; `live` while the run goes on.
+
+    `cache` (a dict the caller keeps between calls) saves a live page's rewrites the work for images it has
+    already described: an entry is reused while the image's record and file are unchanged.
+    """
     run_dir = Path(run_dir)
-    records = list(manifest_records(run_dir) if records is None else records)
+    records = manifest_records(run_dir)
     axes = _grid_axes(run_dir)
     cells = _grid_cells(axes, records)
     overrides = run_overrides(run_dir)
-    items = [_item(run_dir, "", record, overrides, cell) for record, cell in zip(records, cells, strict=True)]
+    cache = {} if cache is None else cache
+    items = [_cached_item(cache, run_dir, record, overrides, cell) for record, cell in zip(records, cells, strict=True)]
     dims = [{"key": axis.key, "values": list(axis.values)} for axis in axes]
     if axes and len({cell.get(IMAGE_DIM) for cell in cells}) > 1:
         dims.append({"key": IMAGE_DIM, "values": _ordered(cell[IMAGE_DIM] for cell in cells)})
@@ -63,6 +68,22 @@ def sweep_page_data(sweep_dir: Path, jobs: list[JobRecord]) -> dict[str, Any]:
     failed = sum(job.status in ("failed", "cancelled") for job in jobs)
     return {"kind": "sweep", "title": sweep_dir.name, "live": False, "generated": _now(), "dims": dims,
             "items": items, "jobs": len(jobs), "failed": failed}
+
+
+def _cached_item(cache: dict[str, Any], run_dir: Path, record: Mapping[str, Any], overrides: list[str] | None,
+                 cell: Mapping[str, str]) -> dict[str, Any]:
+    key = (record, _mtime_ns(run_dir / str(record["file"])), overrides, cell)
+    hit = cache.get(record["file"])
+    if hit is None or hit[0] != key:
+        hit = cache[record["file"]] = (key, _item(run_dir, "", record, overrides, cell))
+    return hit[1]
+
+
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def _item(run_dir: Path, prefix: str, record: Mapping[str, Any], overrides: list[str] | None,

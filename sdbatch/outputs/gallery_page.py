@@ -3,7 +3,8 @@
 The page carries its data as JSON in a `<script type="application/json">` element, with `<`, `>`, `&` and the
 two JavaScript line separators written as \\u escapes, so no text from a prompt or an image can close the
 element or start markup; gallery.js builds the interactive view from that data with DOM text nodes only (never
-innerHTML). Without JavaScript the page is the static list written here, every text HTML-escaped. Paths are
+innerHTML). Without JavaScript the page is the static list written here in <noscript> (which a browser running
+scripts does not even parse: 1,000 items open faster), every text HTML-escaped. Paths are
 relative and percent-encoded, so a directory can be moved or zipped and its page still opens from disk.
 """
 
@@ -47,9 +48,9 @@ def render(data: dict[str, Any]) -> str:
 <body>
 <header class="top"><h1>{html.escape(title)}</h1><p class="summary">{html.escape(summary(data))}</p></header>
 <main id="app">
-<ol class="static">
+<noscript><ol class="static">
 {"".join(_static_item(item) for item in data["items"])}
-</ol>
+</ol></noscript>
 </main>
 <script type="application/json" id="gallery-data">{embed_json(data)}</script>
 <script>{_asset("gallery.js")}</script>
