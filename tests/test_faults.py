@@ -429,7 +429,8 @@ def test_every_whole_file_goes_through_the_atomic_helper(tmp_path, monkeypatch) 
     write_job_result(job_dir, {"num": 0, "overrides": ["seed=1"], "status": "completed"})
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}, "output_subdir": ".hydra"}})
     SweepIndex().on_multirun_end(config)
-    assert written == ["config.yaml", "00000-1.png", "grid.png", "job.json", "sweep.jsonl", "contact_sheet.png"]
+    assert written == ["config.yaml", "00000-1.png", "grid.png", "job.json", "sweep.jsonl", "contact_sheet.png",
+                       "index.html"]  # the sweep's gallery page
     assert not temp_files(tmp_path)
 
 

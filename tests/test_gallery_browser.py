@@ -235,3 +235,63 @@ def test_without_javascript_the_page_is_a_readable_list(pages) -> None:
         assert items[0].find_element("css selector", "a").get_attribute("href").endswith("/00000-100.png")
     finally:
         driver.quit()
+
+
+def test_fused_grid_run_page_has_the_xy_view(browser, pages, cache_dir) -> None:
+    run = pages["base"] / "fused"
+    proc = _cli([sys.executable, str(ROOT / "run.py"), "model=tiny", "prompt=a cat", "width=64", "height=64",
+                 "sampler.steps=2", "perf.progress=false", "grid.x.key=sampler.cfg_scale", "grid.x.values=[3,9]",
+                 "grid.y.key=seed", "grid.y.values=[1,2]", f"hydra.run.dir={run}"], cache_dir, pages["base"])
+    assert proc.returncode == 0, proc.stderr
+    open_page(browser, run / "index.html")
+    css(browser, "button[data-view=grid]")[0].click()
+    wait_images(browser, "table.xy td img")
+    assert _header(browser) == ["sampler.cfg_scale: 3", "sampler.cfg_scale: 9"]
+    rows = [e.text for e in css(browser, "table.xy th.row")]
+    assert rows == ["seed: 1", "seed: 2"]
+    files = [e.get_attribute("src").rsplit("/", 1)[-1] for e in css(browser, "table.xy td img")]
+    assert files == ["00000-1.png", "00001-1.png", "00002-2.png", "00003-2.png"]  # x fastest, as planned
+    css(browser, "table.xy td button")[3].click()
+    assert css(browser, "#detail .detail-seed")[0].text == "seed 2"
+    assert "sampler.cfg_scale=9" in css(browser, "#detail .command")[0].text
+    assert console_errors(browser) == []
+
+
+def test_live_page_reloads_until_the_run_ends(browser, tmp_path) -> None:
+    from test_outputs import make_params, small_image
+
+    from sdbatch.outputs.gallery import RunGallery
+    from sdbatch.outputs.run_dir import RunDir
+
+    gallery = RunGallery(tmp_path, interval=0)
+    out = RunDir(tmp_path, on_save=gallery.saved)
+    out.save(small_image(), make_params(0))
+    open_page(browser, tmp_path / "index.html")
+    assert css(browser, ".toolbar .live")[0].text == "running"
+    out.save(small_image(80), make_params(1))
+    gallery.finish()
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 10).until(lambda d: css(d, "#count") and css(d, "#count")[0].text == "2 images")
+    assert not css(browser, ".toolbar .live")  # the finished page stops reloading
+    assert console_errors(browser) == []
+
+
+def test_a_killed_runs_page_stops_reloading(browser, tmp_path) -> None:
+    from test_outputs import make_params, small_image
+
+    from sdbatch.outputs.gallery_data import run_page_data
+    from sdbatch.outputs.gallery_page import write_page
+    from sdbatch.outputs.run_dir import RunDir
+
+    RunDir(tmp_path).save(small_image(), make_params(0))
+    data = {**run_page_data(tmp_path, live=True), "generated": "2020-01-01T00:00:00+00:00"}  # never finished
+    write_page(tmp_path, data)
+    open_page(browser, tmp_path / "index.html")
+    assert "no update since" in css(browser, ".toolbar .stale")[0].text and not css(browser, ".toolbar .live")
+    browser.execute_script("window.__stillHere = true")
+    import time
+
+    time.sleep(4)  # longer than the reload interval
+    assert browser.execute_script("return window.__stillHere") is True
+    assert console_errors(browser) == []

@@ -96,6 +96,7 @@ def test_wheel_installs_a_working_tool(installed, tmp_path) -> None:
     assert len(list(out.glob("*.png"))) == 1
     assert (out / "manifest.jsonl").is_file()
     assert (out / "run.log").is_file()  # the same job name as `python run.py`
+    assert "gallery-data" in (out / "index.html").read_text()  # the page's CSS and JavaScript ship in the wheel
 
     sweep = subprocess.run([str(installed / "bin" / "sdbatch"), "+sweeps=seeds", "model=tiny", "prompt=x",
                             "--cfg", "hydra"], cwd=work, env=_env(tmp_path), capture_output=True, text=True)

@@ -53,8 +53,15 @@
   const viewGrid = DATA.dims.length ? el("button", { type: "button", "data-view": "grid", text: "X/Y grid" }) : null;
   const compareButton = el("button", { type: "button", id: "compare", title: "Pick images with their compare box" });
   const count = el("span", { class: "count", id: "count", "aria-live": "polite" });
+  // a live page not rewritten for this long belongs to a run that was killed: it stops reloading and says so
+  const STALE_MS = 30 * 60 * 1000;
+  const stale = DATA.live && Date.now() - Date.parse(DATA.generated) > STALE_MS;
+  const liveBadge = !DATA.live ? null : stale
+    ? el("span", { class: "stale", text: "no update since " + new Date(DATA.generated).toLocaleString()
+      + ": the run has stopped? (sdbatch-gallery DIR rewrites this page)" })
+    : el("span", { class: "live", text: "running" });
   const toolbar = el("div", { class: "toolbar", role: "toolbar" }, filter, sort, sortDir, viewImages, viewGrid,
-    compareButton, DATA.live ? el("span", { class: "live", text: "running" }) : null, count);
+    compareButton, liveBadge, count);
   const cards = el("div", { class: "cards", id: "cards" });
   const empty = el("p", { class: "empty", text: "No image matches the filter.", hidden: true });
   const gridView = el("section", { id: "grid", "aria-label": "X/Y grid" });
@@ -394,7 +401,7 @@
 
   window.addEventListener("scroll", () => { state.scroll = window.scrollY; }, { passive: true });
 
-  if (DATA.live) {  // a running run: reload to see new images, but never while the user is reading or typing
+  if (DATA.live && !stale) {  // a running run: reload to see new images, but never while the user is reading or typing
     setInterval(() => {
       if (detail.hidden && compareView.hidden && document.activeElement !== filter) {
         persist();

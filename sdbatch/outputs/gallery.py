@@ -46,9 +46,10 @@ class RunGallery:
     def _write(self, *, live: bool) -> None:
         try:
             write_page(self.run_dir, run_page_data(self.run_dir, live=live, cache=self._cache))
-        except OSError as exc:
+        except Exception as exc:  # a page is never a reason to stop a run (a full disk, an odd record)
             if not self._warned:
-                log.warning("gallery page not written: %s", describe_os_error(exc, self.run_dir / PAGE))
+                why = describe_os_error(exc, self.run_dir / PAGE) if isinstance(exc, OSError) else repr(exc)
+                log.warning("gallery page not written: %s", why)
                 self._warned = True
         self._last = time.monotonic()
 

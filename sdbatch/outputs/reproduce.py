@@ -52,7 +52,9 @@ def command(record: Mapping[str, Any], overrides: Sequence[str] | None,
     words.append(shell_override("prompt", prompt, text=True))
     if record.get("negative_prompt"):
         words.append(shell_override("negative_prompt", str(record["negative_prompt"]), text=True))
-    words += [f"seed={int(record['seed'])}", "images_per_prompt=1"]
+    if isinstance(record.get("seed"), int):
+        words.append(f"seed={record['seed']}")
+    words.append("images_per_prompt=1")
     for key in ("init_image", "mask_image"):
         if record.get(key):
             words.append(shell_override(key, str(record[key]), text=True))
