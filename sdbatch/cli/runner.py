@@ -22,6 +22,7 @@ from sdbatch.cli.startup import heavy_imports
 from sdbatch.config.resolve import to_plain
 from sdbatch.config.spec import RunSpec
 from sdbatch.errors import PromptError
+from sdbatch.outputs.background_writer import BackgroundWriter
 from sdbatch.outputs.files import Interrupted
 from sdbatch.outputs.gallery import RunGallery
 from sdbatch.outputs.metadata import image_params
@@ -191,20 +192,22 @@ def _run_interactive(spec: RunSpec, out: RunDir, base_seed: int, stream: TextIO)
 
 
 def _generate(engine, out: RunDir, todo: list[ImageJob], spec: RunSpec, total: int) -> list[Path]:
+    """Run the batches; each batch's images are written by the background writer while the next one denoises
+    (two batches may wait), and all are on disk when this returns or raises."""
     written = []
     show = spec.perf.progress
     # leave=None: the bar stays after a single run; in a multirun it sits below the sweep's bar and goes
     with tqdm(total=total, initial=total - len(todo), desc="images", unit="img", disable=not show,
-              leave=None) as bar:
+              leave=None) as bar, BackgroundWriter(out, depth=2 * spec.batch_size) as writer:
         for batch in make_batches(todo, spec.batch_size, per_image_networks=spec.network.mode == "hooked"):
             with tqdm(desc="steps", unit="step", leave=False, disable=not show) as steps:  # cleared on an interrupt too
                 images = engine.run_batch(batch, on_step=lambda info, s=steps: _tick(s, info))
             for stage in engine.stage_images:  # images made on the way that the run keeps (--save_first_stage)
                 if stage.save:
                     params = image_params(stage.job, engine.info, __version__, engine.vae_fallback)
-                    written.append(out.save(stage.image, {**params, **stage.extra}))
+                    written.append(writer.submit(stage.image, {**params, **stage.extra}))
             for job, image in zip(batch.jobs, images, strict=True):
-                written.append(out.save(image, image_params(job, engine.info, __version__, engine.vae_fallback)))
+                written.append(writer.submit(image, image_params(job, engine.info, __version__, engine.vae_fallback)))
                 bar.update(1)
     return written
 

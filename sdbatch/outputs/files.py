@@ -167,7 +167,13 @@ _deferred = {"depth": 0, "pending": None}
 
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM (when `install_interrupt_handlers` is active) until the block ends, then raise."""
+    """Hold SIGINT/SIGTERM (when `install_interrupt_handlers` is active) until the block ends, then raise.
+
+    Only the main thread's blocks count: signals reach only the main thread, and a worker (the background image
+    writer) is waited for by the main thread before an interrupt leaves the run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _deferred["depth"] += 1
     try:
         yield
