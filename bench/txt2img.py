@@ -7,6 +7,10 @@ passes, "single file → ready" load times, peak memory per phase and the pixel 
 
     python bench/txt2img.py                      # CPU, fp32, half widths (about 3 minutes on 2 cores)
     python bench/txt2img.py --full --device cuda # GPU, fp16, full SD1.5 widths
+    python bench/txt2img.py --full --device cuda --batch-size 8 --compile --json out.json  # one configuration
+
+--compile and --channels-last set perf.compile / perf.channels_last for sdbatch only: diffusers stays eager, the
+baseline. --json writes the key numbers (seconds, it/s, images/s, ratio) for scripts such as bench/gpu.sh.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers/transformers re
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
@@ -77,8 +82,10 @@ ROUND_MARGIN = 1.2  # a round can take 10-20% longer than the one before on a sh
 # ---------------------------------------------------------------- the model
 
 
-def model_overrides(full: bool) -> dict[str, dict[str, Any]]:
-    """Config overrides for build_tiny_components: SD1.5's layout at full or half widths."""
+def model_overrides(full: bool, tiny: bool = False) -> dict[str, dict[str, Any]]:
+    """Config overrides for build_tiny_components: SD1.5's layout at full or half widths; none for --tiny."""
+    if tiny:
+        return {}
     k = 1 if full else 2
     text_width = 768 // k
     return {
@@ -100,7 +107,9 @@ def model_overrides(full: bool) -> dict[str, dict[str, Any]]:
     }
 
 
-def model_label(full: bool) -> str:
+def model_label(full: bool, tiny: bool = False) -> str:
+    if tiny:
+        return "sdbatch's tiny test SD1 (UNet 32/64), random weights: checks the script, says nothing about speed"
     o = model_overrides(full)
     unet = "/".join(map(str, o["unet"]["block_out_channels"]))
     vae = "/".join(map(str, o["vae"]["block_out_channels"]))
@@ -109,9 +118,9 @@ def model_label(full: bool) -> str:
             f"{text['num_hidden_layers']} layers, VAE {vae}), random weights")
 
 
-def build_checkpoint(folder: Path, full: bool, seed: int) -> tuple[Path, Path, int]:
+def build_checkpoint(folder: Path, full: bool, seed: int, tiny: bool = False) -> tuple[Path, Path, int]:
     """(single file, diffusers config folder, parameter count) of a freshly built random model."""
-    overrides = model_overrides(full)
+    overrides = model_overrides(full, tiny)
     unet, vae, text_encoder = build_tiny_components("sd1", seed, **overrides)
     params = sum(p.numel() for m in (unet, vae, text_encoder) for p in m.parameters())
     path = save_single_file(folder / "bench-sd1.safetensors", unet, vae, text_encoder, "sd1")
@@ -232,12 +241,19 @@ class Memory:
 # ---------------------------------------------------------------- the two systems
 
 
-def make_spec(path: Path, device: str, precision: str) -> RunSpec:
+def prompts(count: int) -> list[str]:
+    """``count`` distinct prompts: PROMPTS, then PROMPTS again with a suffix (distinct, so no text-cache reuse)."""
+    return [PROMPTS[i % len(PROMPTS)] + (f", take {i // len(PROMPTS) + 1}" if i >= len(PROMPTS) else "")
+            for i in range(count)]
+
+
+def make_spec(path: Path, args: argparse.Namespace, precision: str) -> RunSpec:
     model = ModelConfig(checkpoint=str(path), v2="false", v_parameterization="false", precision=precision)
+    perf = PerfConfig(device=args.device, progress=False, compile=args.compile, channels_last=args.channels_last)
     return RunSpec(
-        model=model, sampler=SamplerConfig(name="ddim", steps=STEPS, cfg_scale=CFG), network=NetworkConfig(),
-        guidance=GuidanceConfig(), highres=HighresConfig(), perf=PerfConfig(device=device, progress=False),
-        prompt=PROMPTS, negative_prompt=NEGATIVE, width=SIZE, height=SIZE, seed=BASE_SEED, batch_size=BATCH,
+        model=model, sampler=SamplerConfig(name="ddim", steps=args.steps, cfg_scale=CFG), network=NetworkConfig(),
+        guidance=GuidanceConfig(), highres=HighresConfig(), perf=perf, prompt=prompts(args.images),
+        negative_prompt=NEGATIVE, width=args.size, height=args.size, seed=BASE_SEED, batch_size=args.batch_size,
     )
 
 
@@ -333,7 +349,10 @@ def max_pixel_diff(a: list[Image.Image], b: list[Image.Image]) -> tuple[int, flo
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--full", action="store_true", help="full SD1.5 widths instead of half")
+    widths = p.add_mutually_exclusive_group()
+    widths.add_argument("--full", action="store_true", help="full SD1.5 widths instead of half")
+    widths.add_argument("--tiny", action="store_true",
+                        help="the tests' tiny SD1 model: seconds on a CPU, to check a script (bench/gpu.sh --dry-run)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto = fp16 on CUDA, fp32 on CPU")
@@ -343,15 +362,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=290.0, help="seconds the whole script aims to stay under")
     p.add_argument("--warmup-steps", type=int, default=1, help="steps of the untimed warm-up batch (0 = none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random model weights")
+    p.add_argument("--batch-size", type=int, default=BATCH, help=f"images per batch (default {BATCH})")
+    p.add_argument("--images", type=int, default=len(PROMPTS), help=f"images per round (default {len(PROMPTS)})")
+    p.add_argument("--size", type=int, default=SIZE, help=f"width and height in pixels (default {SIZE})")
+    p.add_argument("--steps", type=int, default=STEPS, help=f"DDIM steps (default {STEPS})")
+    p.add_argument("--compile", action="store_true", help="perf.compile=true for sdbatch (diffusers stays eager)")
+    p.add_argument("--channels-last", action="store_true", help="perf.channels_last=true for sdbatch")
+    p.add_argument("--json", type=Path, help="also write the key numbers to this JSON file")
     return p.parse_args(argv)
 
 
 def warm_up(engine: Engine, pipe: Any, spec: RunSpec, steps: int) -> None:
-    """One untimed batch through each system, other prompts than the timed ones (no text-cache head start)."""
-    warm = dataclasses.replace(spec, prompt=WARMUP_PROMPTS, sampler=dataclasses.replace(spec.sampler, steps=steps))
-    batch = batches_of(warm)[:1]
-    run_sdbatch(engine, batch)
-    run_diffusers(pipe, batch)
+    """Untimed batches through each system, other prompts than the timed ones (no text-cache head start).
+
+    One batch of every size the timed rounds use (a last, smaller batch too): with perf.compile each new shape
+    compiles again, which must not land in a timed round.
+    """
+    sizes = sorted({len(b.jobs) for b in batches_of(spec)}, reverse=True)
+    for size in sizes:
+        names = WARMUP_PROMPTS if size <= len(WARMUP_PROMPTS) else [f"warm-up {i}" for i in range(size)]
+        warm = dataclasses.replace(spec, prompt=names[:size], batch_size=size,
+                                   sampler=dataclasses.replace(spec.sampler, steps=steps))
+        batch = batches_of(warm)[:1]
+        run_sdbatch(engine, batch)
+        run_diffusers(pipe, batch)
 
 
 def stop_reason(args: argparse.Namespace, done: int, last_pair: float) -> str | None:
@@ -384,17 +418,17 @@ def alternate(args: argparse.Namespace, runs: dict[str, Callable[[], list[Image.
 
 def prepare(args: argparse.Namespace, placement: Placement, memory: Memory, folder: Path) -> tuple[Engine, Any, dict]:
     """Build and save the model, then load it both ways, timed: (sdbatch engine, diffusers pipeline, facts)."""
-    print(f"building {model_label(args.full)} ...", flush=True)
+    print(f"building {model_label(args.full, args.tiny)} ...", flush=True)
     with memory.phase("build + save"):
         start = time.perf_counter()
-        path, config, params = build_checkpoint(folder, args.full, args.seed)
+        path, config, params = build_checkpoint(folder, args.full, args.seed, args.tiny)
         build_s = time.perf_counter() - start
     with memory.phase("load sdbatch"):
         bundle, sd_load = load_sdbatch(path, placement)
     mapped_after_load = file_rss_mib(path)
     with memory.phase("load diffusers"):
         pipe, df_load = load_diffusers(path, config, placement)
-    spec = make_spec(path, args.device, placement.precision)
+    spec = make_spec(path, args, placement.precision)
     loads = load_count()
     engine = get_engine(spec.model, spec.perf)
     assert load_count() == loads and engine.bundle is bundle, "get_engine reloaded instead of using the cache"
@@ -419,7 +453,8 @@ def main(argv: list[str] | None = None) -> None:
         timers.wrap_models(engine.bundle.unet, engine.bundle.vae, engine.bundle.text_encoder)
         timers.wrap_models(pipe.unet, pipe.vae, pipe.text_encoder)
         if args.warmup_steps:
-            print(f"untimed warm-up: one batch of {BATCH} at {args.warmup_steps} step(s) through each ...", flush=True)
+            sizes = " and one of ".join(map(str, sorted({len(b.jobs) for b in batches}, reverse=True)))
+            print(f"untimed warm-up: one batch of {sizes} at {args.warmup_steps} step(s) through each ...", flush=True)
             warm_up(engine, pipe, spec, args.warmup_steps)
         runs = {"sdbatch": lambda: run_sdbatch(engine, batches), "diffusers": lambda: run_diffusers(pipe, batches)}
         rounds, images, facts["stopped"] = alternate(args, runs, timers, memory, placement.device)
@@ -427,6 +462,8 @@ def main(argv: list[str] | None = None) -> None:
         facts["same_scheduler"] = same_scheduler(pipe)
         facts["mapped"] = (facts["mapped_after_load"], file_rss_mib(facts["path"]))
         report(args, placement, rounds, images, memory, facts)
+        if args.json:
+            write_json(args.json, args, placement, rounds, len(batches))
 
 
 def sha256_seconds(path: Path) -> float:
@@ -448,6 +485,26 @@ def same_scheduler(pipe: Any) -> bool:
 # ---------------------------------------------------------------- the report
 
 
+def key_numbers(args: argparse.Namespace, precision: str, rounds: list[Round], batches: int) -> dict[str, Any]:
+    """The best round of each system as wall seconds, it/s (UNet steps x batches per second) and images/s."""
+    out: dict[str, Any] = {
+        "full": args.full, "tiny": args.tiny, "device": args.device, "precision": precision, "size": args.size,
+        "steps": args.steps, "batch": args.batch_size, "images": args.images, "batches": batches,
+        "compile": args.compile, "channels_last": args.channels_last, "rounds": len(rounds) // 2,
+    }
+    for system in ("sdbatch", "diffusers"):
+        seconds = best(rounds, system).seconds
+        out[system] = {"seconds": seconds, "it_s": args.steps * batches / seconds, "images_s": args.images / seconds}
+    out["ratio"] = out["sdbatch"]["seconds"] / out["diffusers"]["seconds"]  # as printed: < 1 = sdbatch faster
+    return out
+
+
+def write_json(path: Path, args: argparse.Namespace, placement: Placement, rounds: list[Round],
+               batches: int) -> None:
+    numbers = key_numbers(args, placement.precision, rounds, batches)
+    path.write_text(json.dumps(numbers, indent=1) + "\n")
+
+
 def best(rounds: list[Round], system: str) -> Round:
     return min((r for r in rounds if r.system == system), key=lambda r: r.seconds)
 
@@ -462,19 +519,21 @@ def report(args: argparse.Namespace, placement: Placement, rounds: list[Round],
     s, d = best(rounds, "sdbatch"), best(rounds, "diffusers")
     sd_load, df_load = info["loads"]
     print()
-    print(f"model: {model_label(args.full)}, {info['params'] / 1e6:.0f}M parameters, "
+    print(f"model: {model_label(args.full, args.tiny)}, {info['params'] / 1e6:.0f}M parameters, "
           f"single file {info['file_mib']:.0f} MiB (built and saved in {info['build']:.1f} s)")
     print(f"device: {placement.device} ({placement.precision}), torch threads {torch.get_num_threads()}, "
           f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}")
-    print(f"workload: {len(PROMPTS)} images {SIZE}x{SIZE}, {STEPS} DDIM steps, CFG {CFG}, batch {BATCH}, "
-          f"seeds {BASE_SEED}-{BASE_SEED + len(PROMPTS) - 1}, per-image CPU generators")
-    warm = f"untimed warm-up of each ({args.warmup_steps} step, batch {BATCH}), then " if args.warmup_steps else ""
+    print(f"workload: {args.images} images {args.size}x{args.size}, {args.steps} DDIM steps, CFG {CFG}, "
+          f"batch {args.batch_size}, seeds {BASE_SEED}-{BASE_SEED + args.images - 1}, per-image CPU generators"
+          + _perf_label(args))
+    warm = (f"untimed warm-up of each ({args.warmup_steps} step, batch {args.batch_size}), then "
+            if args.warmup_steps else "")
     print(f"schedule: {warm}{n} alternating round(s) of sdbatch then diffusers, best of each reported; "
           f"stopped: {info['stopped']}")
     print()
     print("| | sdbatch | diffusers | sdbatch / diffusers |")
     print("|---|---|---|---|")
-    print(f"| {len(PROMPTS)} images, wall | {s.seconds:.1f} s | {d.seconds:.1f} s | {s.seconds / d.seconds:.2f} |")
+    print(f"| {args.images} images, wall | {s.seconds:.1f} s | {d.seconds:.1f} s | {s.seconds / d.seconds:.2f} |")
     for key, label in (("unet", "UNet forward"), ("vae", "VAE decode"), ("text", "text-encoder forward")):
         print(f"| of which {label} | {s.parts[key]:.2f} s | {d.parts[key]:.2f} s | |")
     print(f"| outside those passes | {s.seconds * s.outside:.2f} s = {_pct(s.outside)} "
@@ -484,7 +543,7 @@ def report(args: argparse.Namespace, placement: Placement, rounds: list[Round],
         print(f"| peak memory, {label} | {_mem(memory, f'{phase} sdbatch')} | {_mem(memory, f'{phase} diffusers')} | |")
     print()
     print("rounds: " + ", ".join(f"{r.system} {r.seconds:.1f} s" for r in rounds))
-    print(f"runner's extra cost after the engine (config.yaml + {len(PROMPTS)} PNGs with metadata + manifest): "
+    print(f"runner's extra cost after the engine (config.yaml + {args.images} PNGs with metadata + manifest): "
           f"{info['runner']:.2f} s ({_pct(info['runner'] / s.seconds)} of sdbatch's wall time)")
     print(f"peak memory, build + save: {_mem(memory, 'build + save')}; {memory.method()}; "
           "'+N' = above the memory in use when the phase began")
@@ -495,9 +554,15 @@ def report(args: argparse.Namespace, placement: Placement, rounds: list[Round],
           f"the sha256 of the whole file for the A1111 model hash ({info['sha256']:.2f} s of it, timed apart); "
           "diffusers StableDiffusionPipeline.from_single_file(file, config=<local folder with configs and "
           "tokenizer only>, local_files_only=True), weights copied")
-    print(f"text encoder: sdbatch encodes each distinct prompt once per process ({len(PROMPTS)} prompts + 1 "
-          f"shared negative); diffusers encodes {len(PROMPTS)} prompts + {len(PROMPTS)} negatives per round")
+    print(f"text encoder: sdbatch encodes each distinct prompt once per process ({args.images} prompts + 1 "
+          f"shared negative); diffusers encodes {args.images} prompts + {args.images} negatives per round")
     print(f"total script time: {time.perf_counter() - START:.0f} s")
+
+
+def _perf_label(args: argparse.Namespace) -> str:
+    """The sdbatch-only options, or nothing (the default output stays as it was)."""
+    options = [name for name, on in (("perf.compile", args.compile), ("perf.channels_last", args.channels_last)) if on]
+    return f"; sdbatch with {' and '.join(options)} (diffusers eager)" if options else ""
 
 
 def _mem(memory: Memory, phase: str) -> str:
