@@ -128,6 +128,18 @@ def build_checkpoint(folder: Path, full: bool, seed: int, tiny: bool = False) ->
     return path, config, params
 
 
+def kept_checkpoint(folder: Path, full: bool, seed: int, tiny: bool) -> tuple[Path, Path, int, bool]:
+    """build_checkpoint into folder/<widths>-seed<N>, or what an earlier run left there: (..., reused)."""
+    own = folder / f"{'full' if full else 'tiny' if tiny else 'half'}-seed{seed}"
+    done = own / "params.json"
+    if done.exists():
+        return own / "bench-sd1.safetensors", own / "bench-sd1-config", json.loads(done.read_text()), True
+    own.mkdir(parents=True, exist_ok=True)
+    path, config, params = build_checkpoint(own, full, seed, tiny)
+    done.write_text(json.dumps(params))  # written last: a build that was cut short is built again
+    return path, config, params, False
+
+
 # ---------------------------------------------------------------- measuring
 
 
@@ -369,6 +381,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="perf.compile=true for sdbatch (diffusers stays eager)")
     p.add_argument("--channels-last", action="store_true", help="perf.channels_last=true for sdbatch")
     p.add_argument("--json", type=Path, help="also write the key numbers to this JSON file")
+    p.add_argument("--model-dir", type=Path,
+                   help="keep the built model in this folder and reuse it in later runs (same widths and --seed)")
     return p.parse_args(argv)
 
 
@@ -421,7 +435,10 @@ def prepare(args: argparse.Namespace, placement: Placement, memory: Memory, fold
     print(f"building {model_label(args.full, args.tiny)} ...", flush=True)
     with memory.phase("build + save"):
         start = time.perf_counter()
-        path, config, params = build_checkpoint(folder, args.full, args.seed, args.tiny)
+        if args.model_dir:
+            path, config, params, reused = kept_checkpoint(args.model_dir, args.full, args.seed, args.tiny)
+        else:
+            (path, config, params), reused = build_checkpoint(folder, args.full, args.seed, args.tiny), False
         build_s = time.perf_counter() - start
     with memory.phase("load sdbatch"):
         bundle, sd_load = load_sdbatch(path, placement)
@@ -434,7 +451,8 @@ def prepare(args: argparse.Namespace, placement: Placement, memory: Memory, fold
     assert load_count() == loads and engine.bundle is bundle, "get_engine reloaded instead of using the cache"
     facts = {
         "path": path, "spec": spec, "params": params, "build": build_s, "file_mib": path.stat().st_size / MiB,
-        "loads": (sd_load, df_load), "sha256": sha256_seconds(path), "mapped_after_load": mapped_after_load,
+        "reused": reused, "loads": (sd_load, df_load), "sha256": sha256_seconds(path),
+        "mapped_after_load": mapped_after_load,
     }
     return engine, pipe, facts
 
@@ -519,8 +537,9 @@ def report(args: argparse.Namespace, placement: Placement, rounds: list[Round],
     s, d = best(rounds, "sdbatch"), best(rounds, "diffusers")
     sd_load, df_load = info["loads"]
     print()
+    made = f"reused from {args.model_dir}" if info["reused"] else f"built and saved in {info['build']:.1f} s"
     print(f"model: {model_label(args.full, args.tiny)}, {info['params'] / 1e6:.0f}M parameters, "
-          f"single file {info['file_mib']:.0f} MiB (built and saved in {info['build']:.1f} s)")
+          f"single file {info['file_mib']:.0f} MiB ({made})")
     print(f"device: {placement.device} ({placement.precision}), torch threads {torch.get_num_threads()}, "
           f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}")
     print(f"workload: {args.images} images {args.size}x{args.size}, {args.steps} DDIM steps, CFG {CFG}, "
