@@ -49,3 +49,13 @@ def test_a_write_error_is_raised_in_the_run_and_stops_the_writes(tmp_path) -> No
             writer.submit(small_image(i), make_params(i))
     assert manifest_files(tmp_path) == ["00000-1000.png"]
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00000-1000.png"]
+
+
+def test_depth_zero_writes_on_the_calling_thread(tmp_path) -> None:
+    out = RunDir(tmp_path)
+    with BackgroundWriter(out, depth=0) as writer:
+        path = writer.submit(small_image(), make_params(0))
+        assert path.is_file() and manifest_files(tmp_path) == [path.name]  # written before submit returned
+    with pytest.raises(OutputError), BackgroundWriter(out, depth=0) as writer:
+        out.save = lambda image, params: (_ for _ in ()).throw(OutputError("disk full"))
+        writer.submit(small_image(1), make_params(1))

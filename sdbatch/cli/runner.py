@@ -192,13 +192,15 @@ def _run_interactive(spec: RunSpec, out: RunDir, base_seed: int, stream: TextIO)
 
 
 def _generate(engine, out: RunDir, todo: list[ImageJob], spec: RunSpec, total: int) -> list[Path]:
-    """Run the batches; each batch's images are written by the background writer while the next one denoises
-    (two batches may wait), and all are on disk when this returns or raises."""
+    """Run the batches; where a CPU core is free (`engine.cpu_to_spare`), each batch's images are written by the
+    background writer while the next one denoises (two batches may wait); all are on disk when this returns or
+    raises."""
     written = []
     show = spec.perf.progress
     # leave=None: the bar stays after a single run; in a multirun it sits below the sweep's bar and goes
+    depth = 2 * spec.batch_size if engine.cpu_to_spare else 0
     with tqdm(total=total, initial=total - len(todo), desc="images", unit="img", disable=not show,
-              leave=None) as bar, BackgroundWriter(out, depth=2 * spec.batch_size) as writer:
+              leave=None) as bar, BackgroundWriter(out, depth) as writer:
         for batch in make_batches(todo, spec.batch_size, per_image_networks=spec.network.mode == "hooked"):
             with tqdm(desc="steps", unit="step", leave=False, disable=not show) as steps:  # cleared on an interrupt too
                 images = engine.run_batch(batch, on_step=lambda info, s=steps: _tick(s, info))

@@ -26,6 +26,7 @@ _DONE = object()  # the sentinel that ends the worker
 
 class BackgroundWriter:
     """`with BackgroundWriter(out, depth) as writer: writer.submit(image, params)`; at most `depth` images wait.
+    `depth=0` writes each image in `submit`, on the calling thread (where no CPU core is free for a writer).
 
     The first error of the worker (a full disk) is raised in the main thread by the next `submit` or by the end of
     the block; images submitted after it are not written.
@@ -33,22 +34,27 @@ class BackgroundWriter:
 
     def __init__(self, out: RunDir, depth: int) -> None:
         self.out = out
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))  # bounds the images held in memory
         self._error: BaseException | None = None  # the worker's first error
         self._raised = False  # whether the main thread has raised it already
-        self._thread = threading.Thread(target=self._work, name="sdbatch-writer", daemon=True)
+        self._thread = threading.Thread(target=self._work, name="sdbatch-writer", daemon=True) if depth > 0 else None
 
     def __enter__(self) -> BackgroundWriter:
-        self._thread.start()
+        if self._thread is not None:
+            self._thread.start()
         return self
 
     def submit(self, image: Image.Image, params: dict[str, Any]) -> Path:
         """Queue one image (blocking while `depth` images wait); its path, written by the time the block ends."""
+        if self._thread is None:
+            return self.out.save(image, params)
         self._raise_error()
         self._queue.put((image, params))
         return self.out.path / params["file"]
 
     def __exit__(self, kind, error, traceback) -> None:
+        if self._thread is None:
+            return
         with deferred_interrupts():  # a second Ctrl-C waits until the images already made are on disk
             self._queue.put(_DONE)
             self._thread.join()
