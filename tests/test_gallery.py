@@ -148,10 +148,14 @@ def test_command_keeps_run_settings_and_gives_the_image_its_own() -> None:
 
 
 def test_command_of_a_grid_cell_sets_the_cell_values() -> None:
-    record = make_params(0, prompt="a cat")
-    words = _words(command(record, ["sampler=euler", "sampler.cfg_scale=3"],
-                           {"sampler": "ddim", "sampler.cfg_scale": "9", "network_muls": "0.5;1", "seed": "4"}))
-    assert words["sampler"] == "ddim" and words["sampler.cfg_scale"] == 9  # each key once: Hydra refuses twice
+    record = {**make_params(0, prompt="a cat"), "guidance": {"units": [{"weight": 0.5}, {"weight": 1.0}]}}
+    words = _words(command(record, ["sampler=euler", "sampler.cfg_scale=3", "sampler.steps=9"],
+                           {"sampler": "ddim", "cfg_scale": "9", "network_muls": "0.5;1", "seed": "4",
+                            "guidance.weights": "0.5"}))
+    assert words["sampler"] == "euler" and words["sampler.name"] == "ddim"  # the grid's sampler, its own schedule
+    assert words["sampler.schedule"] == "default"
+    assert words["sampler.cfg_scale"] == 9 and words["sampler.steps"] == 9  # the axis alias; each key once
+    assert words["guidance.weights"] == [0.5, 1.0]  # every model's weight, from the image's record
     assert words["prompt"] == "a cat --am 0.5,1" and words["seed"] == 1000
 
 

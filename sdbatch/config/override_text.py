@@ -13,8 +13,13 @@ def hydra_quoted(text: str) -> str:
     return '"' + text.replace('"', '\\"').replace("${", "\\${") + '"'
 
 
-def shell_override(key: str, value: str, *, text: bool = False) -> str:
-    """`key=value` as one bash word that reaches Hydra as `value`: quoted for Hydra when it must be, and always
-    when `text` (a prompt "123" or "true" stays a string)."""
+def override(key: str, value: str, *, text: bool = False) -> str:
+    """`key=value` as Hydra reads it back as `value`: quoted for Hydra when it must be, and always when `text`
+    (a prompt "123" or "true" stays a string)."""
     plain = not text and re.fullmatch(r"[\w.+\-/@%]+", value) is not None
-    return shlex.quote(f"{key}={value if plain else hydra_quoted(value)}")
+    return f"{key}={value if plain else hydra_quoted(value)}"
+
+
+def shell_override(key: str, value: str, *, text: bool = False) -> str:
+    """`override` as one bash word."""
+    return shlex.quote(override(key, value, text=text))

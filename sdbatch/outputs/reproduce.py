@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from sdbatch.config.override_text import shell_override
+from sdbatch.config.override_text import override, shell_override
 
 OVERRIDES = ".hydra/overrides.yaml"  # Hydra's record of the run's command-line overrides
 # keys whose values choose the run's images: the image's own values stand in for them
@@ -29,6 +29,7 @@ _IMAGE_CHOICE = re.compile(
 _LINE_OPTIONS_DROPPED = ("d", "n", "f")  # seeds, negative prompt, file name: given as keys, or not needed
 # grid axis keys that the image's prompt, negative prompt or seed already carry
 _CARRIED = ("prompt", "negative_prompt", "seed", "prompt_sr")
+_ALIASES = {"cfg_scale": "sampler.cfg_scale", "steps": "sampler.steps"}  # grid axis names that are not config keys
 
 
 def run_overrides(run_dir: Path) -> list[str] | None:
@@ -43,11 +44,12 @@ def run_overrides(run_dir: Path) -> list[str] | None:
 def command(record: Mapping[str, Any], overrides: Sequence[str] | None,
             cell: Mapping[str, str] | None = None) -> str:
     """One bash command line: `sdbatch <the run's overrides> prompt=... seed=... images_per_prompt=1 ...`."""
-    cell = {key: value for key, value in (cell or {}).items()}
-    given = {key for key in cell if key not in _CARRIED}  # a key given twice is an error in Hydra
+    cell = dict(cell or {})
+    muls = cell.pop("network_muls", None)
+    from_cell = _cell_words(record, cell)
+    given = {word.partition("=")[0] for word in from_cell}  # a key given twice is an error in Hydra
     kept = [o for o in overrides or () if not _IMAGE_CHOICE.match(o) and _key(o) not in given]
-    prompt = _with_options(str(record.get("prompt") or ""), str(record.get("raw_prompt") or ""),
-                           cell.pop("network_muls", None))
+    prompt = _with_options(str(record.get("prompt") or ""), str(record.get("raw_prompt") or ""), muls)
     words = [shlex.quote(o) for o in kept]
     words.append(shell_override("prompt", prompt, text=True))
     if record.get("negative_prompt"):
@@ -58,8 +60,27 @@ def command(record: Mapping[str, Any], overrides: Sequence[str] | None,
     for key in ("init_image", "mask_image"):
         if record.get(key):
             words.append(shell_override(key, str(record[key]), text=True))
-    words += [shell_override(key, value) for key, value in cell.items() if key not in _CARRIED]
-    return " ".join(["sdbatch", *words])
+    return " ".join(["sdbatch", *words, *(shlex.quote(word) for word in from_cell)])
+
+
+def _cell_words(record: Mapping[str, Any], cell: Mapping[str, str]) -> list[str]:
+    """A fused-grid cell's values as overrides (unquoted for bash): each axis key as the config key it stands for.
+
+    A sampler cell runs with the sampler's own schedule, and a guidance.weights cell ("0.5;1", the first models')
+    comes back as every model's weight from the image's record.
+    """
+    words = []
+    for key, value in cell.items():
+        if key in _CARRIED:
+            continue
+        if key in ("sampler", "sampler.name"):
+            words += [override("sampler.name", value), "sampler.schedule=default"]
+        elif key == "guidance.weights":
+            units = ((record.get("guidance") or {}).get("units")) or []
+            words.append("guidance.weights=[" + ",".join(str(unit.get("weight")) for unit in units) + "]")
+        else:
+            words.append(override(_ALIASES.get(key, key), value))
+    return words
 
 
 def _with_options(prompt: str, raw: str, muls: str | None) -> str:
