@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from engine_helpers import pixels
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from PIL import Image
 from test_outputs import make_params, small_image
@@ -202,14 +203,11 @@ def test_rebuild_names_a_folder_that_is_neither_run_nor_sweep(tmp_path, capsys) 
 # ---------------------------------------------------------------- real runs
 
 
-def _cli(args: list[str], cache: Path, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SDBATCH_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def run_command(args: list[str], cache: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """A command as a user runs it: the tiny model's cache, no hub, and this Python's scripts (`sdbatch`) on PATH."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "SDBATCH_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": path}
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def test_run_page_and_its_command_remake_the_image(cache_dir, tmp_path) -> None:
@@ -217,7 +215,7 @@ def test_run_page_and_its_command_remake_the_image(cache_dir, tmp_path) -> None:
     run = tmp_path / "run"
     args = ["model=tiny", "prompt=a red cube --s 3", "images_per_prompt=3", "seed=11", "width=64", "height=64",
             "sampler.steps=4", "perf.progress=false", f"hydra.run.dir={run}"]
-    proc = _cli([sys.executable, str(ROOT / "run.py"), *args], cache_dir, tmp_path)
+    proc = run_command([sys.executable, str(ROOT / "run.py"), *args], cache_dir, tmp_path)
     assert proc.returncode == 0, proc.stderr
     data = page_data((run / PAGE).read_text())
     assert data["live"] is False and [i["params"]["seed"] for i in data["items"]] == [11, 12, 13]
@@ -225,18 +223,19 @@ def test_run_page_and_its_command_remake_the_image(cache_dir, tmp_path) -> None:
     assert "seed=13 images_per_prompt=1" in line and "--s 3" in line
     again = tmp_path / "again"
     script = line.replace("sdbatch", f"{shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'run.py'))}", 1)
-    proc = _cli(["bash", "-c", f"{script} hydra.run.dir={again}"], cache_dir, tmp_path)
+    proc = run_command(["bash", "-c", f"{script} hydra.run.dir={again}"], cache_dir, tmp_path)
     assert proc.returncode == 0, proc.stderr
     (made,) = sorted(again.glob("*.png"))
-    assert np.array_equal(_pixels(made), _pixels(run / data["items"][2]["file"]))
+    assert np.array_equal(pixels(made), pixels(run / data["items"][2]["file"]))
 
 
 def test_gallery_off_writes_no_page(cache_dir, tmp_path) -> None:
     run = tmp_path / "run"
-    proc = _cli([sys.executable, str(ROOT / "run.py"), "model=tiny", "prompt=a cat", "width=64", "height=64",
-                 "sampler.steps=2", "perf.progress=false", "output.gallery=false", f"hydra.run.dir={run}"],
-                cache_dir, tmp_path)
+    proc = run_command([sys.executable, str(ROOT / "run.py"), "model=tiny", "prompt=a cat", "width=64", "height=64",
+                        "sampler.steps=2", "perf.progress=false", "output.gallery=false", f"hydra.run.dir={run}"],
+                       cache_dir, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (run / "manifest.jsonl").exists() and not (run / PAGE).exists()
-    proc = _cli([sys.executable, "-m", "sdbatch.gallery", str(run)], cache_dir, tmp_path)  # a page made afterwards
+    # a page made afterwards
+    proc = run_command([sys.executable, "-m", "sdbatch.gallery", str(run)], cache_dir, tmp_path)
     assert proc.returncode == 0 and (run / PAGE).exists() and str(run / PAGE) in proc.stdout

@@ -4,17 +4,16 @@ run leaves them out, and they skip, naming what is missing, where no browser is 
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from browser import artifacts, chromium
-from PIL import Image
+from engine_helpers import pixels
+from test_gallery import run_command
 
 pytestmark = pytest.mark.browser
 
@@ -24,12 +23,6 @@ PROMPTS = ["a red cube", "a blue sphere", HOSTILE]
 ALL_LOADED = "return [...document.querySelectorAll(arguments[0])].every(i => i.complete && i.naturalWidth > 0)"
 
 
-def _cli(args: list[str], cache: Path, cwd: Path) -> subprocess.CompletedProcess:
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])  # the `sdbatch` command
-    env = {**os.environ, "SDBATCH_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": path}
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory, cache_dir) -> dict[str, Path]:
     """A run of 12 images (three prompts, one of them hostile) and a 2x2 sweep (seed x CFG scale)."""
@@ -37,12 +30,13 @@ def pages(tmp_path_factory, cache_dir) -> dict[str, Path]:
     run, sweep = base / "run", base / "sweep"
     quoted = ",".join('"' + p + '"' for p in PROMPTS)
     common = ["model=tiny", "sampler.steps=4", "perf.progress=false"]
-    proc = _cli([sys.executable, str(ROOT / "run.py"), *common, "width=64", "height=64", f"prompt=[{quoted}]",
-                 "images_per_prompt=4", "seed=100", f"hydra.run.dir={run}"], cache_dir, base)
+    proc = run_command([sys.executable, str(ROOT / "run.py"), *common, "width=64", "height=64", f"prompt=[{quoted}]",
+                        "images_per_prompt=4", "seed=100", f"hydra.run.dir={run}"], cache_dir, base)
     assert proc.returncode == 0, proc.stderr
-    proc = _cli([sys.executable, str(ROOT / "run.py"), "-m", *common, "width=128", "height=128",  # the README's picture
-                 "prompt=a lighthouse at dusk",
-                 "seed=1,2", "sampler.cfg_scale=3,9", f"hydra.sweep.dir={sweep}"], cache_dir, base)
+    # 128 px: the sweep page's screenshot is the README's picture
+    proc = run_command([sys.executable, str(ROOT / "run.py"), "-m", *common, "width=128", "height=128",
+                        "prompt=a lighthouse at dusk", "seed=1,2", "sampler.cfg_scale=3,9",
+                        f"hydra.sweep.dir={sweep}"], cache_dir, base)
     assert proc.returncode == 0, proc.stderr
     return {"run": run, "sweep": sweep, "base": base}
 
@@ -95,11 +89,6 @@ def visible_seeds(driver) -> list[str]:
     return [e.text for e in css(driver, ".card:not([hidden]) .seed")]
 
 
-def pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
 # ---------------------------------------------------------------- the run page
 
 
@@ -144,7 +133,7 @@ def test_copied_command_makes_the_same_image(browser, pages, cache_dir) -> None:
     if shutil.which("sdbatch", path=str(Path(sys.executable).parent)) is None:  # not installed: the same app
         line = line.replace("sdbatch", f"{shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'run.py'))}", 1)
     again = pages["base"] / "again"
-    proc = _cli(["bash", "-c", f"{line} hydra.run.dir={again}"], cache_dir, pages["base"])
+    proc = run_command(["bash", "-c", f"{line} hydra.run.dir={again}"], cache_dir, pages["base"])
     assert proc.returncode == 0, proc.stderr
     (made,) = sorted(again.glob("*.png"))
     assert np.array_equal(pixels(made), pixels(pages["run"] / "00005-105.png"))
@@ -203,9 +192,9 @@ def test_sweep_page_axes_compare_and_failures(browser, pages) -> None:
 
 def test_failed_jobs_show_their_error(browser, pages, cache_dir) -> None:
     sweep = pages["base"] / "failing"
-    proc = _cli([sys.executable, str(ROOT / "run.py"), "-m", "model=tiny", "prompt=a cat", "height=64",
-                 "sampler.steps=2", "perf.progress=false", "width=64,100", f"hydra.sweep.dir={sweep}"],
-                cache_dir, pages["base"])
+    proc = run_command([sys.executable, str(ROOT / "run.py"), "-m", "model=tiny", "prompt=a cat", "height=64",
+                        "sampler.steps=2", "perf.progress=false", "width=64,100", f"hydra.sweep.dir={sweep}"],
+                        cache_dir, pages["base"])
     assert proc.returncode == 2
     open_page(browser, sweep / "index.html")
     cells = css(browser, "table.xy td")
@@ -239,9 +228,9 @@ def test_without_javascript_the_page_is_a_readable_list(pages) -> None:
 
 def test_fused_grid_run_page_has_the_xy_view(browser, pages, cache_dir) -> None:
     run = pages["base"] / "fused"
-    proc = _cli([sys.executable, str(ROOT / "run.py"), "model=tiny", "prompt=a cat", "width=64", "height=64",
-                 "sampler.steps=2", "perf.progress=false", "grid.x.key=sampler.cfg_scale", "grid.x.values=[3,9]",
-                 "grid.y.key=seed", "grid.y.values=[1,2]", f"hydra.run.dir={run}"], cache_dir, pages["base"])
+    proc = run_command([sys.executable, str(ROOT / "run.py"), "model=tiny", "prompt=a cat", "width=64", "height=64",
+                        "sampler.steps=2", "perf.progress=false", "grid.x.key=sampler.cfg_scale", "grid.x.values=[3,9]",
+                        "grid.y.key=seed", "grid.y.values=[1,2]", f"hydra.run.dir={run}"], cache_dir, pages["base"])
     assert proc.returncode == 0, proc.stderr
     open_page(browser, run / "index.html")
     css(browser, "button[data-view=grid]")[0].click()

@@ -4,14 +4,11 @@ existing run or sweep directories from their manifests, including directories ma
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from sdbatch.errors import OutputError
 from sdbatch.outputs.gallery import rebuild
-
-log = logging.getLogger("sdbatch")
 
 
 def main(argv: list[str] | None = None) -> int:

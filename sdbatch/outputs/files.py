@@ -27,6 +27,14 @@ LOCK_FILE = ".sdbatch.lock"  # in the run directory while a process writes into 
 PID_FILE = ".sdbatch.lock.pid"  # the holder's PID, for the message another process prints
 
 
+def mtime_ns(path: Path | None) -> int | None:
+    """The file's modification time in nanoseconds; None when there is no path or no such file."""
+    try:
+        return path.stat().st_mtime_ns if path else None
+    except OSError:
+        return None
+
+
 # ---------------------------------------------------------------- atomic writes
 
 

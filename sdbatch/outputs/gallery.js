@@ -110,23 +110,23 @@
   }
 
   function ordered() {
-    const sorted = ITEMS.slice().sort((a, b) => {
+    return ITEMS.slice().sort((a, b) => {
       const ka = sortKey(a), kb = sortKey(b);
       if (ka === null || kb === null) return (ka === null) - (kb === null) || a.i - b.i;  // unknown values last
       return (ka - kb) * state.dir || a.i - b.i;
     });
-    return sorted;
   }
 
-  function visibleItems() {
+  function visibleItems(sorted = ordered()) {
     const words = state.filter.toLowerCase().split(/\s+/).filter(Boolean);
-    return ordered().filter((item) => matches(item, words));
+    return sorted.filter((item) => matches(item, words));
   }
 
   function renderCards() {
-    const visible = visibleItems();
+    const sorted = ordered();
+    const visible = visibleItems(sorted);
     const shown = new Set(visible.map((item) => item.i));
-    for (const item of ordered()) {
+    for (const item of sorted) {
       const node = cardOf.get(item.i);
       node.hidden = !shown.has(item.i);
       cards.append(node);  // moves it: the DOM order follows the sort

@@ -18,6 +18,7 @@ import yaml
 
 from sdbatch.config.grid_axes import Axis, axis_given, parse_axis
 from sdbatch.errors import ConfigError
+from sdbatch.outputs.files import mtime_ns
 from sdbatch.outputs.manifest_read import manifest_records
 from sdbatch.outputs.metadata import infotext
 from sdbatch.outputs.reproduce import command, run_overrides
@@ -50,19 +51,22 @@ def sweep_page_data(sweep_dir: Path, jobs: list[JobRecord]) -> dict[str, Any]:
     """The sweep page's data: every job's images (failed jobs as one item with their error), swept keys as dims."""
     sweep_dir = Path(sweep_dir)
     keys = swept_keys(jobs)
+    values_of = {job.num: _job_values(job, keys) for job in jobs}
     items, most = [], 1
     for job in jobs:
-        values = _job_values(job, keys)
+        values = values_of[job.num]
         records = manifest_records(sweep_dir / job.run_dir)
         most = max(most, len(records))
         overrides = run_overrides(sweep_dir / job.run_dir)
         for n, record in enumerate(records, start=1):
-            item = _item(sweep_dir / job.run_dir, f"{job.run_dir}/", record, overrides, {**values, IMAGE_DIM: str(n)})
+            run_dir = sweep_dir / job.run_dir
+            item = _item(run_dir, f"{job.run_dir}/", record, overrides, {**values, IMAGE_DIM: str(n)},
+                         mtime_ns(run_dir / str(record["file"])))
             items.append({**item, "job": job.num, "status": job.status})
         if not records:
             items.append({"file": None, "job": job.num, "status": job.status, "cell": {**values, IMAGE_DIM: "1"},
                           "error": job.error or "no images", "overrides": job.overrides})
-    dims = [{"key": key, "values": _ordered(_job_values(job, keys)[key] for job in jobs)} for key in keys]
+    dims = [{"key": key, "values": _ordered(values_of[job.num][key] for job in jobs)} for key in keys]
     if most > 1:
         dims.append({"key": IMAGE_DIM, "values": [str(n) for n in range(1, most + 1)]})
     failed = sum(job.status in ("failed", "cancelled") for job in jobs)
@@ -72,29 +76,21 @@ def sweep_page_data(sweep_dir: Path, jobs: list[JobRecord]) -> dict[str, Any]:
 
 def _cached_item(cache: dict[str, Any], run_dir: Path, record: Mapping[str, Any], overrides: list[str] | None,
                  cell: Mapping[str, str]) -> dict[str, Any]:
-    key = (record, _mtime_ns(run_dir / str(record["file"])), overrides, cell)
+    modified = mtime_ns(run_dir / str(record["file"]))
+    key = (record, modified, overrides, cell)
     hit = cache.get(record["file"])
     if hit is None or hit[0] != key:
-        hit = cache[record["file"]] = (key, _item(run_dir, "", record, overrides, cell))
+        hit = cache[record["file"]] = (key, _item(run_dir, "", record, overrides, cell, modified))
     return hit[1]
 
 
-def _mtime_ns(path: Path) -> int | None:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return None
-
-
 def _item(run_dir: Path, prefix: str, record: Mapping[str, Any], overrides: list[str] | None,
-          cell: Mapping[str, str]) -> dict[str, Any]:
-    """One image: its path and thumbnail (relative to the page), time, record, infotext and command."""
+          cell: Mapping[str, str], modified: int | None) -> dict[str, Any]:
+    """One image: its path and thumbnail (relative to the page), time (from `modified`, the file's mtime in ns),
+    record, infotext and command."""
     file = str(record["file"])
     grid_cell = {key: value for key, value in cell.items() if key != IMAGE_DIM and not prefix}
-    try:
-        when = (run_dir / file).stat().st_mtime
-    except OSError:
-        when = None
+    when = modified / 1e9 if modified is not None else None
     return {"file": prefix + file, "thumb": prefix + thumbnail(run_dir, file), "time": when,
             "params": dict(record), "infotext": infotext(record), "command": command(record, overrides, grid_cell),
             "cell": dict(cell), "status": "completed"}

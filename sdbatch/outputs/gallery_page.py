@@ -10,6 +10,7 @@ relative and percent-encoded, so a directory can be moved or zipped and its page
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 from importlib import resources
@@ -100,6 +101,7 @@ def _static_item(item: dict[str, Any]) -> str:
             f"<span>{html.escape(caption)}</span></li>\n")
 
 
+@functools.cache  # read once per process: a live run rewrites its page every few seconds
 def _asset(name: str) -> str:
     """gallery.css / gallery.js, shipped beside this module; `</` never occurs in them (checked by the tests)."""
     return resources.files("sdbatch.outputs").joinpath(name).read_text(encoding="utf-8")

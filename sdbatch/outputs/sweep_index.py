@@ -23,7 +23,7 @@ from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from sdbatch.outputs.files import atomic_save_image, atomic_write_text
+from sdbatch.outputs.files import atomic_save_image, atomic_write_text, mtime_ns
 from sdbatch.outputs.manifest_read import manifest_records
 
 log = logging.getLogger("sdbatch")
@@ -152,16 +152,9 @@ def _job_dirs(sweep_dir: Path, output_subdir: str | None) -> dict[Path, Path | N
     return found
 
 
-def _mtime(path: Path | None) -> int | None:
-    try:
-        return path.stat().st_mtime_ns if path else None
-    except OSError:
-        return None
-
-
 def _record(sweep_dir: Path, run_dir: Path, hydra_file: Path | None, since: int) -> JobRecord | None:
     """The job in run_dir, or None when it belongs to an earlier sweep into the same directory."""
-    started, finished = _mtime(hydra_file), _mtime(run_dir / JOB_FILE)
+    started, finished = mtime_ns(hydra_file), mtime_ns(run_dir / JOB_FILE)
     unwritten = _UNWRITTEN.get(run_dir.absolute())  # this sweep's, though its job.json could not be written
     if unwritten is None and (started if started is not None else finished or 0) < since:
         return None
