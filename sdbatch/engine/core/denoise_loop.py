@@ -34,9 +34,11 @@ def sample(
     """Run the scheduler's timesteps; ancestral/SDE noise comes from each image's own generator."""
     extra = step_kwargs(scheduler, eta, generators)
     timesteps = scheduler.timesteps if timesteps is None else timesteps
+    # read on the host once per pass: wrappers take cond.timestep instead of making each step wait for the GPU
+    host = [float(v) for v in timesteps.tolist()]
     for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(latents, t)
-        pred = model(x_in, t, replace(cond, step=i, steps=len(timesteps)))
+        pred = model(x_in, t, replace(cond, step=i, steps=len(timesteps), timestep=host[i]))
         latents = scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
         for hook in after_step:
             latents = hook(i, t, latents)

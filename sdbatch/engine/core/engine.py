@@ -183,7 +183,7 @@ class Engine:
         """Each image's fp32 CPU noise at latent size, moved, cast and × `sigma` (txt2img's start)."""
         factor = self.latent_factor
         latents = noise.initial_noise(gens, self.latent_channels, height // factor, width // factor)
-        return latents.to(device=self.placement.device, dtype=self.placement.dtype) * sigma
+        return noise.to_device(latents, self.placement.device, self.placement.dtype) * sigma
 
     # ---------------------------------------------------------------- run-level state
 

@@ -31,6 +31,13 @@ class Conditioning:
     rows: Rows | None = None  # the row contract of the UNet call; None = one row per image, no per-row data
     step: int = 0  # which call of the pass this is (the loop's index into its timesteps) ...
     steps: int = 1  # ... of how many (ControlNet's start/end and alternation count in these)
+    # the call's timestep as a host number, read once per pass: float(t) of a GPU tensor would make every step
+    # wait for the GPU (a host sync) before the next step's kernels are queued
+    timestep: float | None = None
+
+    def host_timestep(self, t: torch.Tensor) -> float:
+        """The call's timestep as a Python number: `timestep` when the loop gave it, else read from t (a sync)."""
+        return self.timestep if self.timestep is not None else float(t.flatten()[0])
 
     def rows_for(self, x: torch.Tensor) -> Rows:
         """The call's rows: `rows`, or one plain row per image of x."""

@@ -14,3 +14,11 @@ def initial_noise(gens: list[torch.Generator], channels: int, height: int, width
     """Start latents drawn in fp32 on the CPU from each image's own generator."""
     draws = [torch.randn((1, channels, height, width), generator=g, dtype=torch.float32) for g in gens]
     return torch.cat(draws)  # (B, C, H/8, W/8)
+
+
+def to_device(latents: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """CPU latents on `device` in `dtype`. To a GPU they go from pinned memory without blocking, so the host goes
+    on queueing work while the copy runs (a copy from pageable memory makes the host wait for it)."""
+    if device.type == "cuda":
+        return latents.pin_memory().to(device=device, dtype=dtype, non_blocking=True)
+    return latents.to(device=device, dtype=dtype)

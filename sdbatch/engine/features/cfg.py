@@ -27,6 +27,8 @@ def with_cfg(inner: ModelFn) -> ModelFn:
     real unconditional "" prompt, combined as uncond + s·(text − uncond) − ns·(negative − uncond).
     """
 
+    prepared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (scales as a (B,1,1,1) factor, scale > 1)
+
     def model(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         scales = cond.cfg_scales
         if cond.negative is None or scales is None:
@@ -36,13 +38,17 @@ def with_cfg(inner: ModelFn) -> ModelFn:
         stacked = replace(cond, embeddings=torch.cat(parts), rows=cond.rows_for(x).stacked(names))
         preds = inner(torch.cat([x] * len(parts)), t, stacked).chunk(len(parts))
         negative, text = preds[0], preds[1]
-        s = scales.to(device=text.device, dtype=text.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        where = (text.device, text.dtype, id(scales))  # made once per pass, not once per step
+        if where not in prepared:
+            factor = scales.to(device=text.device, dtype=text.dtype).view(-1, 1, 1, 1)
+            prepared[where] = factor, factor > 1
+        s, guided_rows = prepared[where]
         if cond.uncond is None:
             guided = negative + s * (text - negative)
         else:
             uncond = preds[2]
             guided = uncond + s * (text - uncond) - cond.negative_scale * (negative - uncond)
-        return torch.where(s > 1, guided, text)
+        return torch.where(guided_rows, guided, text)
 
     return model
 

@@ -82,7 +82,7 @@ def with_controlnet(units: list[Unit], settings: ControlNetSettings, deep_shrink
             acting = _acting(units, settings.combine, cond.step, cond.steps)
             if not acting:
                 return inner(x, t, cond)
-            depth = active_depth(deep_shrink, float(t.flatten()[0])) if deep_shrink is not None else None
+            depth = active_depth(deep_shrink, cond.host_timestep(t)) if deep_shrink is not None else None
             shrink = (depth, deep_shrink.ratio) if depth is not None and deep_shrink.ratio != 1 else None
             rows = cond.rows_for(x)
             call = Call(rows, _row_groups(rows, cond.embeddings.shape[1], settings.guess_mode), shrink)

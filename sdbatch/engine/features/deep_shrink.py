@@ -36,7 +36,7 @@ def with_deep_shrink(unet: torch.nn.Module, settings: Any) -> ModelWrapper:
 
     def wrap(inner: ModelFn) -> ModelFn:
         def model(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-            depth = active_depth(settings, float(t.flatten()[0]))
+            depth = active_depth(settings, cond.host_timestep(t))
             if depth is None or settings.ratio == 1:
                 return inner(x, t, cond)
             with shrunk(unet, depth, settings.ratio):

@@ -38,13 +38,15 @@ class GradualLatentScheduler:
         self.ratio = settings.ratio
         self.size = tuple(int(side * settings.ratio) for side in full_size)  # as start_latents makes it
         self._since_growth = 1000  # the first eligible step grows at once (the reference's start value)
+        self._host_timesteps = scheduler.timesteps.tolist()  # read once: float() of a GPU timestep syncs each step
 
     def __getattr__(self, name: str):  # timesteps, init_noise_sigma, scale_model_input, config, ...
         return getattr(self._inner, name)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = False) -> tuple[torch.Tensor, ...]:
-        target = self._growth(float(timestep), last=self._is_last_step(timestep))
+        index = self._step_index(timestep)
+        target = self._growth(self._host_timesteps[index], last=index == len(self._host_timesteps) - 1)
         if target is None:
             return self._inner.step(model_output, timestep, sample, generator=generator, return_dict=False)
         self.size = target
@@ -65,19 +67,17 @@ class GradualLatentScheduler:
             size = self.full_size
         return size
 
-    def _is_last_step(self, timestep) -> bool:
-        index = self._inner.step_index
-        if index is None:
+    def _step_index(self, timestep) -> int:
+        """The inner scheduler's index of this step (set from the timestep on the first step, as diffusers does)."""
+        if self._inner.step_index is None:
             self._inner._init_step_index(timestep)
-            index = self._inner.step_index
-        return index == len(self._inner.timesteps) - 1
+        return self._inner.step_index
 
     def _growth_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, size: tuple[int, int],
                      generator) -> torch.Tensor:
         """diffusers' Euler ancestral step with the latents resized to `size` (the reference's two orders)."""
         sch = self._inner
-        if sch.step_index is None:
-            sch._init_step_index(timestep)
+        self._step_index(timestep)
         sigma_from, sigma_to = sch.sigmas[sch.step_index], sch.sigmas[sch.step_index + 1]
         sample = sample.to(torch.float32)
         if sch.config.prediction_type == "v_prediction":

@@ -114,7 +114,7 @@ def add_start_noise(scheduler, timesteps: torch.Tensor, init_latents: torch.Tens
                     gens: list[torch.Generator]) -> torch.Tensor:
     """scheduler.add_noise at timesteps[0]; noise drawn (fp32, CPU) from each generator after its posterior sample."""
     batch, channels, h, w = init_latents.shape
-    start_noise = noise.initial_noise(gens, channels, h, w).to(init_latents.device)
+    start_noise = noise.to_device(noise.initial_noise(gens, channels, h, w), init_latents.device, torch.float32)
     return scheduler.add_noise(init_latents.float(), start_noise, timesteps[:1].repeat(batch))
 
 

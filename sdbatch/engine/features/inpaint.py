@@ -95,7 +95,8 @@ def start(vae: torch.nn.Module, scheduler, unet_channels: int, init_images: Sequ
     full = strength == 1.0  # diffusers' is_strength_max: start from pure noise
     image_latents = img2img.encode(vae, pixels, gens) if unet_channels == 4 or not full else None
     batch, channels = len(gens), vae.config.latent_channels
-    start_noise = noise.initial_noise(gens, channels, height // factor, width // factor).to(vae.device)
+    drawn = noise.initial_noise(gens, channels, height // factor, width // factor)
+    start_noise = noise.to_device(drawn, vae.device, torch.float32)
     if full:
         latents = start_noise * scheduler.init_noise_sigma
     else:
