@@ -251,7 +251,9 @@ def _v_prediction(setting: str, family: str) -> bool:
 # ...) makes one per value: unbounded, that grew by an engine per job. A new engine costs no model load.
 MAX_ENGINES = 4
 _ENGINES: OrderedDict[tuple, Engine] = OrderedDict()
-_COMPILED: set[int] = set()
+# Every shape bucket (rows per UNet call, latent size, text length) is one compiled graph; dynamo's default limit
+# of 8 would send a mixed-size run's later buckets back to eager without a word.
+COMPILED_SHAPES = 64
 
 
 def get_engine(model: ModelConfig, perf: PerfConfig) -> Engine:
@@ -279,7 +281,20 @@ def _apply_perf(bundle: ModelBundle, perf: PerfConfig) -> None:
     fmt = torch.channels_last if perf.channels_last else torch.contiguous_format
     bundle.unet.to(memory_format=fmt)
     bundle.vae.to(memory_format=fmt)
-    if perf.compile and id(bundle) not in _COMPILED:
-        # Compiled once per loaded model; later runs reuse the compiled graph.
-        bundle.unet.forward = torch.compile(bundle.unet.forward)
-        _COMPILED.add(id(bundle))
+    set_compiled(bundle.unet, perf.compile)
+
+
+def set_compiled(unet: torch.nn.Module, on: bool) -> None:
+    """perf.compile: the UNet's forward compiled (once per loaded model, kept for later runs), or its own again.
+
+    Static shapes: each shape bucket compiles once on its first batch and is reused, never a dynamic-shape graph.
+    """
+    compiled = unet.__dict__.get("_sdbatch_compiled")
+    if on:
+        if compiled is None:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
+            compiled = torch.compile(unet.forward, dynamic=False)
+            unet.__dict__["_sdbatch_compiled"] = compiled
+        unet.forward = compiled
+    elif compiled is not None and unet.__dict__.get("forward") is compiled:
+        del unet.forward  # the class's forward again: a later run without perf.compile runs eager

@@ -62,6 +62,10 @@ class RunNetworks:
             self._merge(muls)
         return self.text_key(muls)
 
+    def read_rows(self, needed: bool) -> None:
+        """Whether this batch's UNet calls need their rows (per-image multipliers, regional networks)."""
+        self._patch.reads_rows = needed
+
     def per_image(self, rows: Sequence[tuple]) -> torch.Tensor:
         """(images, networks) UNet multipliers for the row contract: images of one UNet call with their own
         (hooked)."""
@@ -117,7 +121,9 @@ class Lora(Feature):
                 if text_key not in conds:  # one key () when the text encoder has no LoRA: one encoding for all
                     conds[text_key] = inner()
             cond = conds[text_keys[0]] if len(conds) == 1 else _rows_of(conds, text_keys)
-            if len(set(keys)) == 1:
+            shared = len(set(keys)) == 1
+            nets.read_rows(not shared or (ctx.run is not None and ctx.run.network.regional))
+            if shared:
                 return cond
             rows = cond.rows_for(cond.embeddings).with_image_data(**{ROW_MULTIPLIERS: nets.per_image(keys)})
             return dataclasses.replace(cond, rows=rows)

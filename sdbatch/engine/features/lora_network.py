@@ -190,14 +190,20 @@ class NetworkPatch:
         self._backups: dict[str, torch.Tensor] = {}  # original weights (CPU), kept from the first merge on
         self._on_device: dict[tuple[str, int], tuple[torch.Tensor | None, ...]] = {}  # hook tensors
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        # whether the UNet hooks read the call's rows (per-image multipliers, regional networks): reading them
+        # is a graph break under perf.compile, so a batch whose images share their multipliers does not
+        self.reads_rows = True
 
     def hook(self) -> None:
         """Install a forward hook on every matched module (once); it adds the networks at set_multipliers()."""
         if self._handles:
             return
-        for name in self._deltas:
-            handle = self._targets[name].register_forward_hook(self._forward_hook(name), with_kwargs=True)
+        for name, deltas in self._deltas.items():
+            module = self._targets[name]
+            handle = module.register_forward_hook(self._forward_hook(name), with_kwargs=True)
             self._handles.append(handle)
+            for delta in deltas:  # made now, not in the first call: a compiled UNet would compile that call twice
+                self._tensors_for(module, module.weight, name, delta)
 
     def set_multipliers(self, muls: Sequence[float | tuple[float, float]]) -> None:
         """One multiplier per network for the hooks, a number or a (text encoder, UNet) pair; 0 skips that
@@ -249,7 +255,7 @@ class NetworkPatch:
             if self._merged:  # the weights already hold every network
                 return None
             x = args[0] if args else kwargs["input"]
-            rows = current_rows() if side else None
+            rows = current_rows() if side and self.reads_rows else None
             per_row = rows.per_row(ROW_MULTIPLIERS) if rows is not None else None  # (rows, networks) or None
             regional = rows.per_call.get(REGIONAL_NETWORKS) if rows is not None else None
             total = None
