@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -24,10 +25,14 @@ from test_networks_run import _with_lora
 from test_sweeps import SMALL, index, run_cli
 from test_vae_safety import _assert_same_weights, _fallback_warnings, _poison, _weights
 
+from sdbatch.config.deep_shrink_schema import DeepShrinkConfig
 from sdbatch.config.spec import RunSpec
 from sdbatch.engine.core.engine import get_engine
 from sdbatch.engine.models.loading import _xformers_available
 from sdbatch.engine.vae.slicing import decode_sliced
+from sdbatch.plan.batching import make_batches
+from sdbatch.plan.planner import plan
+from sdbatch.prompts.sources import PromptLine
 
 pytestmark = [
     pytest.mark.gpu,
@@ -126,6 +131,27 @@ def test_channels_last_and_compile_match_the_plain_engine(options, sd1_single_fi
         weight = unet.conv_in.weight
         assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
     assert max_diff(got, plain) <= TOLERANCE
+
+
+def _own_syncs(run_spec: RunSpec) -> int:
+    """How many synchronizing CUDA calls sdbatch's own code made while the engine ran the run's one batch."""
+    engine = get_engine(run_spec.model, run_spec.perf)
+    batch = make_batches(plan(run_spec, [PromptLine(PROMPTS[0], "", "test")], base_seed=SEEDS[0]), 1)[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            engine.denoise(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) and "/sdbatch/" in w.filename for w in caught)
+
+
+def test_no_host_sync_per_step_in_sdbatch_code(sd1_single_file) -> None:
+    # diffusers' schedulers sync on their own; sdbatch's wrappers (CFG, Deep Shrink) must not add one per step
+    shrink = DeepShrinkConfig(depth_1=1, timesteps_1=500)
+    short, long = (on(spec(sd1_single_file, steps=steps, deep_shrink=shrink), precision="fp16") for steps in (4, 8))
+    assert _own_syncs(short) == _own_syncs(long)
 
 
 # ---------------------------------------------------------------- the same seeds, the same pixels on CPU and GPU
