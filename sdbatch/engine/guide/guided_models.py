@@ -99,7 +99,9 @@ def _load_clip(path: Path, key: str) -> GuideModel:
             missing, unexpected = model.load_state_dict(state, strict=False)
             if [k for k in missing if "position_ids" not in k] or unexpected:
                 raise ModelError(f"{len(missing)} missing and {len(unexpected)} unexpected tensors")
-    except (OSError, ValueError, KeyError, RuntimeError, SdbatchError) as ex:
+    except KeyError as ex:
+        raise ModelError(f"{key}: {path} is not a CLIPModel (no tensor {ex}); {CLIP_DOWNLOAD}") from None
+    except (OSError, ValueError, RuntimeError, SdbatchError) as ex:
         first = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
         raise ModelError(f"{key}: cannot load {path} as a transformers CLIPModel ({first}); {CLIP_DOWNLOAD}") from None
     has_tokenizer = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
@@ -178,7 +180,9 @@ def _load_vgg16(path: Path, key: str) -> GuideModel:
     state = read_state_dict(path)  # torch files with weights_only=True
     try:
         module = vgg16_features(state)
-    except (KeyError, RuntimeError, ValueError) as ex:
+    except KeyError as ex:
+        raise ModelError(f"{key}: {path} is not a VGG16 state dict (no tensor {ex}); {VGG16_DOWNLOAD}") from None
+    except (RuntimeError, ValueError) as ex:
         raise ModelError(f"{key}: {path} is not a VGG16 state dict ({str(ex).splitlines()[0]}); "
                          f"{VGG16_DOWNLOAD}") from None
     return GuideModel("vgg16", module, None, None, IMAGENET_MEAN, IMAGENET_STD, path.stem, str(path),
@@ -199,7 +203,10 @@ def vgg16_features(state: dict[str, torch.Tensor]) -> nn.Sequential:
         else:
             layers.append(nn.ReLU(inplace=False))  # not in place: the guided step backpropagates through it
     module = nn.Sequential(*layers)
-    module.load_state_dict({k: v for k, v in state.items() if k.startswith("features.")}, strict=True)
+    features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+    missing, unexpected = module.load_state_dict(features, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"missing {sorted(missing)[:2]}, unexpected {sorted(unexpected)[:2]} features tensors")
     return module
 
 
