@@ -13,7 +13,6 @@ import torch
 from engine_helpers import init_images, max_diff, ours, pixels, spec
 from guided_files import write_clip, write_vgg16
 from hydra import compose, initialize_config_dir
-from test_bad_config import _one_error_line
 from test_run import ROOT, SMALL, manifest, run_cli
 
 from sdbatch.cli.runner import run

@@ -57,7 +57,7 @@ class GuidedSettings:
         else:
             entry["cutouts"] = self.cutouts
         if self.kind == "clip":
-            entry["text"] = target_text(job)
+            entry["text"] = job.guided_text
         else:
             entry["guide_image"] = job.guided_image
         return entry
@@ -66,14 +66,6 @@ class GuidedSettings:
     def infotext(self) -> str:
         """The infotext value, "clip 100" (A1111 has no such key: ours, `Guidance: clip 100`)."""
         return f"{self.kind} {self.scale:g}"
-
-
-def target_text(job: PlannedImage) -> str:
-    """The text guided=clip steers toward: the line's --c, else the prompt without weight syntax (the encoder
-    trims it to 77 tokens)."""
-    from sdbatch.prompts.weighting import strip_weights  # prompts imports config: import on use
-
-    return job.clip_prompt if job.clip_prompt else strip_weights(job.prompt)
 
 
 @dataclass(frozen=True, slots=True)

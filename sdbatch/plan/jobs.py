@@ -45,6 +45,8 @@ class ImageJob:
     guide_images: tuple[str, ...] = field(default=(), metadata=_PER_IMAGE)
     # guided sampling (guided=clip_image | vgg16): the image's target image (guided.guide_image, in turn)
     guided_image: str | None = field(default=None, metadata=_PER_IMAGE)
+    # guided=clip: the text it steers toward, the line's --c or the prompt without weights and tags
+    guided_text: str | None = field(default=None, metadata=_PER_IMAGE)
     # Attention Couple: the image's region mask (regions.mask, in turn; None = every part covers the image)
     region_mask: str | None = field(default=None, metadata=_PER_IMAGE)
     region_codes: int | None = None  # regions.max_color_codes: the mask is read by colour codes (None: by channel)

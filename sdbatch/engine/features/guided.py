@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sdbatch.config.guidance_schema import Preprocess
-from sdbatch.config.guided_schema import GuidedSettings, target_text
+from sdbatch.config.guided_schema import GuidedSettings
 from sdbatch.config.spec import RunSpec
 from sdbatch.engine.core.contract import BatchContext, BatchHooks, Decoded, Feature, PassWrapper, RunPass
 from sdbatch.engine.core.model_fn import Conditioning, ModelFn
@@ -186,7 +186,7 @@ def _image_tensor(path: str, width: int, height: int, device: torch.device) -> t
 def _clip_targets(model: GuideModel, settings: GuidedSettings, jobs: Sequence[ImageJob], state: GuidedRun,
                   device: torch.device, records: dict[str, dict]) -> list[torch.Tensor | None]:
     if settings.kind == "clip":
-        return [clip_text_embedding(model, target_text(job), device) for job in jobs]
+        return [clip_text_embedding(model, str(job.guided_text), device) for job in jobs]
     targets: list[torch.Tensor | None] = []
     for job in jobs:
         if job.guided_image is not None:
