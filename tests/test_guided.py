@@ -126,6 +126,13 @@ def test_v_prediction_and_cutouts_are_guided_too(models) -> None:
     assert max_diff([generate(clip_cfg(models, 1000.0, cutouts=2), v_pred=True)], [guided]) == 0  # seeded cutouts
 
 
+def test_an_image_is_guided_the_same_in_any_batch(models) -> None:
+    """The loss is summed per image and cutouts come from each image's own generator."""
+    run_spec = spec("builtin:tiny", sampler="euler_a", steps=4, guided=clip_cfg(models, 1000.0, cutouts=2))
+    both = ours(run_spec, [PROMPT, "a blue dog"], [3, 4])
+    assert max_diff([both[1]], ours(run_spec, ["a blue dog"], [4])) <= 1
+
+
 @pytest.mark.parametrize(("sampler", "schedule"), [("euler", "karras"), ("dpmsolver++", "karras"), ("heun", "default"),
                                                    ("ddim", "default")])
 def test_alpha_bar_is_the_noise_level_of_the_model_input(sampler, schedule) -> None:
