@@ -64,10 +64,6 @@ class GuidedRun:
             param.requires_grad_(flag)
 
 
-def model_key(settings: GuidedSettings) -> str:
-    return "guided.vgg16_weights" if settings.kind == "vgg16" else "guided.clip_model"
-
-
 # ---------------------------------------------------------------- noise level and the guided step
 
 
@@ -220,9 +216,9 @@ class Guided(Feature):
     def patch(self, engine, run: RunSpec) -> GuidedRun | None:
         if run.guided.kind == "none":
             return None
-        settings = run.guided.for_image(None, _FirstSampler(run.sampler.name))
-        state = GuidedRun(load_guide_model("vgg16" if settings.kind == "vgg16" else "clip", settings.model,
-                                           engine.placement.device, model_key(settings)))
+        vgg16 = run.guided.kind == "vgg16"
+        path = str(run.guided.vgg16_weights if vgg16 else run.guided.clip_model)
+        state = GuidedRun(_load(run.guided.kind, path, engine.placement.device))
         for module in (engine.bundle.unet, engine.bundle.vae, engine.bundle.text_encoder):
             for param in module.parameters():  # inference weights: the guided step needs no gradient of any
                 state.flags.append((param, param.requires_grad))
@@ -262,18 +258,16 @@ class Guided(Feature):
         return keep_first
 
 
-@dataclass(frozen=True)
-class _FirstSampler:
-    """The planned-image fields GuidedConfig.for_image reads, for the session's model load."""
-
-    sampler: str
-    origin: str = "sampler.name"
+def _load(kind: str, path: str, device: torch.device) -> GuideModel:
+    """guided.vgg16_weights for vgg16, else guided.clip_model: from the process cache, or loaded."""
+    if kind == "vgg16":
+        return load_guide_model("vgg16", path, device, "guided.vgg16_weights")
+    return load_guide_model("clip", path, device, "guided.clip_model")
 
 
 def _state_for(engine, settings: GuidedSettings) -> GuidedRun:
     """A batch run outside a session (tests, tools): the guide model from the cache, no previous image."""
-    kind = "vgg16" if settings.kind == "vgg16" else "clip"
-    return GuidedRun(load_guide_model(kind, settings.model, engine.placement.device, model_key(settings)))
+    return GuidedRun(_load(settings.kind, settings.model, engine.placement.device))
 
 
 FEATURE = Guided()
