@@ -228,6 +228,9 @@ BAD = [
     (["guided=vgg16", "guided.vgg16_weights=VGG", "guided.guide_image=GUIDE", "guided.vgg16_layer=31"],
      "guided.vgg16_layer must be a VGG16 features index from 0 to 30"),
     (["guided=clip", "guided.clip_model=MODEL", "guided.every_n_steps=0"], "guided.every_n_steps must be 1 or more"),
+    (["guided=clip", "guided.clip_model=MODEL", "guided.guide_image=GUIDE"],
+     "guided.guide_image is set but guided=clip does not use it; drop it"),
+    (["guided.clip_scale=5"], "guided.clip_scale is set but guided=none does not use it; add guided=clip to use it"),
 ]
 
 

@@ -10,7 +10,7 @@ without loading a model.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -88,6 +88,7 @@ class GuidedConfig:
         """The run-level checks of guided.* (keys named in every message)."""
         if self.kind not in GUIDED_KINDS:
             raise ConfigError(f"guided={self.kind!r} is not valid; choose one of: {', '.join(GUIDED_KINDS)}")
+        self._check_unused()
         if self.kind == "none":
             return
         for key in ("clip_scale", "vgg16_scale"):
@@ -105,6 +106,14 @@ class GuidedConfig:
             _check_path(self.clip_model, "guided.clip_model", CLIP_DOWNLOAD)
         if self.guide_image is not None and not Path(self.guide_image).expanduser().exists():
             raise ConfigError(f"guided.guide_image: no such file or folder {self.guide_image}")
+
+    def _check_unused(self) -> None:
+        """A key the chosen kind does not read would have no effect: say so instead of ignoring it."""
+        for item in fields(self):
+            if item.name in _USED[self.kind] or getattr(self, item.name) == item.default:
+                continue
+            hint = f"add guided={_USER[item.name]} to use it" if self.kind == "none" else "drop it"
+            raise ConfigError(f"guided.{item.name} is set but guided={self.kind} does not use it; {hint}")
 
     def _check_vgg16(self) -> None:
         _check_path(self.vgg16_weights, "guided.vgg16_weights", VGG16_DOWNLOAD)
@@ -125,6 +134,13 @@ class GuidedConfig:
                                   layer=self.vgg16_layer)
         return GuidedSettings(self.kind, str(self.clip_model), float(self.clip_scale), self.every_n_steps,
                               cutouts=self.cutouts)
+
+
+_CLIP_KEYS = ("kind", "clip_model", "clip_scale", "cutouts", "every_n_steps")
+_USED = {"none": ("kind",), "clip": _CLIP_KEYS, "clip_image": (*_CLIP_KEYS, "guide_image"),
+         "vgg16": ("kind", "vgg16_weights", "vgg16_layer", "vgg16_scale", "guide_image", "every_n_steps")}
+_USER = {"clip_model": "clip", "clip_scale": "clip", "cutouts": "clip", "guide_image": "vgg16",
+         "vgg16_weights": "vgg16", "vgg16_layer": "vgg16", "vgg16_scale": "vgg16", "every_n_steps": "clip"}
 
 
 def check_sampler(name: str, key: str) -> None:
