@@ -44,6 +44,10 @@ def test_every_option_composes_and_resolves(group: str, option: str) -> None:
         overrides.append(f"network.loras=[{{path: {ANY_FILE}}}]")
     if group == "guidance" and option != "none":
         overrides += [f"guidance.models=[{ANY_FILE}]", f"guidance.guide_image={ANY_FILE}"]
+    if group == "guided" and option != "none":
+        overrides.append(f"guided.{'vgg16_weights' if option == 'vgg16' else 'clip_model'}={ANY_FILE}")
+        if option != "clip":  # clip steers toward text; the others toward an image
+            overrides.append(f"guided.guide_image={ANY_FILE}")
     spec = resolve(_compose("model=tiny", "prompt=a cat", *overrides))
     assert isinstance(spec, RunSpec)
     assert getattr(spec, group).__class__ is GROUPS[group]

@@ -62,13 +62,15 @@ def test_every_feature_module_is_found_in_order() -> None:
     features = all_features()
     names = [f.name for f in features]
     assert set(names) == {"txt2img", "img2img", "inpaint", "highres", "cfg", "deep_shrink", "gradual_latent",
-                          "lora", "xti", "guidance", "guidance_hints", "attention_couple"}
+                          "lora", "xti", "guidance", "guidance_hints", "attention_couple", "guided"}
     assert all(isinstance(f, Feature) for f in features) and len(set(names)) == len(names)
     order = {f.name: f.order for f in features}
     # UNet wrappers: Deep Shrink innermost, then the 9-channel inpainting input, CFG outermost
     assert order["deep_shrink"] < order["inpaint"] < order["cfg"]
     # ControlNet sees the 4-channel latents and the CFG rows; its saved hints are the final (post-Highres.) size
     assert order["inpaint"] < order["guidance"] < order["cfg"] and order["highres"] < order["guidance_hints"]
+    # guided sampling moves the CFG-guided prediction of the image rows: outside CFG
+    assert order["cfg"] < order["guided"]
     # Attention Couple's parts are encoded inside LoRA's per-multiplier encode; its attention sits inside CFG
     assert order["attention_couple"] < order["lora"] and order["attention_couple"] < order["cfg"]
     # start steps: the providers before Gradual Latent's reduced start; encode: XTI inside LoRA

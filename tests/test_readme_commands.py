@@ -86,7 +86,7 @@ def runnable(command: str) -> str | None:
                      lambda m: f"{m[1]}{m[2]}{min(int(m[3]), 4)}", command)
     command = re.sub(r"range\(0,\s*\d+\)", "range(0,2)", command)
     command = re.sub(r"--jobs \d+", "--jobs 12", command)
-    if re.match(r"python3? bench/(controlnet|regional)\.py", command):
+    if re.match(r"python3? bench/(controlnet|regional|guided)\.py", command):
         command += " --steps 4 --repeats 1"  # steps at most 4, as everywhere; one timed round
     command = re.sub(r"\b(deep_shrink\.depth_[12]=|--dsd[12] )\d+", r"\g<1>1", command)  # tiny UNets: 2 blocks
     command = re.sub(r"^python3? (run\.py|bench/)", lambda m: f"{sys.executable} {ROOT}/{m[1]}", command)
@@ -111,6 +111,7 @@ def _scratch(where: Path, cache_dir: Path) -> Path:
         (where / name).parent.mkdir(exist_ok=True)
         shutil.copy(lora, where / f"{name}.safetensors")
     _images(where)
+    _guide_models(where)
     (where / "prompts.txt").write_text("a red cube\n# a comment\na blue ball --n blurry\n", encoding="utf-8")
     (where / "scenes.txt").write_text("a knight AND a castle\na ship AND a storm AND a lighthouse\n",
                                       encoding="utf-8")
@@ -141,6 +142,15 @@ def _webui_models(root: Path, checkpoint: Path, lora: str) -> None:
     vectors = torch.randn(2, text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(0))
     embedding = {"emb_params": vectors}
     safetensors.torch.save_file(embedding, str(root / "embeddings/EasyNegative.safetensors"))
+
+
+def _guide_models(where: Path) -> None:
+    """Guided sampling's models under the README's names: a tiny random CLIP folder and VGG16 state dict."""
+    from guided_files import write_clip, write_vgg16
+
+    shutil.copytree(write_clip(where / "guide-models")[0], where / "CLIP-ViT-B-32-laion2B")
+    write_vgg16(where / "vgg16-397923af.pth")
+    Image.new("RGB", (64, 64), "orange").save(where / "style.png")
 
 
 def _downloads(folder: Path) -> None:

@@ -206,10 +206,11 @@ def _generate(engine, out: RunDir, todo: list[ImageJob], spec: RunSpec, total: i
                 images = engine.run_batch(batch, on_step=lambda info, s=steps: _tick(s, info))
             for stage in engine.stage_images:  # images made on the way that the run keeps (--save_first_stage)
                 if stage.save:
-                    params = image_params(stage.job, engine.info, __version__, engine.vae_fallback)
+                    params = image_params(stage.job, engine.info, __version__, engine.vae_fallback, engine.records)
                     written.append(writer.submit(stage.image, {**params, **stage.extra}))
             for job, image in zip(batch.jobs, images, strict=True):
-                written.append(writer.submit(image, image_params(job, engine.info, __version__, engine.vae_fallback)))
+                written.append(writer.submit(image, image_params(job, engine.info, __version__, engine.vae_fallback,
+                                                                 engine.records)))
                 bar.update(1)
     return written
 

@@ -37,6 +37,12 @@ class PlannedImage(Protocol):
     @property
     def guide_images(self) -> tuple[str, ...]: ...  # ControlNet hints, one per guidance.models entry
 
+    @property
+    def guided_image(self) -> str | None: ...  # guided sampling's target image (guided.guide_image, in turn)
+
+    @property
+    def guided_text(self) -> str | None: ...  # guided=clip's target text
+
 
 def given_or(value: T | None, default: T) -> T:
     """`value` unless it is None (not given), else `default`."""

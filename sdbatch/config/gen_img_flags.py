@@ -71,7 +71,8 @@ def _ignored(name: str, note: str, **kw: Any) -> Flag:
 
 
 _SDXL = "SDXL only; sdbatch runs SD 1.x/2.x"
-_DIFFUSERS_ONLY = "gen_img_diffusers.py's guided generation; not in sdbatch yet"
+_DIFFUSERS_ONLY = ("it downloads its guide model at run time; run sdbatch with guided=clip | clip_image | vgg16 "
+                   "and a local guided.clip_model or guided.vgg16_weights (see the README)")
 
 FLAGS: tuple[Flag, ...] = (
     # model, precision, scheduler

@@ -20,6 +20,7 @@ from typing import Any
 from sdbatch.config.deep_shrink_schema import DeepShrinkConfig
 from sdbatch.config.gradual_latent_schema import GradualLatentConfig
 from sdbatch.config.guidance_schema import GuidanceConfig
+from sdbatch.config.guided_schema import GuidedConfig
 from sdbatch.config.highres_schema import HighresConfig
 from sdbatch.config.regions_schema import RegionsConfig
 
@@ -195,6 +196,7 @@ class RunSpec:
     sampler: SamplerConfig = MISSING
     network: NetworkConfig = MISSING
     guidance: GuidanceConfig = MISSING
+    guided: GuidedConfig = field(default_factory=GuidedConfig)  # guided sampling (CLIP, CLIP image, VGG16)
     highres: HighresConfig = MISSING
     perf: PerfConfig = field(default_factory=PerfConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -232,7 +234,8 @@ class RunSpec:
 
 
 GROUPS = {"model": ModelConfig, "sampler": SamplerConfig, "network": NetworkConfig,
-          "guidance": GuidanceConfig, "highres": HighresConfig}
+          "guidance": GuidanceConfig, "guided": GuidedConfig,
+          "highres": HighresConfig}
 
 
 # ---------------------------------------------------------------- per-image features

@@ -12,7 +12,7 @@ from PIL import PngImagePlugin
 from sdbatch import __version__
 from sdbatch.config.sampler_registry import a1111_eta, a1111_name, a1111_schedule, effective_schedule
 from sdbatch.config.spec import LoraConfig, RunSpec, image_features
-from sdbatch.plan.jobs import ControlNetRef, EmbeddingRef, ImageJob, ModelInfo, NetworkRef
+from sdbatch.plan.jobs import ControlNetRef, EmbeddingRef, GuideModelRef, ImageJob, ModelInfo, NetworkRef
 from sdbatch.prompts.couple import part_count, split_parts
 from sdbatch.prompts.embedding_names import used_names
 from sdbatch.prompts.extra_networks import TAG
@@ -21,11 +21,13 @@ from sdbatch.prompts.region_masks import region_shares
 # ---------------------------------------------------------------- parameters
 
 
-def image_params(job: ImageJob, model: ModelInfo, version: str, vae_fallback: Collection[str] = ()) -> dict[str, Any]:
+def image_params(job: ImageJob, model: ModelInfo, version: str, vae_fallback: Collection[str] = (),
+                 records: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """The full, JSON-able parameters of one image: manifest line and `sdbatch` PNG chunk.
 
     `vae_fallback`: the file names whose half-precision VAE decode gave NaN/inf and was redone in fp32 (the engine's
-    `vae_fallback`); such an image records "vae_fallback": "fp32", every other one null.
+    `vae_fallback`); such an image records "vae_fallback": "fp32", every other one null. `records`: what features
+    added at run time, by file name and feature (the engine's `records`), merged into the feature's entry.
     """
     params: dict[str, Any] = {
         "file": job.file_name,
@@ -63,6 +65,9 @@ def image_params(job: ImageJob, model: ModelInfo, version: str, vae_fallback: Co
     for name in image_features(RunSpec):  # highres, deep_shrink, gradual_latent, ...: None when off
         params[name] = _record(job.features.get(name), job)
     _name_controlnets(params.get("guidance"), model.controlnets)
+    _name_guide_model(params.get("guided"), model.guide_models)
+    for name, entry in ((records or {}).get(job.file_name) or {}).items():
+        params[name] = {**(params.get(name) or {}), **entry}
     params["regions"] = _regions(job, model)
     return {**params, "index": job.index, "sdbatch_version": version}
 
@@ -99,6 +104,12 @@ def _name_controlnets(record: dict[str, Any] | None, refs: tuple[ControlNetRef, 
     """Each ControlNet unit of an image's record gets its model's name, resolved file and hash (in model order)."""
     for unit, ref in zip((record or {}).get("units", ()), refs, strict=False):
         unit.update(name=ref.name, file=ref.file, hash=ref.hash)
+
+
+def _name_guide_model(record: dict[str, Any] | None, refs: tuple[GuideModelRef, ...]) -> None:
+    """Guided sampling's record gets its model's resolved file and hash."""
+    if record is not None and refs:
+        record.update(file=refs[0].file, hash=refs[0].hash)
 
 
 def _regions(job: ImageJob, model: ModelInfo) -> dict[str, Any] | None:
@@ -170,6 +181,7 @@ def _a1111_fields(params: Mapping[str, Any]) -> dict[str, Any]:
         "Hires steps": params["steps"] if hires else None,  # the second pass's sampler.steps
         "Hires upscaler": hires.get("upscaler_name"),
         **_controlnet_fields(params),
+        "Guidance": _guided_field(params),
         "Lora hashes": _lora_hashes(params),
         "TI hashes": _ti_hashes(params),
         "Version": f"sdbatch {params.get('sdbatch_version', __version__)}",
@@ -195,6 +207,12 @@ def _controlnet_fields(params: Mapping[str, Any]) -> dict[str, str]:
                                 f"Weight: {float(unit['weight'])}, Guidance Start: {float(unit['start'])}, "
                                 f"Guidance End: {float(unit['ratio'])}")
             for i, unit in enumerate(units)}
+
+
+def _guided_field(params: Mapping[str, Any]) -> str | None:
+    """`Guidance: clip 100` for guided sampling (sdbatch's own key; A1111 has none)."""
+    guided = params.get("guided")
+    return f"{guided['kind']} {_number(float(guided['scale']))}" if guided else None
 
 
 def _module(preprocess: str) -> str:

@@ -1,4 +1,5 @@
-"""ControlNet guide images → each planned image's hints: guidance.guide_image's files in turn, len(models) each.
+"""Guide images → each planned image: ControlNet's hints (guidance.guide_image's files in turn, len(models) each)
+and guided sampling's target (guided.guide_image's files in turn, one each).
 
 The reference tool divided by the number of groups and crashed (ZeroDivisionError) with fewer guide images than
 models; here that is one line naming the key. Assigned before a fused grid expands, so every cell of an image
@@ -17,11 +18,21 @@ from sdbatch.prompts.init_images import image_size, list_images
 
 log = logging.getLogger(__name__)
 KEY = "guidance.guide_image"
+GUIDED_KEY = "guided.guide_image"
 
 
 def assign_guides(jobs: list[ImageJob], spec: RunSpec, start: int = 0) -> list[ImageJob]:
-    """Image k (counting from `start`) takes group k % groups of the guide images, one image per model."""
-    if spec.guidance.name != "controlnet" or not jobs:
+    """Image k (counting from `start`) takes group k % groups of the guide images, one image per model, and image
+    k % count of guided.guide_image."""
+    if not jobs:
+        return jobs
+    if spec.guided.kind != "none" and spec.guided.guide_image is not None:
+        targets = list_images(spec.guided.guide_image, GUIDED_KEY)
+        for image in targets:
+            image_size(image, GUIDED_KEY)
+        jobs = [dataclasses.replace(job, guided_image=str(targets[(start + k) % len(targets)]))
+                for k, job in enumerate(jobs)]
+    if spec.guidance.name != "controlnet":
         return jobs
     groups = guide_groups(spec)
     return [dataclasses.replace(job, guide_images=groups[(start + k) % len(groups)]) for k, job in enumerate(jobs)]

@@ -43,6 +43,10 @@ class ImageJob:
     mask_image: str | None = field(default=None, metadata=_PER_IMAGE)
     # ControlNet: the image's guide images, one per guidance.models entry (() without ControlNet)
     guide_images: tuple[str, ...] = field(default=(), metadata=_PER_IMAGE)
+    # guided sampling (guided=clip_image | vgg16): the image's target image (guided.guide_image, in turn)
+    guided_image: str | None = field(default=None, metadata=_PER_IMAGE)
+    # guided=clip: the text it steers toward, the line's --c or the prompt without weights and tags
+    guided_text: str | None = field(default=None, metadata=_PER_IMAGE)
     # Attention Couple: the image's region mask (regions.mask, in turn; None = every part covers the image)
     region_mask: str | None = field(default=None, metadata=_PER_IMAGE)
     region_codes: int | None = None  # regions.max_color_codes: the mask is read by colour codes (None: by channel)
@@ -84,6 +88,15 @@ class ControlNetRef:
 
 
 @dataclass(frozen=True, slots=True)
+class GuideModelRef:
+    """Guided sampling's model (guided.clip_model or guided.vgg16_weights): its name, file and short hash."""
+
+    name: str  # file stem or folder name
+    file: str  # resolved path
+    hash: str  # first 10 hex digits of the file's sha256 (folder: of its weights file)
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInfo:
     """What the outputs need to know about the loaded model (names and short hashes)."""
 
@@ -99,4 +112,5 @@ class ModelInfo:
     xti_embeddings: tuple[EmbeddingRef, ...] = ()  # model.xti_embeddings of the run, the same way
     networks: tuple[NetworkRef, ...] = ()  # network.loras of the run, in order (an image's network_muls match)
     controlnets: tuple[ControlNetRef, ...] = ()  # guidance.models of the run, in order
+    guide_models: tuple[GuideModelRef, ...] = ()  # guided sampling's model of the run (none or one)
     regional_networks: bool = False  # network.regional: network i acts in the region of AND part i

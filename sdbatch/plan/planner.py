@@ -17,6 +17,7 @@ from sdbatch.errors import ConfigError, PromptError
 from sdbatch.plan.jobs import ImageJob
 from sdbatch.prompts.couple import split_parts
 from sdbatch.prompts.dynamic import Wildcards, enumerate_variants, expand
+from sdbatch.prompts.extra_networks import plain_text
 from sdbatch.prompts.init_images import image_size
 from sdbatch.prompts.sources import PromptLine
 from sdbatch.prompts.syntax import OFF, LineOptions, Off, ParsedLine, parse_line
@@ -190,6 +191,8 @@ def _job(spec: RunSpec, line: _Line, variant: str, wildcards: Wildcards, index: 
         strength=_given(opts.strength, spec.strength) if line.parsed_init else opts.strength,
         network_muls=network_muls(opts.network_muls, spec.network), clip_prompt=opts.clip_prompt,
     )
+    if spec.guided.kind == "clip":
+        job = dataclasses.replace(job, guided_text=opts.clip_prompt or plain_text(job.prompt))
     job = dataclasses.replace(job, features=_features(spec, opts, job))
     _check_image(spec, line, job)
     return job

@@ -14,6 +14,7 @@ import re
 
 from sdbatch.config.spec import LoraConfig
 from sdbatch.errors import PromptError
+from sdbatch.prompts.weighting import strip_weights
 
 TAG = re.compile(r"<lora:([^<>]*)>")
 _FORMS = "write <lora:NAME>, <lora:NAME:WEIGHT> or <lora:NAME:TE:UNET>"
@@ -22,6 +23,11 @@ _FORMS = "write <lora:NAME>, <lora:NAME:WEIGHT> or <lora:NAME:TE:UNET>"
 def strip_tags(prompt: str) -> str:
     """The prompt as the text encoder sees it: every `<lora:...>` tag removed (A1111 does the same)."""
     return TAG.sub("", prompt)
+
+
+def plain_text(prompt: str) -> str:
+    """The prompt as words: without `<lora:>` tags and weighting syntax (guided=clip's text for a CLIP model)."""
+    return " ".join(strip_weights(strip_tags(prompt)).split())
 
 
 def tags(prompt: str, origin: str) -> dict[str, float | tuple[float, float]]:

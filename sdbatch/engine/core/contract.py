@@ -11,7 +11,7 @@ and assembles them; no feature is wired by hand. The hook kinds, and when the en
   ``start``: a start-latent provider or modifier, applied in feature order (txt2img, img2img, inpainting provide
   the start; Gradual Latent shrinks it);
   ``unet``: a UNet-call wrapper, innermost first in feature order (Deep Shrink, the 9-channel inpainting input,
-  CFG outermost);
+  CFG, then guided sampling outermost);
   ``scheduler``: a wrapper around the batch's scheduler (Gradual Latent);
   ``after_step``: a hook on the latents after every scheduler step (inpainting's blend);
 - once per batch, `Feature.around_pass` → a wrapper around the whole pass (denoise + decode) of the batch: the

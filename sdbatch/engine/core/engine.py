@@ -71,6 +71,9 @@ class Engine:
         # file names of the last run_batch's images (final and on the way) that the VAE decoded again in fp32
         # because the half-precision decode gave NaN/inf; the runner records them ("vae_fallback": "fp32")
         self.vae_fallback: set[str] = set()
+        # what features add to an image's record at run time, by file name (guided=clip_image's previous-batch
+        # target); the runner merges it into the image's parameters
+        self.records: dict[str, dict] = {}
 
     # ---------------------------------------------------------------- a run
 
@@ -89,12 +92,14 @@ class Engine:
             self.set_textual_inversion(run.model.textual_inversion, run.model.xti_embeddings)
             self.info = dataclasses.replace(self.info, networks=_refs(session.patches, "refs"),
                                             controlnets=_refs(session.patches, "controlnet_refs"),
+                                            guide_models=_refs(session.patches, "guide_refs"),
                                             regional_networks=run.network.regional)
             yield session
         finally:
             self._session = None
             self.text.network_key = ()
-            self.info = dataclasses.replace(self.info, networks=(), controlnets=(), regional_networks=False)
+            self.info = dataclasses.replace(self.info, networks=(), controlnets=(), guide_models=(),
+                                            regional_networks=False)
             session.close()
 
     @property
@@ -107,7 +112,11 @@ class Engine:
     @property
     def networks(self) -> Patch | None:
         """The LoRA networks the open session patched onto the models (None outside a run or without LoRA)."""
-        return self._session.patches.get("lora") if self._session is not None else None
+        return self.session_patch("lora")
+
+    def session_patch(self, name: str) -> Patch | None:
+        """The open session's patch of feature `name` (None outside a run or when the feature made none)."""
+        return self._session.patches.get(name) if self._session is not None else None
 
     # ---------------------------------------------------------------- a batch
 
@@ -115,6 +124,7 @@ class Engine:
         """The batch's final images, in the order of batch.jobs; images made on the way are in stage_images."""
         self.stage_images = []
         self.vae_fallback = set()
+        self.records = {}
         run = self._session.run if self._session is not None else None
         wrappers = [w for f in all_features() if (w := f.around_pass(self, batch.key, run)) is not None]
 
@@ -208,7 +218,7 @@ class Engine:
         if self.bundle.vae_name:
             hashes[self.bundle.vae_name] = self.bundle.vae_hash
         hashes.update({e.file: e.hash for e in (*self.info.embeddings, *self.info.xti_embeddings)})
-        hashes.update({c.file: c.hash for c in self.info.controlnets})
+        hashes.update({c.file: c.hash for c in (*self.info.controlnets, *self.info.guide_models)})
         return hashes
 
 
@@ -233,7 +243,7 @@ def _chain(wrappers: list, innermost: Callable):
 
 def _refs(patches: dict[str, Patch], kind: str) -> tuple:
     """The run's references of one kind (outputs record them): what the patches say they are, in patch order.
-    `refs`: LoRA networks; `controlnet_refs`: ControlNet models."""
+    `refs`: LoRA networks; `controlnet_refs`: ControlNet models; `guide_refs`: guided sampling's model."""
     return tuple(ref for patch in patches.values() for ref in getattr(patch, kind, ()))
 
 

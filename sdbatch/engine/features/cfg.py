@@ -1,4 +1,5 @@
-"""Classifier-free guidance, with gcem156's negative scale: the outermost UNet-call wrapper.
+"""Classifier-free guidance, with gcem156's negative scale: the UNet-call wrapper around every
+per-row one (only guided sampling, which moves the guided prediction, sits outside it).
 
 Conditional and unconditional halves go through one UNet call, with per-image scales, so images with different
 scales share a batch. The call's rows are the images once per CFG part (`Rows.stacked`), which is what the
@@ -55,7 +56,7 @@ def with_cfg(inner: ModelFn) -> ModelFn:
 
 class ClassifierFreeGuidance(Feature):
     name = "cfg"
-    order = 100  # outermost: every other wrapper sees the stacked CFG rows
+    order = 100  # outside every per-row wrapper: they see the stacked CFG rows (guided sampling, 110, sits outside)
 
     def batch_hooks(self, ctx: BatchContext) -> BatchHooks:
         return BatchHooks(unet=with_cfg)
