@@ -22,6 +22,7 @@ from sdbatch.config.gradual_latent_schema import GradualLatentConfig
 from sdbatch.config.guidance_schema import GuidanceConfig
 from sdbatch.config.highres_schema import HighresConfig
 from sdbatch.config.regions_schema import RegionsConfig
+from sdbatch.config.sdxl_schema import SdxlConfig
 
 MISSING: Any = "???"  # OmegaConf's marker for a mandatory value (the same string, so Hydra reports it as missing)
 
@@ -205,6 +206,7 @@ class RunSpec:
     deep_shrink: DeepShrinkConfig = field(default_factory=DeepShrinkConfig)
     gradual_latent: GradualLatentConfig = field(default_factory=GradualLatentConfig)
     regions: RegionsConfig = field(default_factory=RegionsConfig)  # Attention Couple's region masks
+    sdxl: SdxlConfig = field(default_factory=SdxlConfig)  # SDXL's size conditioning
     prompt: Any = None  # a string or a list of strings; in-prompt options (--w 768 --n ...) allowed
     negative_prompt: str = ""  # default negative prompt (a line's --n replaces it)
     # A1111's Prompt S/R: the first of prompt_sr_words is replaced by prompt_sr in every prompt and negative

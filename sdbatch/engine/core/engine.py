@@ -58,7 +58,7 @@ class Engine:
         self.vae_batch_size = perf.vae_batch_size
         self.vae_slices = perf.vae_slices
         self.vae_tiling = perf.vae_tiling
-        self.text = TextEncoder(bundle.tokenizer, bundle.text_encoder)
+        self.text = TextEncoder(bundle.tokenizer, bundle.text_encoder, text_encoder_2=bundle.text_encoder_2)
         self.latent_channels = bundle.vae.config.latent_channels
         self.latent_factor = 2 ** (len(bundle.vae.config.block_out_channels) - 1)  # 8 for SD
         self.info = ModelInfo(
