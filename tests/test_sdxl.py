@@ -1,0 +1,142 @@
+"""SDXL: parity with diffusers' StableDiffusionXL(Img2Img)Pipeline, size conditioning, single file vs folder."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from engine_helpers import SIZE, init_images, max_diff, ours, ours_img2img, spec
+from PIL import Image
+from transformers import CLIPTokenizer
+
+from sdbatch.config.sdxl_schema import SdxlConfig
+from sdbatch.engine.core.engine import get_engine
+from sdbatch.engine.core.scheduler_factory import make_scheduler
+from sdbatch.engine.models.export import save_diffusers_folder, save_single_file
+from sdbatch.engine.models.tiny import build_tiny_components
+from sdbatch.engine.text.tokenizer import write_hf_tokenizer_files
+from sdbatch.errors import ConfigError
+from sdbatch.plan.batching import Batch, BatchKey
+from sdbatch.plan.planner import plan
+from sdbatch.prompts.sources import PromptLine
+from sdbatch.prompts.syntax import parse_line
+
+torch.set_num_threads(1)
+
+PROMPTS = ["a lighthouse at dusk", "a red cube on a table"]
+SEEDS = [11, 12345]
+# non-default size conditioning, in diffusers' (height, width) / (top, left) order
+SIZES = {"original_size": (96, 128), "crops_coords_top_left": (8, 16), "target_size": (64, 80)}
+OURS = SdxlConfig(original_size=[96, 128], crop=[8, 16], target_size=[64, 80])
+# The negative prompt's own sizes: diffusers stacks its time ids as [negative, prompt] and repeats that per image,
+# which pairs them with the wrong rows in a batch of more than one prompt, so they are compared on one prompt.
+# sdbatch's negative crop defaults to the prompt's (diffusers': 0,0, used only when both negative sizes are given).
+NEGATIVE_SIZES = {**SIZES, "negative_original_size": (48, 64), "negative_crops_coords_top_left": (8, 16),
+                  "negative_target_size": (72, 56)}
+OURS_NEGATIVE = dataclasses.replace(OURS, negative_original_size=[48, 64], negative_target_size=[72, 56])
+
+
+@pytest.fixture(scope="module")
+def sdxl_components():
+    """(unet, vae, text_encoder, text_encoder_2): the tiny SDXL twin from seed 0. Shared: do not modify."""
+    return build_tiny_components("sdxl", 0)
+
+
+@pytest.fixture(scope="module")
+def sdxl_file(tmp_path_factory, sdxl_components) -> Path:
+    unet, vae, text, text_2 = sdxl_components
+    path = tmp_path_factory.mktemp("sdxl_file") / "tiny-sdxl.safetensors"
+    return save_single_file(path, unet, vae, text, "sdxl", text_encoder_2=text_2)
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory, sdxl_components) -> Path:
+    unet, vae, text, text_2 = sdxl_components
+    return save_diffusers_folder(tmp_path_factory.mktemp("sdxl_dir") / "tiny-sdxl", unet, vae, text, "sdxl",
+                                 text_encoder_2=text_2)
+
+
+def _pipeline(components: tuple, tmp: Path, sampler: str, cls=StableDiffusionXLPipeline):
+    unet, vae, text, text_2 = components
+    tokenizer = CLIPTokenizer.from_pretrained(write_hf_tokenizer_files(tmp / "tok", "<|endoftext|>"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(write_hf_tokenizer_files(tmp / "tok2", "!"))
+    return cls(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+               unet=unet, scheduler=make_scheduler(sampler, "default", False), force_zeros_for_empty_prompt=False)
+
+
+def _reference(pipe, seeds: list[int], prompts: list[str] = PROMPTS, **kwargs) -> list[np.ndarray]:
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    out = pipe(prompts, negative_prompt=["blurry"] * len(prompts), num_inference_steps=6, guidance_scale=7.5,
+               generator=gens, output_type="pil", **kwargs)
+    return [np.asarray(im) for im in out.images]
+
+
+def _parity(sampler: str, components, file: Path, tmp: Path, prompts: list[str] = PROMPTS, sizes: dict = SIZES,
+            sdxl: SdxlConfig = OURS) -> None:
+    seeds = SEEDS[: len(prompts)]
+    expected = _reference(_pipeline(components, tmp, sampler), seeds, prompts, height=SIZE, width=SIZE, **sizes)
+    got = ours(spec(file, sampler=sampler, sdxl=sdxl), prompts, seeds, negative="blurry")
+    assert max_diff(got, expected) <= 1
+
+
+def test_sdxl_parity_with_size_conditioning(sdxl_components, sdxl_file, tmp_path) -> None:
+    _parity("dpmpp_2m_karras", sdxl_components, sdxl_file, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a"])
+def test_sdxl_parity_samplers(sampler, sdxl_components, sdxl_file, tmp_path) -> None:
+    _parity(sampler, sdxl_components, sdxl_file, tmp_path)
+
+
+@pytest.mark.slow
+def test_sdxl_parity_with_negative_sizes(sdxl_components, sdxl_file, tmp_path) -> None:
+    _parity("euler_a", sdxl_components, sdxl_file, tmp_path, PROMPTS[:1], NEGATIVE_SIZES, OURS_NEGATIVE)
+
+
+@pytest.mark.slow
+def test_sdxl_img2img_parity(sdxl_components, sdxl_file, tmp_path) -> None:
+    images = init_images(tmp_path, SEEDS)
+    pipe = _pipeline(sdxl_components, tmp_path, "ddim", StableDiffusionXLImg2ImgPipeline)
+    expected = _reference(pipe, SEEDS, image=[Image.open(p).convert("RGB") for p in images], strength=0.6)
+    got = ours_img2img(spec(sdxl_file), PROMPTS, SEEDS, images, 0.6, negative="blurry")
+    assert max_diff(got, expected) <= 1
+
+
+def test_single_file_and_folder_give_the_same_image(sdxl_file, sdxl_folder) -> None:
+    file_images, folder_images = (ours(spec(src, steps=3), PROMPTS[:1], SEEDS[:1]) for src in (sdxl_file, sdxl_folder))
+    assert max_diff(file_images, folder_images) <= 1
+
+
+def _jobs(run_spec, lines: list[str]):
+    parsed = [parse_line(line, f"t:{i}") for i, line in enumerate(lines)]
+    jobs = plan(run_spec, [PromptLine(p.raw, "", p.origin) for p in parsed], base_seed=0)
+    return [dataclasses.replace(job, seed=7) for job in jobs]
+
+
+def test_batch_with_different_original_sizes_equals_images_alone(sdxl_file) -> None:
+    run_spec = spec(sdxl_file, steps=3)
+    jobs = _jobs(run_spec, ["a cat --ow 256 --oh 32", "a cat", "a cat --ow 48 --ct 16"])
+    assert jobs[0].sdxl.original_size == (32, 256) and jobs[1].sdxl is None and jobs[2].sdxl.crop == (16, 0)
+    assert len({BatchKey.of(job) for job in jobs}) == 3  # the size values go into the batch key
+    engine = get_engine(run_spec.model, run_spec.perf)
+    together = engine.run_batch(Batch(BatchKey.of(jobs[0]), tuple(jobs)))
+    for job, image in zip(jobs, together, strict=True):
+        assert max_diff([np.asarray(engine.run_batch(Batch(BatchKey.of(job), (job,)))[0])], [np.asarray(image)]) <= 1
+    assert max_diff([np.asarray(together[0])], [np.asarray(together[1])]) > 3  # --ow changes the image
+
+
+def test_size_options_on_sd1_are_one_line_errors(sd1_single_file) -> None:
+    run_spec = spec(sd1_single_file, steps=1)
+    (job,) = _jobs(run_spec, ["a cat --ow 1024"])
+    with pytest.raises(ConfigError, match=r"^t:0: SDXL size conditioning .* needs an SDXL model"):
+        get_engine(run_spec.model, run_spec.perf).run_batch(Batch(BatchKey.of(job), (job,)))
+
+
+def test_bad_size_key_names_it() -> None:
+    with pytest.raises(ConfigError, match=r"sdxl.crop must be \[top, left\]"):
+        SdxlConfig(crop=[1, 2, 3]).check(None)
