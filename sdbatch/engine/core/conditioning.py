@@ -16,9 +16,9 @@ import dataclasses
 
 import torch
 
+from sdbatch.config.sdxl_schema import DEFAULT as DEFAULT_SIZES
 from sdbatch.engine.core.model_fn import Conditioning
 from sdbatch.engine.core.rows import TEXT_CHUNKS, TEXT_TOKENS, Rows
-from sdbatch.config.sdxl_schema import DEFAULT as DEFAULT_SIZES
 from sdbatch.engine.text.encoder import EncodedBatch, TextEncoder
 from sdbatch.errors import ConfigError
 from sdbatch.plan.jobs import ImageJob

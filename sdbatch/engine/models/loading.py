@@ -1,4 +1,4 @@
-"""Load a model (single file, diffusers folder, cached hub id, builtin:tiny or builtin:tiny_xl) once per process, offline."""
+"""Load a model (single file, diffusers folder, cached hub id, builtin:tiny or :tiny_xl) once per process, offline."""
 
 from __future__ import annotations
 
