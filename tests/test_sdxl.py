@@ -60,12 +60,13 @@ def sdxl_folder(tmp_path_factory, sdxl_components) -> Path:
                                  text_encoder_2=text_2)
 
 
-def _pipeline(components: tuple, tmp: Path, sampler: str, cls=StableDiffusionXLPipeline):
+def _pipeline(components: tuple, tmp: Path, sampler: str, cls=StableDiffusionXLPipeline, **scheduler):
     unet, vae, text, text_2 = components
     tokenizer = CLIPTokenizer.from_pretrained(write_hf_tokenizer_files(tmp / "tok", "<|endoftext|>"))
     tokenizer_2 = CLIPTokenizer.from_pretrained(write_hf_tokenizer_files(tmp / "tok2", "!"))
     return cls(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-               unet=unet, scheduler=make_scheduler(sampler, "default", False), force_zeros_for_empty_prompt=False)
+               unet=unet, scheduler=make_scheduler(sampler, "default", **{"v_prediction": False, **scheduler}),
+               force_zeros_for_empty_prompt=False)
 
 
 def _reference(pipe, seeds: list[int], prompts: list[str] = PROMPTS, **kwargs) -> list[np.ndarray]:
@@ -105,6 +106,21 @@ def test_sdxl_img2img_parity(sdxl_components, sdxl_file, tmp_path) -> None:
     expected = _reference(pipe, SEEDS, image=[Image.open(p).convert("RGB") for p in images], strength=0.6)
     got = ours_img2img(spec(sdxl_file), PROMPTS, SEEDS, images, 0.6, negative="blurry")
     assert max_diff(got, expected) <= 1
+
+
+def test_v_prediction_with_zero_terminal_snr_parity(sdxl_components, sdxl_file, tmp_path) -> None:
+    """A v-prediction SDXL with sampler.zero_terminal_snr: diffusers' rescale_betas_zero_snr on the same weights."""
+    pipe = _pipeline(sdxl_components, tmp_path, "euler", v_prediction=True, zero_terminal_snr=True)
+    expected = _reference(pipe, SEEDS, height=SIZE, width=SIZE)
+    run_spec = spec(sdxl_file, sampler="euler", v_pred=True)
+    run_spec = dataclasses.replace(run_spec, sampler=dataclasses.replace(run_spec.sampler, zero_terminal_snr=True))
+    lines = [PromptLine(p, "blurry", "test") for p in PROMPTS]
+    jobs = [dataclasses.replace(job, seed=seed) for job, seed in zip(plan(run_spec, lines, 0), SEEDS, strict=True)]
+    engine = get_engine(run_spec.model, run_spec.perf)
+    with engine.session(run_spec):  # the run's sampler settings live in its session
+        got = engine.run_batch(Batch(BatchKey.of(jobs[0]), tuple(jobs)))
+    assert pipe.scheduler.config.rescale_betas_zero_snr
+    assert max_diff([np.asarray(im) for im in got], expected) <= 1
 
 
 def test_single_file_and_folder_give_the_same_image(sdxl_file, sdxl_folder) -> None:

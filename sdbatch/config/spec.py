@@ -58,6 +58,9 @@ class SamplerConfig:
     # a separate scale for the negative prompt (gcem156's method, the reference's --negative_scale): the real
     # unconditional prediction becomes the base and the negative prompt is pushed away from with this scale
     negative_scale: float | None = None
+    # rescale the betas to zero terminal SNR (diffusers' rescale_betas_zero_snr), for v-prediction models trained
+    # so (model.v_parameterization=true); ddim, euler, euler_a, dpmsolver++/dpmpp_2m and unipc support it
+    zero_terminal_snr: bool = False
 
 
 @dataclass(**_SPEC)

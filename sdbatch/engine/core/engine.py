@@ -89,12 +89,14 @@ class Engine:
             self.set_textual_inversion(run.model.textual_inversion, run.model.xti_embeddings)
             self.info = dataclasses.replace(self.info, networks=_refs(session.patches, "refs"),
                                             controlnets=_refs(session.patches, "controlnet_refs"),
-                                            regional_networks=run.network.regional)
+                                            regional_networks=run.network.regional,
+                                            zero_terminal_snr=run.sampler.zero_terminal_snr)
             yield session
         finally:
             self._session = None
             self.text.network_key = ()
-            self.info = dataclasses.replace(self.info, networks=(), controlnets=(), regional_networks=False)
+            self.info = dataclasses.replace(self.info, networks=(), controlnets=(), regional_networks=False,
+                                            zero_terminal_snr=False)
             session.close()
 
     @property
@@ -166,9 +168,10 @@ class Engine:
 
     def _context(self, batch: Batch, start_given: bool) -> BatchContext:
         key = batch.key
-        scheduler = make_scheduler(key.sampler, key.schedule, self.v_prediction)
-        scheduler.set_timesteps(key.steps, device=self.placement.device)
         session = self._session
+        zero_snr = session is not None and session.run.sampler.zero_terminal_snr
+        scheduler = make_scheduler(key.sampler, key.schedule, self.v_prediction, zero_snr)
+        scheduler.set_timesteps(key.steps, device=self.placement.device)
         return BatchContext(
             engine=self, batch=batch, scheduler=scheduler, generators=noise.generators([j.seed for j in batch.jobs]),
             run=session.run if session else None, patches=dict(session.patches) if session else {},
