@@ -19,7 +19,7 @@ from sdbatch.engine.core.scheduler_factory import make_scheduler
 from sdbatch.engine.models.export import save_diffusers_folder, save_single_file
 from sdbatch.engine.models.tiny import build_tiny_components
 from sdbatch.engine.text.tokenizer import write_hf_tokenizer_files
-from sdbatch.errors import ConfigError
+from sdbatch.errors import ConfigError, ModelError
 from sdbatch.plan.batching import Batch, BatchKey
 from sdbatch.plan.planner import plan
 from sdbatch.prompts.sources import PromptLine
@@ -151,6 +151,39 @@ def test_size_options_on_sd1_are_one_line_errors(sd1_single_file) -> None:
     (job,) = _jobs(run_spec, ["a cat --ow 1024"])
     with pytest.raises(ConfigError, match=r"^t:0: SDXL size conditioning .* needs an SDXL model"):
         get_engine(run_spec.model, run_spec.perf).run_batch(Batch(BatchKey.of(job), (job,)))
+
+
+def _token_rows(encoder, word: str) -> torch.Tensor:
+    from sdbatch.engine.text.tokenizer import ClipTokenizer
+
+    return encoder.get_input_embeddings().weight[ClipTokenizer().encode(word)].detach().clone()
+
+
+def test_sdxl_textual_inversion_and_wrong_family_files(sdxl_file, sdxl_components, sd1_single_file, tmp_path) -> None:
+    """An SDXL embedding (clip_l/clip_g) holding the token vectors of "lighthouse" draws what the word draws; an
+    SD1 embedding on SDXL and an SDXL one on SD1 are one-line errors naming the key."""
+    import safetensors.torch
+
+    _, _, text, text_2 = sdxl_components
+    xl = tmp_path / "lamp.safetensors"
+    safetensors.torch.save_file({"clip_l": _token_rows(text, "lighthouse"),
+                                 "clip_g": _token_rows(text_2, "lighthouse")}, str(xl))
+    sd1 = tmp_path / "sd1emb.safetensors"
+    safetensors.torch.save_file({"emb_params": torch.zeros(1, text.config.hidden_size)}, str(sd1))
+
+    def run(file: Path, embedding: Path, prompt: str) -> list[np.ndarray]:
+        run_spec = spec(file, steps=2)
+        run_spec = dataclasses.replace(run_spec, model=dataclasses.replace(run_spec.model,
+                                                                          textual_inversion=[str(embedding)]))
+        jobs = [dataclasses.replace(j, seed=3) for j in plan(run_spec, [PromptLine(prompt, "", "t")], base_seed=0)]
+        engine = get_engine(run_spec.model, run_spec.perf)
+        with engine.session(run_spec):
+            return [np.asarray(im) for im in engine.run_batch(Batch(BatchKey.of(jobs[0]), tuple(jobs)))]
+
+    assert max_diff(run(sdxl_file, xl, "a lamp at dusk"), run(sdxl_file, xl, "a lighthouse at dusk")) <= 1
+    for model, embedding in ((sdxl_file, sd1), (sd1_single_file, xl)):
+        with pytest.raises(ModelError, match=r"^model.textual_inversion: .* holds vectors of width"):
+            run(model, embedding, "a cat")
 
 
 def test_bad_size_key_names_it() -> None:

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from sdbatch.engine.text.embeddings import XTI_LAYERS, Embedding, register
+from sdbatch.engine.text.embeddings import XTI_LAYERS, Embedding, register, register_sdxl
 from sdbatch.errors import ConfigError
 from sdbatch.prompts.embedding_names import name_pattern, split_names
 from sdbatch.prompts.weighting import is_break, parse_weights
@@ -104,7 +104,8 @@ class TextEncoder:
 
     def set_embeddings(self, embeddings: Sequence[Embedding]) -> None:
         """Make exactly these (X)TI embeddings active, writing them into the text encoder."""
-        ids = register(self.text_encoder, embeddings)
+        ids = (register(self.text_encoder, embeddings) if self.text_encoder_2 is None
+               else register_sdxl(self.text_encoder, self.text_encoder_2, embeddings))
         self._ti_ids, self._ti_names = {}, {}
         self._xti_maps = [{} for _ in XTI_LAYERS] if any(emb.xti for emb in embeddings) else []
         for emb, all_ids in zip(embeddings, ids, strict=True):
@@ -320,7 +321,10 @@ class TextEncoder:
         if layer > min(layers, len(out_2.hidden_states) - 1):
             raise ConfigError(f"model.clip_skip={clip_skip} but the text encoders have only {layers} layers")
         hidden = torch.cat([out_1.hidden_states[-layer], out_2.hidden_states[-layer]], dim=-1)
-        return hidden, out_2.text_embeds
+        # pooled at the first EOS, as OpenCLIP: transformers' legacy rule (the largest id) would pick an embedding's
+        # token, whose ids come after the vocabulary
+        at_eos = out_2.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), eos[:, 0]]
+        return hidden, self.text_encoder_2.text_projection(at_eos)
 
     def _layer(self, encoder: torch.nn.Module, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
         """One CLIP encoder's (N, 77, D) output at clip_skip, the final layer norm applied (SD1/SD2)."""
