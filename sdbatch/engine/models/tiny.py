@@ -113,18 +113,19 @@ def build_tiny_components(
     unet: dict[str, Any] | None = None,
     vae: dict[str, Any] | None = None,
     text: dict[str, Any] | None = None,
+    text_2: dict[str, Any] | None = None,
 ) -> tuple:
     """Tiny random modules of ``family``; the same seed always gives the same weights.
 
     "sd1" / "sd2": ``(unet, vae, text_encoder)``; "sdxl": ``(unet, vae, text_encoder, text_encoder_2)``, the
     second a CLIPTextModelWithProjection (OpenCLIP bigG's layout) whose pooled projection feeds the UNet's added
     "text_time" embedding. ``unet``, ``vae`` and ``text`` override entries of the diffusers / transformers configs
-    (``text``: the first text encoder's).
+    (``text``: the first text encoder's, ``text_2``: SDXL's second one's).
     """
     if family not in _UNET:
         raise ValueError(f"family must be 'sd1', 'sd2' or 'sdxl', got {family!r}")
     text_config = _text_config(family, text or {})
-    second = _text_config("sdxl_2", {}) if family == "sdxl" else None
+    second = _text_config("sdxl_2", text_2 or {}) if family == "sdxl" else None
     width = text_config.hidden_size + (second.hidden_size if second else 0)  # SDXL concatenates both encoders
     vae_config = {**_VAE, **({"scaling_factor": SDXL_VAE_SCALING} if second else {}), **(vae or {})}
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
