@@ -8,7 +8,7 @@ passes, "single file → ready" load times, peak memory per phase and the pixel 
 
     python bench/txt2img.py                      # CPU, fp32, half widths (about 3 minutes on 2 cores)
     python bench/txt2img.py --full --device cuda # GPU, fp16, full SD1.5 widths
-    python bench/txt2img.py --family sdxl        # a half-width SDXL (UNet 192/384/768) against StableDiffusionXLPipeline
+    python bench/txt2img.py --family sdxl        # half-width SDXL (UNet 192/384/768) vs StableDiffusionXLPipeline
     python bench/txt2img.py --full --device cuda --batch-size 8 --compile --json out.json  # one configuration
 
 --compile and --channels-last set perf.compile / perf.channels_last for sdbatch only: diffusers stays eager, the
