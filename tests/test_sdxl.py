@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-from engine_helpers import SIZE, init_images, max_diff, ours, ours_img2img, spec
+from engine_helpers import SIZE, init_images, max_diff, ours, ours_img2img, pixels, run_images, spec
 from PIL import Image
 from transformers import CLIPTokenizer
 
+from sdbatch.config.highres_schema import HighresConfig
 from sdbatch.config.sdxl_schema import SdxlConfig
 from sdbatch.engine.core.engine import get_engine
 from sdbatch.engine.core.scheduler_factory import make_scheduler
@@ -22,6 +23,7 @@ from sdbatch.engine.text.tokenizer import write_hf_tokenizer_files
 from sdbatch.errors import ConfigError, ModelError
 from sdbatch.plan.batching import Batch, BatchKey
 from sdbatch.plan.planner import plan
+from sdbatch.prompts.png_info import read_png_params
 from sdbatch.prompts.sources import PromptLine
 from sdbatch.prompts.syntax import parse_line
 
@@ -184,6 +186,23 @@ def test_sdxl_textual_inversion_and_wrong_family_files(sdxl_file, sdxl_component
     for model, embedding in ((sdxl_file, sd1), (sd1_single_file, xl)):
         with pytest.raises(ModelError, match=r"^model.textual_inversion: .* holds vectors of width"):
             run(model, embedding, "a cat")
+
+
+def test_runner_highres_with_size_options(sdxl_file, tmp_path) -> None:
+    """End to end through the runner: Highres. fix on SDXL, a line's --ow/--ct recorded, stage 1 = plain txt2img."""
+    highres = HighresConfig(name="on", scale=0.5, steps=3, strength=0.5, save_first_stage=True)
+    run_spec = spec(sdxl_file, steps=4, width=96, height=96, highres=highres, seed=5,
+                    prompt="a red cube --ow 512 --ct 16")
+    images, lines = run_images(run_spec, tmp_path / "run")
+    first = [line for line in lines if line.get("stage") == 1]
+    final = [line for line in lines if line.get("stage") != 1]
+    assert [(line["width"], line["sdxl"]) for line in final] == [(96, {"original_size": [96, 512], "crop": [16, 0]})]
+    assert read_png_params(tmp_path / "run" / final[0]["file"])["parameters"].startswith("a red cube\n")
+    plain_spec = spec(sdxl_file, steps=3, width=48, height=48)
+    (job,) = _jobs(plain_spec, ["a red cube --ow 512 --oh 96 --ct 16"])  # --oh: the final image's height
+    job = dataclasses.replace(job, seed=first[0]["seed"])
+    plain = get_engine(plain_spec.model, plain_spec.perf).run_batch(Batch(BatchKey.of(job), (job,)))
+    assert max_diff([pixels(tmp_path / "run" / first[0]["file"])], [np.asarray(plain[0])]) == 0
 
 
 def test_bad_size_key_names_it() -> None:
