@@ -205,6 +205,28 @@ def test_runner_highres_with_size_options(sdxl_file, tmp_path) -> None:
     assert max_diff([pixels(tmp_path / "run" / first[0]["file"])], [np.asarray(plain[0])]) == 0
 
 
+def test_long_weighted_prompts_through_both_encoders(sdxl_components) -> None:
+    """225 tokens and BREAK: 77-token chunks of both encoders side by side, pooled from the first chunk (A1111);
+    a weight rescales each encoder's part to its own mean ('original' normalisation, as A1111 per embedder)."""
+    from sdbatch.engine.text.encoder import TextEncoder
+    from sdbatch.engine.text.tokenizer import ClipTokenizer
+
+    _, _, text, text_2 = sdxl_components
+    encoder = TextEncoder(ClipTokenizer(), text, text_encoder_2=text_2)
+    width = text.config.hidden_size
+    long = "a lighthouse at dusk BREAK " + ", ".join(["red cube"] * 60)
+    batch = encoder.encode_texts([long, "a lighthouse at dusk"], None, clip_skip=1, max_multiples=3)
+    assert batch.cond.shape == (2, 3 * 77, width + text_2.config.hidden_size) and batch.chunks == (3, 1)
+    # the long prompt's first chunk is the short prompt (equal up to the rounding of other batch shapes)
+    assert torch.allclose(batch.pooled[0], batch.pooled[1], atol=1e-5)
+    assert torch.allclose(batch.cond[0, :77], batch.cond[1, :77], atol=1e-5)
+    plain = encoder.encode_texts(["a lighthouse at dusk"], None, clip_skip=1).cond[0]
+    weighted = encoder.encode_texts(["a (lighthouse:1.5) at dusk"], None, clip_skip=1).cond[0]
+    for part in (slice(0, width), slice(width, None)):
+        assert torch.allclose(weighted[:, part].mean(), plain[:, part].mean(), atol=1e-6)
+        assert not torch.allclose(weighted[:, part], plain[:, part])
+
+
 def test_bad_size_key_names_it() -> None:
     with pytest.raises(ConfigError, match=r"sdxl.crop must be \[top, left\]"):
         SdxlConfig(crop=[1, 2, 3]).check(None)
