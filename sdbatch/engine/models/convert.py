@@ -145,7 +145,7 @@ def encoder_config(u: State, family: str, name: str) -> dict[str, Any]:
     proj_in = next((v for k, v in u.items() if k.endswith(".1.proj_in.weight")), None)
     to_k = next((v for k, v in u.items() if k.endswith("attn2.to_k.weight")), None)
     if proj_in is None or to_k is None or not _attention_depth(u, "middle_block"):
-        raise ModelError(f"{name}: the UNet has no cross-attention layers; not an SD 1.x/2.x UNet")
+        raise ModelError(f"{name}: the UNet has no cross-attention layers; not an SD 1.x/2.x/XL UNet")
     return {
         "in_channels": u["input_blocks.0.0.weight"].shape[1],  # 4, or 9 for inpainting models
         "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths],
@@ -169,7 +169,7 @@ def _unet_heads(family: str, channels: list[int], name: str) -> int | list[int]:
             raise ModelError(f"{name}: UNet widths {channels} do not split into {SD1_UNET_HEADS} heads")
         return SD1_UNET_HEADS
     if any(c % HEAD_CHANNELS for c in channels):
-        raise ModelError(f"{name}: UNet widths {channels} are not multiples of {HEAD_CHANNELS} (SD2 heads)")
+        raise ModelError(f"{name}: UNet widths {channels} are not multiples of {HEAD_CHANNELS} (SD2/SDXL heads)")
     return [c // HEAD_CHANNELS for c in channels]
 
 
