@@ -48,7 +48,6 @@ class BatchText:
         self.cfg_scales = torch.tensor([j.cfg_scale for j in jobs], dtype=torch.float32, device=device)
         self.time_ids = _time_ids(jobs, sdxl=text.text_encoder_2 is not None)
 
-
     def all_texts(self) -> list[str]:
         """Every text the batch encodes (prompts, negatives, the unconditional "")."""
         return self.prompts + (self.negatives or [])
