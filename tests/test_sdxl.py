@@ -227,6 +227,21 @@ def test_long_weighted_prompts_through_both_encoders(sdxl_components) -> None:
         assert not torch.allclose(weighted[:, part], plain[:, part])
 
 
+def test_family_is_read_from_the_keys(sdxl_file) -> None:
+    """SGM keys with both embedders are SDXL; one embedder (a refiner's layout) or model.v2=true are one-line errors."""
+    from sdbatch.engine.models.checkpoint import read_state_dict
+    from sdbatch.engine.models.convert import SDXL_CLIP_PREFIX, detect_family
+    from sdbatch.engine.models.file_info import model_file_info
+
+    state = read_state_dict(sdxl_file)
+    assert detect_family(state, "x") == "sdxl" and model_file_info(sdxl_file).family == "SDXL"
+    with pytest.raises(ModelError, match="model.v2=true but x is an SDXL model"):
+        detect_family(state, "x", v2="true")
+    refiner = {k: v for k, v in state.items() if not k.startswith(SDXL_CLIP_PREFIX)}
+    with pytest.raises(ModelError, match=r"without SDXL base's two text encoders \(a refiner\?\)"):
+        detect_family(refiner, "x")
+
+
 def test_bad_size_key_names_it() -> None:
     with pytest.raises(ConfigError, match=r"sdxl.crop must be \[top, left\]"):
         SdxlConfig(crop=[1, 2, 3]).check(None)
