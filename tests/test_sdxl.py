@@ -101,7 +101,6 @@ def test_sdxl_parity_with_negative_sizes(sdxl_components, sdxl_file, tmp_path) -
     _parity("euler_a", sdxl_components, sdxl_file, tmp_path, PROMPTS[:1], NEGATIVE_SIZES, OURS_NEGATIVE)
 
 
-@pytest.mark.slow
 def test_sdxl_img2img_parity(sdxl_components, sdxl_file, tmp_path) -> None:
     images = init_images(tmp_path, SEEDS)
     pipe = _pipeline(sdxl_components, tmp_path, "ddim", StableDiffusionXLImg2ImgPipeline)
