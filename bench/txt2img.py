@@ -1,12 +1,14 @@
-"""Benchmark txt2img: the same 8 images through sdbatch's engine and diffusers' StableDiffusionPipeline.
+"""Benchmark txt2img: the same 8 images through sdbatch's engine and diffusers' StableDiffusion(XL)Pipeline.
 
 One process, alternating rounds (sdbatch, diffusers, ...), on a random SD1-architecture model at half the
-SD1.5 widths (``--full``: full widths) built here and saved as a single-file checkpoint in a temp dir.
+SD1.5 widths (``--full``: full widths; ``--family sdxl``: SDXL's layout, two text encoders, against
+StableDiffusionXLPipeline) built here and saved as a single-file checkpoint in a temp dir.
 Prints wall times and their ratio, the share of time outside the UNet / VAE-decode / text-encoder forward
 passes, "single file → ready" load times, peak memory per phase and the pixel difference between the two.
 
     python bench/txt2img.py                      # CPU, fp32, half widths (about 3 minutes on 2 cores)
     python bench/txt2img.py --full --device cuda # GPU, fp16, full SD1.5 widths
+    python bench/txt2img.py --family sdxl        # half-width SDXL (UNet 192/384/768) vs StableDiffusionXLPipeline
     python bench/txt2img.py --full --device cuda --batch-size 8 --compile --json out.json  # one configuration
 
 --compile and --channels-last set perf.compile / perf.channels_last for sdbatch only: diffusers stays eager, the
@@ -82,10 +84,35 @@ ROUND_MARGIN = 1.2  # a round can take 10-20% longer than the one before on a sh
 # ---------------------------------------------------------------- the model
 
 
-def model_overrides(full: bool, tiny: bool = False) -> dict[str, dict[str, Any]]:
-    """Config overrides for build_tiny_components: SD1.5's layout at full or half widths; none for --tiny."""
+# SDXL base's layout; its widths are halved to the next multiple of 64 (its 64-channel heads): 320 → 192
+_SDXL_UNET = {"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+              "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+              "transformer_layers_per_block": (1, 2, 10), "layers_per_block": 2, "addition_time_embed_dim": 256}
+
+
+def _sdxl_overrides(full: bool) -> dict[str, dict[str, Any]]:
+    widths = (320, 640, 1280) if full else (192, 384, 768)
+    first, second = (768, 1280) if full else (384, 640)
+    return {
+        "unet": {**_SDXL_UNET, "block_out_channels": widths, "attention_head_dim": tuple(c // 64 for c in widths),
+                 "cross_attention_dim": first + second,
+                 "projection_class_embeddings_input_dim": second + 6 * 256},
+        "vae": {"block_out_channels": tuple(c // (1 if full else 2) for c in (128, 256, 512, 512)),
+                "layers_per_block": 2},
+        "text": {"hidden_size": first, "intermediate_size": 4 * first, "num_hidden_layers": 12,
+                 "num_attention_heads": first // 64},
+        "text_2": {"hidden_size": second, "intermediate_size": 4 * second, "num_hidden_layers": 32,
+                   "num_attention_heads": second // 64, "projection_dim": second},
+    }
+
+
+def model_overrides(full: bool, tiny: bool = False, family: str = "sd1") -> dict[str, dict[str, Any]]:
+    """Config overrides for build_tiny_components: SD1.5's (or SDXL's) layout at full or half widths; none for
+    --tiny."""
     if tiny:
         return {}
+    if family == "sdxl":
+        return _sdxl_overrides(full)
     k = 1 if full else 2
     text_width = 768 // k
     return {
@@ -107,35 +134,47 @@ def model_overrides(full: bool, tiny: bool = False) -> dict[str, dict[str, Any]]
     }
 
 
-def model_label(full: bool, tiny: bool = False) -> str:
+def model_label(full: bool, tiny: bool = False, family: str = "sd1") -> str:
     if tiny:
-        return "sdbatch's tiny test SD1 (UNet 32/64), random weights: checks the script, says nothing about speed"
-    o = model_overrides(full)
+        return (f"sdbatch's tiny test {family.upper()}, random weights: checks the script, says nothing about "
+                "speed")
+    o = model_overrides(full, family=family)
     unet = "/".join(map(str, o["unet"]["block_out_channels"]))
     vae = "/".join(map(str, o["vae"]["block_out_channels"]))
     text = o["text"]
-    return (f"{'full' if full else 'half'}-width SD1 (UNet {unet}, text {text['hidden_size']}x"
-            f"{text['num_hidden_layers']} layers, VAE {vae}), random weights")
+    if family == "sdxl":
+        text = f"{text['hidden_size']}x12 + {o['text_2']['hidden_size']}x32 layers"
+    else:
+        text = f"{text['hidden_size']}x{text['num_hidden_layers']} layers"
+    return (f"{'full' if full else 'half'}-width {family.upper()} (UNet {unet}, text {text}, VAE {vae}), "
+            "random weights")
 
 
-def build_checkpoint(folder: Path, full: bool, seed: int, tiny: bool = False) -> tuple[Path, Path, int]:
+def build_checkpoint(folder: Path, full: bool, seed: int, tiny: bool = False,
+                     family: str = "sd1") -> tuple[Path, Path, int]:
     """(single file, diffusers config folder, parameter count) of a freshly built random model."""
-    overrides = model_overrides(full, tiny)
-    unet, vae, text_encoder = build_tiny_components("sd1", seed, **overrides)
-    params = sum(p.numel() for m in (unet, vae, text_encoder) for p in m.parameters())
-    path = save_single_file(folder / "bench-sd1.safetensors", unet, vae, text_encoder, "sd1")
-    config = save_diffusers_folder(folder / "bench-sd1-config", unet, vae, text_encoder, "sd1", weights=False)
+    overrides = model_overrides(full, tiny, family)
+    unet, vae, text_encoder, *second = build_tiny_components(family, seed, **overrides)
+    params = sum(p.numel() for m in (unet, vae, text_encoder, *second) for p in m.parameters())
+    text_2 = second[0] if second else None
+    path = save_single_file(folder / f"bench-{family}.safetensors", unet, vae, text_encoder, family,
+                            text_encoder_2=text_2)
+    config = save_diffusers_folder(folder / f"bench-{family}-config", unet, vae, text_encoder, family, weights=False,
+                                   text_encoder_2=text_2)
     return path, config, params
 
 
-def kept_checkpoint(folder: Path, full: bool, seed: int, tiny: bool) -> tuple[Path, Path, int, bool]:
+def kept_checkpoint(folder: Path, full: bool, seed: int, tiny: bool,
+                    family: str = "sd1") -> tuple[Path, Path, int, bool]:
     """build_checkpoint into folder/<widths>-seed<N>, or what an earlier run left there: (..., reused)."""
-    own = folder / f"{'full' if full else 'tiny' if tiny else 'half'}-seed{seed}"
+    widths = "full" if full else "tiny" if tiny else "half"
+    own = folder / (f"{widths}-seed{seed}" if family == "sd1" else f"{family}-{widths}-seed{seed}")
     done = own / "params.json"
     if done.exists():
-        return own / "bench-sd1.safetensors", own / "bench-sd1-config", json.loads(done.read_text()), True
+        return (own / f"bench-{family}.safetensors", own / f"bench-{family}-config", json.loads(done.read_text()),
+                True)
     own.mkdir(parents=True, exist_ok=True)
-    path, config, params = build_checkpoint(own, full, seed, tiny)
+    path, config, params = build_checkpoint(own, full, seed, tiny, family)
     done.write_text(json.dumps(params))  # written last: a build that was cut short is built again
     return path, config, params, False
 
@@ -168,10 +207,12 @@ class Timers:
 
         setattr(obj, attr, timed)  # an instance attribute: nn.Module.__call__ and callers find it first
 
-    def wrap_models(self, unet: Any, vae: Any, text_encoder: Any) -> None:
+    def wrap_models(self, unet: Any, vae: Any, *text_encoders: Any) -> None:
         self.wrap(unet, "forward", "unet")
         self.wrap(vae, "decode", "vae")
-        self.wrap(text_encoder, "forward", "text")
+        for encoder in text_encoders:  # SDXL's two count together
+            if encoder is not None:
+                self.wrap(encoder, "forward", "text")
 
     def take(self) -> dict[str, float]:
         """The totals so far, and start again from zero."""
@@ -286,7 +327,8 @@ def load_sdbatch(path: Path, placement: Placement) -> tuple[ModelBundle, float]:
 
 def load_diffusers(path: Path, config: Path, placement: Placement) -> tuple[Any, float]:
     start = time.perf_counter()
-    pipe = diffusers.StableDiffusionPipeline.from_single_file(
+    xl = (config / "text_encoder_2").is_dir()
+    pipe = (diffusers.StableDiffusionXLPipeline if xl else diffusers.StableDiffusionPipeline).from_single_file(
         str(path), config=str(config), local_files_only=True, torch_dtype=placement.dtype
     )
     pipe.to(placement.device)
@@ -365,6 +407,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     widths.add_argument("--full", action="store_true", help="full SD1.5 widths instead of half")
     widths.add_argument("--tiny", action="store_true",
                         help="the tests' tiny SD1 model: seconds on a CPU, to check a script (bench/gpu.sh --dry-run)")
+    p.add_argument("--family", default="sd1", choices=["sd1", "sdxl"],
+                   help="sd1 (default) or sdxl: SDXL's layout against StableDiffusionXLPipeline")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto = fp16 on CUDA, fp32 on CPU")
@@ -432,13 +476,15 @@ def alternate(args: argparse.Namespace, runs: dict[str, Callable[[], list[Image.
 
 def prepare(args: argparse.Namespace, placement: Placement, memory: Memory, folder: Path) -> tuple[Engine, Any, dict]:
     """Build and save the model, then load it both ways, timed: (sdbatch engine, diffusers pipeline, facts)."""
-    print(f"building {model_label(args.full, args.tiny)} ...", flush=True)
+    print(f"building {model_label(args.full, args.tiny, args.family)} ...", flush=True)
     with memory.phase("build + save"):
         start = time.perf_counter()
         if args.model_dir:
-            path, config, params, reused = kept_checkpoint(args.model_dir, args.full, args.seed, args.tiny)
+            path, config, params, reused = kept_checkpoint(args.model_dir, args.full, args.seed, args.tiny,
+                                                           args.family)
         else:
-            (path, config, params), reused = build_checkpoint(folder, args.full, args.seed, args.tiny), False
+            (path, config, params), reused = build_checkpoint(folder, args.full, args.seed, args.tiny,
+                                                              args.family), False
         build_s = time.perf_counter() - start
     with memory.phase("load sdbatch"):
         bundle, sd_load = load_sdbatch(path, placement)
@@ -468,8 +514,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="sdbatch-bench-") as tmp:
         engine, pipe, facts = prepare(args, placement, memory, Path(tmp))
         spec, batches = facts["spec"], batches_of(facts["spec"])
-        timers.wrap_models(engine.bundle.unet, engine.bundle.vae, engine.bundle.text_encoder)
-        timers.wrap_models(pipe.unet, pipe.vae, pipe.text_encoder)
+        timers.wrap_models(engine.bundle.unet, engine.bundle.vae, engine.bundle.text_encoder,
+                           engine.bundle.text_encoder_2)
+        timers.wrap_models(pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
         if args.warmup_steps:
             sizes = " and one of ".join(map(str, sorted({len(b.jobs) for b in batches}, reverse=True)))
             print(f"untimed warm-up: one batch of {sizes} at {args.warmup_steps} step(s) through each ...", flush=True)
@@ -538,7 +585,7 @@ def report(args: argparse.Namespace, placement: Placement, rounds: list[Round],
     sd_load, df_load = info["loads"]
     print()
     made = f"reused from {args.model_dir}" if info["reused"] else f"built and saved in {info['build']:.1f} s"
-    print(f"model: {model_label(args.full, args.tiny)}, {info['params'] / 1e6:.0f}M parameters, "
+    print(f"model: {model_label(args.full, args.tiny, args.family)}, {info['params'] / 1e6:.0f}M parameters, "
           f"single file {info['file_mib']:.0f} MiB ({made})")
     print(f"device: {placement.device} ({placement.precision}), torch threads {torch.get_num_threads()}, "
           f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}")

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from sdbatch.config.deep_shrink_schema import DeepShrink
 from sdbatch.config.gradual_latent_schema import GradualLatent
+from sdbatch.config.sdxl_schema import SdxlLine
 from sdbatch.errors import PromptError
 from sdbatch.prompts.syntax import OFF, LineOptions, ParsedLine, parse_line
 
@@ -39,6 +40,12 @@ GOOD = [
     ("--f my cat.png", "file_name", "my cat.png"),
     ("--f v1.5_test.PNG", "file_name", "v1.5_test.PNG"),
     ("--dsd1 3", "deep_shrink", DeepShrink(depth_1=3)),
+    ("--ow 1024", "sdxl", SdxlLine(original_width=1024)),
+    ("--oh 768", "sdxl", SdxlLine(original_height=768)),
+    ("--nw 512", "sdxl", SdxlLine(negative_original_width=512)),
+    ("--nh 256", "sdxl", SdxlLine(negative_original_height=256)),
+    ("--ct 0", "sdxl", SdxlLine(crop_top=0)),
+    ("--cl 32", "sdxl", SdxlLine(crop_left=32)),
     ("--dsd1 0", "deep_shrink", DeepShrink(depth_1=0)),
     ("--dst1 700", "deep_shrink", DeepShrink(timesteps_1=700)),
     ("--dsd2 1", "deep_shrink", DeepShrink(depth_2=1)),
@@ -103,12 +110,9 @@ BAD = [
     ("--zzz 3", "--zzz", "unknown prompt option"),
     ("--w512", "--w512", "--w 512"),
     ("--wx 5", "--wx", "did you mean --w?"),
-    ("--ow 1024", "--ow", "SDXL-only; sdbatch runs SD 1.x/2.x"),
-    ("--oh 1024", "--oh", "SDXL-only"),
-    ("--nw 1024", "--nw", "SDXL-only"),
-    ("--nh 1024", "--nh", "SDXL-only"),
-    ("--ct 0", "--ct", "SDXL-only"),
-    ("--cl 0", "--cl", "SDXL-only"),
+    ("--ow 0", "--ow", "a positive integer"),
+    ("--nh x", "--nh", "a positive integer"),
+    ("--ct -1", "--ct", "an integer >= 0"),
     ("-- w 512", "' --'", "without an option name"),
 ]
 

@@ -97,10 +97,13 @@ def test_half_precision_file_is_read_as_float32(tmp_path) -> None:
     assert emb.vectors.dtype == torch.float32 and torch.equal(emb.vectors, vectors.float())
 
 
-def test_sdxl_embedding_is_refused(tmp_path) -> None:
+def test_sdxl_embedding_reads_both_parts(tmp_path) -> None:
+    """clip_l and clip_g side by side: a width no SD1/SD2 text encoder takes (tests/test_sdxl.py uses them)."""
     path = tmp_path / "xl.safetensors"
-    safetensors.torch.save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, str(path))
-    with pytest.raises(ModelError, match="SDXL embedding"):
+    safetensors.torch.save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.ones(2, 1280)}, str(path))
+    assert load_embedding(path).vectors.shape == (2, 2048)
+    safetensors.torch.save_file({"clip_l": torch.zeros(2, 768)}, str(path))
+    with pytest.raises(ModelError, match="SDXL embedding without both clip_l and clip_g"):
         load_embedding(path)
 
 

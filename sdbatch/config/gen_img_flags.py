@@ -70,14 +70,14 @@ def _ignored(name: str, note: str, **kw: Any) -> Flag:
     return Flag(name, status=IGNORED, note=note, **kw)
 
 
-_SDXL = "SDXL only; sdbatch runs SD 1.x/2.x"
+_SDXL = "sdxl_gen_img.py's; not translated yet: use model=sdxl and the sdxl.* keys"
 _DIFFUSERS_ONLY = ("it downloads its guide model at run time; run sdbatch with guided=clip | clip_image | vgg16 "
                    "and a local guided.clip_model or guided.vgg16_weights (see the README)")
 
 FLAGS: tuple[Flag, ...] = (
     # model, precision, scheduler
     _flag("ckpt", "model.checkpoint", status=RULE, note="required, as in gen_img"),
-    _ignored("v1", "sdbatch has no SDXL to tell apart", type=None, default=False),
+    _ignored("v1", "sdbatch reads the model family from the weights", type=None, default=False),
     _switch("v2", "model.v2", note="without it sdbatch reads the layout from the weights"),
     _unsupported("sdxl", _SDXL, type=None, default=False),
     _switch("v_parameterization", "model.v_parameterization"),

@@ -13,7 +13,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from sdbatch.config.grid_axes import SEED_LIMIT, axis_key, grid_axes, size_problem
 from sdbatch.config.model_names import resolve_model_names
-from sdbatch.config.sampler_registry import MIN_STEPS, effective_schedule
+from sdbatch.config.sampler_registry import MIN_STEPS, check_zero_terminal_snr, effective_schedule
 from sdbatch.config.spec import RunSpec, image_features
 from sdbatch.errors import ConfigError
 
@@ -185,6 +185,8 @@ def _check(spec: RunSpec) -> None:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", spec.perf.device):
         raise ConfigError(f"perf.device={spec.perf.device!r} is not valid; use auto, cpu, cuda or cuda:N")
     effective_schedule(spec.sampler.name, spec.sampler.schedule)
+    if spec.sampler.zero_terminal_snr:
+        check_zero_terminal_snr(spec.sampler.name, spec.model.v_parameterization == "true")
     grid_axes(spec)
     _check_prompt(spec)
     _check_prompt_sr(spec)

@@ -114,8 +114,25 @@ def effective_schedule(name: str, schedule: str) -> str:
     return chosen
 
 
-def scheduler_options(name: str, schedule: str, v_prediction: bool) -> tuple[str, dict]:
-    """(diffusers class name, constructor kwargs) for a sampler, schedule and prediction type."""
+# the schedulers that can rescale their betas to zero terminal SNR (sampler.zero_terminal_snr)
+ZERO_SNR_SCHEDULERS = frozenset({"DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                                 "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"})
+
+
+def check_zero_terminal_snr(name: str, v_prediction: bool) -> None:
+    """ConfigError unless sampler `name` can run sampler.zero_terminal_snr on a v-prediction model."""
+    if get_sampler(name).scheduler not in ZERO_SNR_SCHEDULERS:
+        names = sorted(n for n, e in SAMPLERS.items() if e.scheduler in ZERO_SNR_SCHEDULERS)
+        raise ConfigError(f"sampler.zero_terminal_snr=true does not work with sampler {name}; use one of "
+                          f"{', '.join(names)}")
+    if not v_prediction:
+        raise ConfigError("sampler.zero_terminal_snr=true needs a v-prediction model (at zero SNR an epsilon model "
+                          "predicts nothing); set model.v_parameterization=true")
+
+
+def scheduler_options(name: str, schedule: str, v_prediction: bool,
+                      zero_terminal_snr: bool = False) -> tuple[str, dict]:
+    """(diffusers class name, constructor kwargs) for a sampler, schedule, prediction type and beta rescaling."""
     entry = get_sampler(name)
     options = {**BASE_CONFIG, **entry.options}
     chosen = effective_schedule(name, schedule)
@@ -125,6 +142,9 @@ def scheduler_options(name: str, schedule: str, v_prediction: bool) -> tuple[str
         options["use_exponential_sigmas"] = True
     if v_prediction:
         options["prediction_type"] = "v_prediction"
+    if zero_terminal_snr:
+        check_zero_terminal_snr(name, v_prediction)
+        options["rescale_betas_zero_snr"] = True
     return entry.scheduler, options
 
 

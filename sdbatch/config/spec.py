@@ -23,6 +23,7 @@ from sdbatch.config.guidance_schema import GuidanceConfig
 from sdbatch.config.guided_schema import GuidedConfig
 from sdbatch.config.highres_schema import HighresConfig
 from sdbatch.config.regions_schema import RegionsConfig
+from sdbatch.config.sdxl_schema import SdxlConfig
 
 MISSING: Any = "???"  # OmegaConf's marker for a mandatory value (the same string, so Hydra reports it as missing)
 
@@ -58,6 +59,9 @@ class SamplerConfig:
     # a separate scale for the negative prompt (gcem156's method, the reference's --negative_scale): the real
     # unconditional prediction becomes the base and the negative prompt is pushed away from with this scale
     negative_scale: float | None = None
+    # rescale the betas to zero terminal SNR (diffusers' rescale_betas_zero_snr), for v-prediction models trained
+    # so (model.v_parameterization=true); ddim, euler, euler_a, dpmsolver++/dpmpp_2m and unipc support it
+    zero_terminal_snr: bool = False
 
 
 @dataclass(**_SPEC)
@@ -207,6 +211,7 @@ class RunSpec:
     deep_shrink: DeepShrinkConfig = field(default_factory=DeepShrinkConfig)
     gradual_latent: GradualLatentConfig = field(default_factory=GradualLatentConfig)
     regions: RegionsConfig = field(default_factory=RegionsConfig)  # Attention Couple's region masks
+    sdxl: SdxlConfig = field(default_factory=SdxlConfig)  # SDXL's size conditioning
     prompt: Any = None  # a string or a list of strings; in-prompt options (--w 768 --n ...) allowed
     negative_prompt: str = ""  # default negative prompt (a line's --n replaces it)
     # A1111's Prompt S/R: the first of prompt_sr_words is replaced by prompt_sr in every prompt and negative

@@ -56,6 +56,7 @@ def image_params(job: ImageJob, model: ModelInfo, version: str, vae_fallback: Co
         "vae": model.vae_name,
         "vae_hash": model.vae_hash,
         "v_prediction": model.v_prediction,
+        **({"zero_terminal_snr": True} if model.zero_terminal_snr else {}),  # only when set: older records match
         "precision": model.precision,
         "vae_fallback": "fp32" if job.file_name in vae_fallback else None,
         "origin": job.origin,

@@ -102,7 +102,7 @@ class ModelInfo:
 
     name: str  # checkpoint file stem (A1111 "Model")
     hash: str  # first 10 hex digits of the file's sha256 (A1111 "AutoV2" / "Model hash")
-    family: str  # "sd1" | "sd2"
+    family: str  # "sd1" | "sd2" | "sdxl"
     v_prediction: bool
     clip_skip: int  # 1 = last text-encoder layer
     precision: str  # fp32 | fp16 | bf16 (as actually used)
@@ -114,3 +114,4 @@ class ModelInfo:
     controlnets: tuple[ControlNetRef, ...] = ()  # guidance.models of the run, in order
     guide_models: tuple[GuideModelRef, ...] = ()  # guided sampling's model of the run (none or one)
     regional_networks: bool = False  # network.regional: network i acts in the region of AND part i
+    zero_terminal_snr: bool = False  # sampler.zero_terminal_snr of the run

@@ -26,6 +26,7 @@ from typing import Any
 
 from sdbatch.config.deep_shrink_schema import DeepShrink
 from sdbatch.config.gradual_latent_schema import GradualLatent
+from sdbatch.config.sdxl_schema import SdxlLine
 from sdbatch.config.spec import RunSpec, image_features
 from sdbatch.errors import PromptError
 
@@ -60,6 +61,7 @@ class LineOptions:
     # per-image features: their LINE overrides (sdbatch.config.*_schema), named as the feature
     deep_shrink: DeepShrink | None = None  # --dsd1 --dst1 --dsd2 --dst2 --dsr
     gradual_latent: GradualLatent | None = None  # --glt --glr --gle --gls --glsn --glus
+    sdxl: SdxlLine | None = None  # --ow --oh --nw --nh --ct --cl (SDXL models only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,9 +191,14 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("glsn", "gradual_latent.s_noise", _float_if(lambda x: x >= 0), "a number >= 0"),
     _Option("glus", "gradual_latent.unsharp", _list_of(_float, range(3, 5)),
             "ksize,sigma,strength[,target_x], e.g. 3,0.5,0.5,1"),
+    _Option("ow", "sdxl.original_width", _int_in(1, 100_000), "a positive integer (pixels)"),
+    _Option("oh", "sdxl.original_height", _int_in(1, 100_000), "a positive integer (pixels)"),
+    _Option("nw", "sdxl.negative_original_width", _int_in(1, 100_000), "a positive integer (pixels)"),
+    _Option("nh", "sdxl.negative_original_height", _int_in(1, 100_000), "a positive integer (pixels)"),
+    _Option("ct", "sdxl.crop_top", _int_in(0, 100_000), "an integer >= 0 (pixels)"),
+    _Option("cl", "sdxl.crop_left", _int_in(0, 100_000), "an integer >= 0 (pixels)"),
 )
 _BY_NAME = {option.name: option for option in _OPTIONS}
-_SDXL_ONLY = frozenset({"ow", "oh", "nw", "nh", "ct", "cl"})
 
 
 def parse_line(raw: str, origin: str) -> ParsedLine:
@@ -224,8 +231,6 @@ def _lookup(token: str, origin: str) -> _Option:
     if not token:
         raise PromptError(f"{origin}: ' --' without an option name; options look like '--w 768' "
                           "(a prompt cannot contain ' --')")
-    if name in _SDXL_ONLY:
-        raise PromptError(f"{origin}: --{token} is SDXL-only; sdbatch runs SD 1.x/2.x: remove it")
     raise PromptError(f"{origin}: unknown prompt option --{token}{_unknown_hint(token)}")
 
 

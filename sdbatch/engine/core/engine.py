@@ -58,7 +58,7 @@ class Engine:
         self.vae_batch_size = perf.vae_batch_size
         self.vae_slices = perf.vae_slices
         self.vae_tiling = perf.vae_tiling
-        self.text = TextEncoder(bundle.tokenizer, bundle.text_encoder)
+        self.text = TextEncoder(bundle.tokenizer, bundle.text_encoder, text_encoder_2=bundle.text_encoder_2)
         self.latent_channels = bundle.vae.config.latent_channels
         self.latent_factor = 2 ** (len(bundle.vae.config.block_out_channels) - 1)  # 8 for SD
         self.info = ModelInfo(
@@ -93,13 +93,14 @@ class Engine:
             self.info = dataclasses.replace(self.info, networks=_refs(session.patches, "refs"),
                                             controlnets=_refs(session.patches, "controlnet_refs"),
                                             guide_models=_refs(session.patches, "guide_refs"),
-                                            regional_networks=run.network.regional)
+                                            regional_networks=run.network.regional,
+                                            zero_terminal_snr=run.sampler.zero_terminal_snr)
             yield session
         finally:
             self._session = None
             self.text.network_key = ()
             self.info = dataclasses.replace(self.info, networks=(), controlnets=(), guide_models=(),
-                                            regional_networks=False)
+                                            regional_networks=False, zero_terminal_snr=False)
             session.close()
 
     @property
@@ -176,9 +177,10 @@ class Engine:
 
     def _context(self, batch: Batch, start_given: bool) -> BatchContext:
         key = batch.key
-        scheduler = make_scheduler(key.sampler, key.schedule, self.v_prediction)
-        scheduler.set_timesteps(key.steps, device=self.placement.device)
         session = self._session
+        zero_snr = session is not None and session.run.sampler.zero_terminal_snr
+        scheduler = make_scheduler(key.sampler, key.schedule, self.v_prediction, zero_snr)
+        scheduler.set_timesteps(key.steps, device=self.placement.device)
         return BatchContext(
             engine=self, batch=batch, scheduler=scheduler, generators=noise.generators([j.seed for j in batch.jobs]),
             run=session.run if session else None, patches=dict(session.patches) if session else {},

@@ -15,6 +15,7 @@ import torch
 from sdbatch.engine.core.rows import TEXT_CHUNKS, TEXT_TOKENS, Rows, calling
 
 CHUNK_TOKENS = 77  # one encoded chunk: BOS + 75 tokens + EOS
+SIZE_VALUES = 6  # SDXL's add_time_ids: original size, crop top-left, target size
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,11 @@ class Conditioning:
     # sampler.negative_scale: the real unconditional ("" prompt) embeddings and the negative prompt's own scale
     uncond: torch.Tensor | None = None  # (B, 77·k, D)
     negative_scale: float | None = None
+    # SDXL's added conditioning of each CFG part, (B, P + 6): the pooled text embedding, then the six size values
+    # (add_time_ids); None for SD1/SD2. They follow their part's embeddings through every wrapper.
+    added: torch.Tensor | None = None
+    negative_added: torch.Tensor | None = None
+    uncond_added: torch.Tensor | None = None
     unet_kwargs: dict = field(default_factory=dict)  # extra UNet arguments a wrapper adds (residuals, ...)
     rows: Rows | None = None  # the row contract of the UNet call; None = one row per image, no per-row data
     step: int = 0  # which call of the pass this is (the loop's index into its timesteps) ...
@@ -57,6 +63,10 @@ def unet_model(unet: torch.nn.Module) -> ModelFn:
         rows = cond.rows_for(x)
         mask = padding_mask(rows, emb.shape[1], emb.device)
         extra = cond.unet_kwargs if mask is None else {**cond.unet_kwargs, "encoder_attention_mask": mask}
+        if cond.added is not None:
+            added = cond.added.to(emb.device, dtype)
+            extra = {**extra, "added_cond_kwargs": {"text_embeds": added[:, :-SIZE_VALUES],
+                                                    "time_ids": added[:, -SIZE_VALUES:]}}
         with calling(rows):
             return unet(x.to(dtype), t, encoder_hidden_states=emb, return_dict=False, **extra)[0]
 

@@ -24,9 +24,10 @@ STEP_KWARGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def make_scheduler(sampler: str, schedule: str, v_prediction: bool) -> diffusers.SchedulerMixin:
+def make_scheduler(sampler: str, schedule: str, v_prediction: bool,
+                   zero_terminal_snr: bool = False) -> diffusers.SchedulerMixin:
     """A new scheduler instance: diffusers schedulers keep per-run state, so batches never share one."""
-    class_name, options = scheduler_options(sampler, schedule, v_prediction)
+    class_name, options = scheduler_options(sampler, schedule, v_prediction, zero_terminal_snr)
     return getattr(diffusers, class_name)(**options)
 
 

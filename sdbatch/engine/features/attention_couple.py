@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from sdbatch.engine.core.contract import BatchContext, BatchHooks, Encode, Feature
 from sdbatch.engine.core.model_fn import CHUNK_TOKENS, Conditioning, ModelFn
 from sdbatch.engine.core.rows import PROMPT, REGIONAL_NETWORKS, TEXT_CHUNKS, TEXT_TOKENS, Rows, calling, current
+from sdbatch.errors import ConfigError
 from sdbatch.plan.jobs import ImageJob
 from sdbatch.prompts.couple import split_parts
 from sdbatch.prompts.extra_networks import strip_tags
@@ -260,6 +261,9 @@ class AttentionCouple(Feature):
     def batch_hooks(self, ctx: BatchContext) -> BatchHooks | None:
         if ctx.key.and_parts < 2:
             return None
+        if ctx.engine.bundle.family == "sdxl":  # its parts would need SDXL's pooled text each: not written yet
+            raise ConfigError(f"{ctx.jobs[0].origin}: Attention Couple (' AND ' in a prompt) does not run on SDXL "
+                              "models yet; write the prompt without AND")
         parts = [split_parts(job.prompt, job.origin) for job in ctx.jobs]
         weights = part_weights(ctx.jobs, parts, ctx.key.width, ctx.key.height, ctx.engine.placement.device)
 

@@ -36,7 +36,9 @@ def with_cfg(inner: ModelFn) -> ModelFn:
             return inner(x, t, cond)
         parts = [cond.negative, cond.embeddings] + ([cond.uncond] if cond.uncond is not None else [])
         names = (NEGATIVE, PROMPT, UNCOND)[: len(parts)]
-        stacked = replace(cond, embeddings=torch.cat(parts), rows=cond.rows_for(x).stacked(names))
+        added = None if cond.added is None else torch.cat(
+            [cond.negative_added, cond.added, cond.uncond_added][: len(parts)])  # SDXL's, part by part as the text
+        stacked = replace(cond, embeddings=torch.cat(parts), added=added, rows=cond.rows_for(x).stacked(names))
         preds = inner(torch.cat([x] * len(parts)), t, stacked).chunk(len(parts))
         negative, text = preds[0], preds[1]
         where = (text.device, text.dtype, id(scales))  # made once per pass, not once per step

@@ -91,7 +91,8 @@ def _rows_of(conds: dict[tuple, Conditioning], keys: list[tuple]) -> Conditionin
             return None
         return torch.stack([getattr(conds[key], name)[i] for i, key in enumerate(keys)])
 
-    return dataclasses.replace(first, embeddings=rows("embeddings"), negative=rows("negative"), uncond=rows("uncond"))
+    texts = ("embeddings", "negative", "uncond", "added", "negative_added", "uncond_added")
+    return dataclasses.replace(first, **{name: rows(name) for name in texts})
 
 
 class Lora(Feature):

@@ -1,7 +1,8 @@
-"""Turn an original-layout (LDM/CompVis) SD1/SD2 state dict into diffusers modules, configs read from shapes.
+"""Turn an original-layout (LDM/CompVis, or SGM for SDXL) state dict into diffusers modules, configs read from shapes.
 
-Nothing is fetched: the layer shapes give channels, depths and widths; the family (SD1 CLIP or SD2
-OpenCLIP text encoder) gives what shapes cannot (heads, activation). diffusers' own functions rename keys.
+Nothing is fetched: the layer shapes give channels, depths and widths; the family (SD1 CLIP, SD2 OpenCLIP, or
+SDXL's two encoders under ``conditioner.embedders.``) gives what shapes cannot (heads, activation, the VAE's
+latent scale). diffusers' own functions rename keys.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
     convert_open_clip_checkpoint,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from sdbatch.errors import ModelError
 
@@ -26,9 +27,15 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+# SDXL (SGM layout): CLIP ViT-L in transformers' layout, OpenCLIP bigG in OpenCLIP's
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+SDXL_ADDED_EMB = "label_emb.0.0.weight"  # the UNet's "text_time" added embedding (pooled text + 6 size values)
+SDXL_TIME_IDS = 6  # original size, crop top-left, target size: each embedded in addition_time_embed_dim sinusoids
 CONTROLNET_PREFIX = "control_model."  # lllyasviel's ControlNet files
 DIFFERENCE_KEY = "difference"  # in a ControlNet file: its UNet-part tensors are offsets from the base model
 VAE_SCALING_FACTOR = 0.18215
+SDXL_VAE_SCALING_FACTOR = 0.13025
 # LDM's normalization() is GroupNorm(32, C) everywhere; the group count leaves no trace in the shapes.
 NORM_GROUPS = 32
 SD1_UNET_HEADS = 8
@@ -49,9 +56,15 @@ def _indices(keys: State, pattern: str) -> list[int]:
 
 
 def detect_family(state: State, name: str, v2: str = "auto") -> str:
-    """Family of the weights: "sd2" (OpenCLIP text encoder) or "sd1" (CLIP); a forced ``v2`` must agree."""
+    """Family of the weights: "sdxl" (two encoders), "sd2" (OpenCLIP) or "sd1" (CLIP); a forced ``v2`` must agree."""
     if any(k.startswith("conditioner.embedders.") for k in state):
-        raise ModelError(f"{name} is an SDXL checkpoint; sdbatch runs SD 1.x and 2.x models only")
+        if not any(k.startswith(SDXL_OPENCLIP_PREFIX) for k in state) or not any(
+                k.startswith(SDXL_CLIP_PREFIX) for k in state):
+            raise ModelError(f"{name} is an SGM checkpoint without SDXL base's two text encoders (a refiner?); "
+                             "sdbatch runs SD 1.x, 2.x and SDXL base models")
+        if v2 == "true":
+            raise ModelError(f"model.v2=true but {name} is an SDXL model; set model.v2=auto")
+        return "sdxl"
     if any(k.startswith(OPENCLIP_PREFIX) for k in state):
         family = "sd2"
     elif any(k.startswith(CLIP_PREFIX) for k in state):
@@ -99,9 +112,9 @@ def _attention_depth(u: State, block: str) -> int:
 def unet_config(state: State, family: str, name: str) -> dict[str, Any]:
     """UNet2DConditionModel config read from the shapes of the ``model.diffusion_model.*`` tensors."""
     u = strip(state, UNET_PREFIX)
-    if any(k.startswith("label_emb.") for k in u):
+    if any(k.startswith("label_emb.") for k in u) and family != "sdxl":
         raise ModelError(f"{name}: class-conditioned UNets (upscalers, unCLIP) are not supported")
-    config = encoder_config(u, family, name)
+    config = {**encoder_config(u, family, name), **(_sdxl_added(state, u) if family == "sdxl" else {})}
     per_level, levels = config["layers_per_block"], len(config["block_out_channels"])
     up_depths = [_attention_depth(u, f"output_blocks.{b * (per_level + 1)}") for b in range(levels)]
     return {
@@ -111,6 +124,14 @@ def unet_config(state: State, family: str, name: str) -> dict[str, Any]:
         "up_block_types": ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in up_depths],
         "time_embedding_dim": u["time_embed.0.weight"].shape[0],
     }
+
+
+def _sdxl_added(state: State, u: State) -> dict[str, Any]:
+    """SDXL's added embedding: its input is bigG's pooled projection plus 6 size values of d sinusoids each."""
+    width = u[SDXL_ADDED_EMB].shape[1]
+    pooled = state[SDXL_OPENCLIP_PREFIX + "text_projection"].shape[1]
+    return {"addition_embed_type": "text_time", "projection_class_embeddings_input_dim": width,
+            "addition_time_embed_dim": (width - pooled) // SDXL_TIME_IDS}
 
 
 def encoder_config(u: State, family: str, name: str) -> dict[str, Any]:
@@ -124,7 +145,7 @@ def encoder_config(u: State, family: str, name: str) -> dict[str, Any]:
     proj_in = next((v for k, v in u.items() if k.endswith(".1.proj_in.weight")), None)
     to_k = next((v for k, v in u.items() if k.endswith("attn2.to_k.weight")), None)
     if proj_in is None or to_k is None or not _attention_depth(u, "middle_block"):
-        raise ModelError(f"{name}: the UNet has no cross-attention layers; not an SD 1.x/2.x UNet")
+        raise ModelError(f"{name}: the UNet has no cross-attention layers; not an SD 1.x/2.x/XL UNet")
     return {
         "in_channels": u["input_blocks.0.0.weight"].shape[1],  # 4, or 9 for inpainting models
         "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths],
@@ -148,11 +169,11 @@ def _unet_heads(family: str, channels: list[int], name: str) -> int | list[int]:
             raise ModelError(f"{name}: UNet widths {channels} do not split into {SD1_UNET_HEADS} heads")
         return SD1_UNET_HEADS
     if any(c % HEAD_CHANNELS for c in channels):
-        raise ModelError(f"{name}: UNet widths {channels} are not multiples of {HEAD_CHANNELS} (SD2 heads)")
+        raise ModelError(f"{name}: UNet widths {channels} are not multiples of {HEAD_CHANNELS} (SD2/SDXL heads)")
     return [c // HEAD_CHANNELS for c in channels]
 
 
-def vae_config(state: State, name: str) -> dict[str, Any]:
+def vae_config(state: State, name: str, scaling: float = VAE_SCALING_FACTOR) -> dict[str, Any]:
     """AutoencoderKL config read from the shapes of the ``first_stage_model.*`` tensors."""
     v = strip(state, VAE_PREFIX)
     levels = _indices(v, r"encoder\.down\.(\d+)\.")
@@ -168,7 +189,7 @@ def vae_config(state: State, name: str) -> dict[str, Any]:
         "latent_channels": v["decoder.conv_in.weight"].shape[1],
         "norm_num_groups": NORM_GROUPS,
         "sample_size": 512,
-        "scaling_factor": VAE_SCALING_FACTOR,
+        "scaling_factor": scaling,
         "use_quant_conv": "quant_conv.weight" in v,
         "use_post_quant_conv": "post_quant_conv.weight" in v,
         "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in v,
@@ -190,17 +211,23 @@ def _clip_state(t: State) -> State:
 
 
 def text_config(state: State, family: str, name: str) -> CLIPTextConfig:
-    """CLIPTextConfig read from the text-encoder shapes; SD2 keeps all but the last OpenCLIP block."""
-    if family == "sd1":
-        t = _clip_state(strip(state, CLIP_PREFIX))
+    """CLIPTextConfig read from the text-encoder shapes; SD2 keeps all but the last OpenCLIP block.
+
+    ``family`` "sdxl" reads SDXL's CLIP-L, "sdxl_2" its OpenCLIP bigG (every block, and the pooled projection).
+    """
+    projection = None
+    if family in ("sd1", "sdxl"):
+        t = _clip_state(strip(state, CLIP_PREFIX if family == "sd1" else SDXL_CLIP_PREFIX))
         tokens, positions = t["embeddings.token_embedding.weight"], t["embeddings.position_embedding.weight"]
         layers = len(_indices(t, r"encoder\.layers\.(\d+)\."))
         mlp, act = t["encoder.layers.0.mlp.fc1.weight"], "quick_gelu"
     else:
-        t = strip(state, OPENCLIP_PREFIX)
+        t = strip(state, OPENCLIP_PREFIX if family == "sd2" else SDXL_OPENCLIP_PREFIX)
         tokens, positions = t["token_embedding.weight"], t["positional_embedding"]
-        layers = len(_indices(t, r"transformer\.resblocks\.(\d+)\.")) - 1  # SD2 uses the penultimate layer
+        # SD2 uses the penultimate layer; SDXL's pooled output needs the last one too
+        layers = len(_indices(t, r"transformer\.resblocks\.(\d+)\.")) - (family == "sd2")
         mlp, act = t["transformer.resblocks.0.mlp.c_fc.weight"], "gelu"
+        projection = t["text_projection"].shape[1] if family == "sdxl_2" else None
     if layers < 1:
         raise ModelError(f"{name}: the text encoder has too few layers")
     vocab, width = tokens.shape
@@ -212,7 +239,7 @@ def text_config(state: State, family: str, name: str) -> CLIPTextConfig:
         num_attention_heads=_heads(width, name),
         max_position_embeddings=positions.shape[0],
         hidden_act=act,
-        projection_dim=width,
+        projection_dim=projection or width,
     )
 
 
@@ -286,9 +313,9 @@ def _add_offset(offset: torch.Tensor, base: torch.Tensor, key: str, name: str) -
     return offset.float() + base.detach().to("cpu", torch.float32)
 
 
-def convert_vae(state: State, name: str) -> AutoencoderKL:
-    """The VAE of an original-layout checkpoint (keys under ``first_stage_model.``)."""
-    config = vae_config(state, name)
+def convert_vae(state: State, name: str, scaling: float = VAE_SCALING_FACTOR) -> AutoencoderKL:
+    """The VAE of an original-layout checkpoint (keys under ``first_stage_model.``); ``scaling``: its latent scale."""
+    config = vae_config(state, name, scaling)
     # Only the VAE's keys: diffusers' converter picks its prefix from whatever keys it is given.
     vae_state = {k: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
     vae = _build(AutoencoderKL, config)
@@ -315,19 +342,24 @@ def _openclip_state(state: State, layers: int) -> State:
 
 
 def convert_text_encoder(state: State, family: str, name: str) -> CLIPTextModel:
-    """The text encoder: CLIP ViT-L for SD1, OpenCLIP ViT-H minus its last block for SD2."""
+    """The text encoder: CLIP ViT-L for SD1 and SDXL, OpenCLIP ViT-H minus its last block for SD2, and SDXL's
+    OpenCLIP bigG with its pooled projection for family "sdxl_2" (a CLIPTextModelWithProjection)."""
     config = text_config(state, family, name)
-    model = _build(CLIPTextModel, config)
-    if family == "sd1":
-        converted = convert_ldm_clip_checkpoint(state)
+    model = _build(CLIPTextModelWithProjection if family == "sdxl_2" else CLIPTextModel, config)
+    if family in ("sd1", "sdxl"):
+        converted = convert_ldm_clip_checkpoint(state, SDXL_CLIP_PREFIX if family == "sdxl" else None)
+    elif family == "sdxl_2":
+        bigg = {k: v for k, v in state.items() if k.startswith(SDXL_OPENCLIP_PREFIX) and not k.endswith("logit_scale")}
+        converted = convert_open_clip_checkpoint(model, bigg, SDXL_OPENCLIP_PREFIX)
     else:
         converted = convert_open_clip_checkpoint(
             model, _openclip_state(state, config.num_hidden_layers), OPENCLIP_PREFIX
         )
     # Saved position_ids are a buffer transformers rebuilds itself (some merged files hold broken ones).
     prefix = "text_model." if hasattr(model, "text_model") else ""  # transformers >= 5.6 dropped the level
-    converted = {
-        prefix + k.removeprefix("text_model."): v for k, v in converted.items() if "position_ids" not in k
+    converted = {  # the projection (SDXL's bigG) sits beside text_model, not in it
+        (k if k.startswith("text_projection") else prefix + k.removeprefix("text_model.")): v
+        for k, v in converted.items() if "position_ids" not in k
     }
     _load(model, converted, name, "text encoder")
     _materialize_buffers(model)
@@ -345,11 +377,12 @@ def convert_checkpoint(
         raise ModelError(f"{name} has no VAE keys ({VAE_PREFIX}*); give a separate VAE with model.vae=PATH")
     try:
         unet = convert_unet(state, family, name)
-        vae = convert_vae(state, name) if with_vae else None
+        scaling = SDXL_VAE_SCALING_FACTOR if family == "sdxl" else VAE_SCALING_FACTOR
+        vae = convert_vae(state, name, scaling) if with_vae else None
         text_encoder = convert_text_encoder(state, family, name)
     except KeyError as exc:
         raise ModelError(
-            f"{name}: weight {exc} is missing; the file is incomplete or not SD 1.x/2.x"
+            f"{name}: weight {exc} is missing; the file is incomplete or not SD 1.x/2.x/XL"
         ) from exc
     return unet, vae, text_encoder, family
 
@@ -357,8 +390,9 @@ def convert_checkpoint(
 _VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
 
-def convert_vae_file(state: State, name: str) -> AutoencoderKL:
-    """A VAE from a separate file: bare LDM keys, or under ``first_stage_model.`` / ``vae.``."""
+def convert_vae_file(state: State, name: str, scaling: float = VAE_SCALING_FACTOR) -> AutoencoderKL:
+    """A VAE from a separate file: bare LDM keys, or under ``first_stage_model.`` / ``vae.``; ``scaling``: the
+    model family's latent scale (a VAE file does not record it)."""
     for prefix in (VAE_PREFIX, "vae."):
         if any(k.startswith(prefix) for k in state):
             state = strip(state, prefix)
@@ -369,6 +403,6 @@ def convert_vae_file(state: State, name: str) -> AutoencoderKL:
     if not vae_state:
         raise ModelError(f"{name} is not a VAE: no encoder.*/decoder.* keys found")
     try:
-        return convert_vae(vae_state, name)
+        return convert_vae(vae_state, name, scaling)
     except KeyError as exc:
         raise ModelError(f"{name}: VAE weight {exc} is missing; the file is incomplete") from exc

@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from sdbatch.engine.core.scheduler_factory import make_scheduler
 from sdbatch.engine.models.convert import (
@@ -21,6 +21,8 @@ from sdbatch.engine.models.convert import (
     CONTROLNET_PREFIX,
     DIFFERENCE_KEY,
     OPENCLIP_PREFIX,
+    SDXL_CLIP_PREFIX,
+    SDXL_OPENCLIP_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
 )
@@ -79,7 +81,8 @@ def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     """UNet weights under original key names, without the ``model.diffusion_model.`` prefix."""
     up_attn = {i for i, block in enumerate(unet.up_blocks) if getattr(block, "attentions", None)}
     rename = _unet_renamer(unet.config.layers_per_block, up_attn)
-    return _map_state(unet.state_dict(), DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], rename, "UNet")
+    fixed = {**DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], **DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]}
+    return _map_state(unet.state_dict(), fixed, rename, "UNet")
 
 
 def _unet_renamer(layers_per_block: int, up_attn: set[int]) -> Callable[[str], str | None]:
@@ -160,38 +163,56 @@ def openclip_to_ldm(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
     SD2 conditions on OpenCLIP's penultimate layer, so diffusers keeps N-1 of its N blocks. A real SD2 file
     still holds the last block; it gets a copy of the last kept one, which the loader drops again.
     """
+    out = _openclip_blocks(text_encoder)
     state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
     layers = text_encoder.config.num_hidden_layers
-    width = text_encoder.config.hidden_size
+    extra = _openclip_layer(layers - 1, state)
+    last, dropped = f".resblocks.{layers - 1}.", f".resblocks.{layers}."
+    out.update({k.replace(last, dropped): v.clone() for k, v in extra.items()})
+    dtype = state["final_layer_norm.weight"].dtype
+    # (width, width) like OpenCLIP's: SD does not use it, but real SD2 files carry it.
+    out["text_projection"] = torch.eye(text_encoder.config.hidden_size, dtype=dtype)
+    return out
+
+
+def bigg_to_ldm(text_encoder: CLIPTextModelWithProjection) -> dict[str, torch.Tensor]:
+    """SDXL's second text encoder as OpenCLIP weights, without ``conditioner.embedders.1.model.``: every block,
+    and the pooled projection in OpenCLIP's (width, projection) orientation."""
+    out = _openclip_blocks(text_encoder)
+    out["text_projection"] = text_encoder.text_projection.weight.T
+    return out
+
+
+def _openclip_blocks(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
+    """Embeddings, every block, the final norm and logit_scale of a text encoder, in OpenCLIP's names."""
+    state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
     out = {
         "token_embedding.weight": state["embeddings.token_embedding.weight"],
         "positional_embedding": state["embeddings.position_embedding.weight"],
         "ln_final.weight": state["final_layer_norm.weight"],
         "ln_final.bias": state["final_layer_norm.bias"],
     }
-    for i in range(layers):
+    for i in range(text_encoder.config.num_hidden_layers):
         out.update(_openclip_layer(i, state))
-    extra = _openclip_layer(layers - 1, state)
-    last, dropped = f".resblocks.{layers - 1}.", f".resblocks.{layers}."
-    out.update({k.replace(last, dropped): v.clone() for k, v in extra.items()})
-    dtype = state["final_layer_norm.weight"].dtype
-    # (width, width) like OpenCLIP's: SD does not use it, but real SD2 files carry it.
-    out["text_projection"] = torch.eye(width, dtype=dtype)
-    out["logit_scale"] = torch.tensor(math.log(1 / 0.07), dtype=dtype)
+    out["logit_scale"] = torch.tensor(math.log(1 / 0.07), dtype=state["final_layer_norm.weight"].dtype)
     return out
 
 
 def to_ldm_state_dict(
-    unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, family: str
+    unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, family: str,
+    text_encoder_2: CLIPTextModelWithProjection | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The whole model as one original-layout state dict (contiguous CPU tensors)."""
-    if family not in ("sd1", "sd2"):
-        raise ValueError(f"family must be 'sd1' or 'sd2', got {family!r}")
-    text = (
-        {f"{CLIP_PREFIX}text_model.{k}": v for k, v in clip_to_ldm(text_encoder).items()}
-        if family == "sd1"
-        else {OPENCLIP_PREFIX + k: v for k, v in openclip_to_ldm(text_encoder).items()}
-    )
+    """The whole model as one original-layout state dict (contiguous CPU tensors); SDXL (SGM keys) needs
+    ``text_encoder_2``."""
+    if family not in ("sd1", "sd2", "sdxl") or (family == "sdxl") != (text_encoder_2 is not None):
+        raise ValueError(f"family must be 'sd1', 'sd2' or 'sdxl' (with text_encoder_2), got {family!r}")
+    if family == "sdxl":
+        text = {**{f"{SDXL_CLIP_PREFIX}text_model.{k}": v for k, v in clip_to_ldm(text_encoder).items()},
+                **{SDXL_OPENCLIP_PREFIX + k: v for k, v in bigg_to_ldm(text_encoder_2).items()}}
+    elif family == "sd1":
+        text = {f"{CLIP_PREFIX}text_model.{k}": v for k, v in clip_to_ldm(text_encoder).items()}
+    else:
+        text = {OPENCLIP_PREFIX + k: v for k, v in openclip_to_ldm(text_encoder).items()}
     state = {
         **{UNET_PREFIX + k: v for k, v in unet_to_ldm(unet).items()},
         **{VAE_PREFIX + k: v for k, v in vae_to_ldm(vae).items()},
@@ -207,10 +228,12 @@ def save_single_file(
     text_encoder: CLIPTextModel,
     family: str,
     metadata: dict[str, str] | None = None,
+    text_encoder_2: CLIPTextModelWithProjection | None = None,
 ) -> Path:
-    """Save as ``.safetensors`` or as a ``.ckpt``/``.pt``/``.pth`` holding ``{"state_dict": ...}``."""
+    """Save as ``.safetensors`` or as a ``.ckpt``/``.pt``/``.pth`` holding ``{"state_dict": ...}``; SDXL (its SGM
+    keys) with ``text_encoder_2``."""
     path = Path(path)
-    state = to_ldm_state_dict(unet, vae, text_encoder, family)
+    state = to_ldm_state_dict(unet, vae, text_encoder, family, text_encoder_2)
     return _write_state(path, state, metadata)
 
 
@@ -233,19 +256,20 @@ def save_diffusers_folder(
     family: str,
     *,
     weights: bool = True,
+    text_encoder_2: CLIPTextModelWithProjection | None = None,
 ) -> Path:
-    """Save as a diffusers StableDiffusionPipeline folder (configs only with ``weights=False``).
+    """Save as a diffusers StableDiffusionPipeline folder (configs only with ``weights=False``); SDXL (with
+    ``text_encoder_2``) as a StableDiffusionXLPipeline folder (text_encoder_2/, tokenizer_2/ padding with "!").
 
-    The folder loads offline with ``StableDiffusionPipeline.from_pretrained``; a configs-only folder is
-    what ``from_single_file(config=...)`` needs. Its scheduler is the reference's DDIM configuration.
+    The folder loads offline with ``from_pretrained``; a configs-only folder is what
+    ``from_single_file(config=...)`` needs. Its scheduler is the reference's DDIM configuration.
     """
     root = Path(root)
     for name, module in (("unet", unet), ("vae", vae)):
         module.save_pretrained(root / name) if weights else module.save_config(root / name)
-    if weights:
-        text_encoder.save_pretrained(root / "text_encoder")
-    else:
-        text_encoder.config.save_pretrained(root / "text_encoder")
+    encoders = [("text_encoder", text_encoder), *([("text_encoder_2", text_encoder_2)] if text_encoder_2 else [])]
+    for name, encoder in encoders:
+        encoder.save_pretrained(root / name) if weights else encoder.config.save_pretrained(root / name)
     write_hf_tokenizer_files(root / "tokenizer", PAD_TOKENS[family])
     scheduler = make_scheduler("ddim", "default", v_prediction=False)
     scheduler.save_pretrained(root / "scheduler")
@@ -262,6 +286,12 @@ def save_diffusers_folder(
         "image_encoder": [None, None],
         "requires_safety_checker": False,
     }
+    if text_encoder_2 is not None:
+        write_hf_tokenizer_files(root / "tokenizer_2", PAD_TOKENS["sd2"])  # OpenCLIP's pad token, as SD2
+        for unused in ("safety_checker", "feature_extractor", "requires_safety_checker"):
+            del index[unused]
+        index.update(_class_name="StableDiffusionXLPipeline", tokenizer_2=["transformers", "CLIPTokenizer"],
+                     text_encoder_2=["transformers", "CLIPTextModelWithProjection"], force_zeros_for_empty_prompt=False)
     (root / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     return root
 

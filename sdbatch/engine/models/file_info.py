@@ -29,7 +29,7 @@ class ModelFileInfo:
 
     path: str
     kind: str  # checkpoint | lora | controlnet | vae | embedding (sdbatch.config.model_folders.KINDS) | unknown
-    family: str  # checkpoints: "SD 1.x", "SD 2.x", "SDXL (not supported)"; "" for the others
+    family: str  # checkpoints: "SD 1.x", "SD 2.x", "SDXL", "SDXL refiner (not supported)"; "" for the others
     keys: int  # tensors in the file
     hash: str  # the short hash images record for this kind
     metadata: dict[str, str] = field(default_factory=dict)  # .safetensors __metadata__
@@ -89,6 +89,6 @@ def file_kind(keys: Collection[str]) -> str:
 
 def _family(keys: list[str], name: str) -> str:
     try:
-        return {"sd1": "SD 1.x", "sd2": "SD 2.x"}[detect_family(dict.fromkeys(keys), name)]
-    except ModelError as ex:  # SDXL, or no text encoder keys: say what it is instead
-        return "SDXL (not supported)" if "SDXL" in str(ex) else "unknown (no text encoder keys)"
+        return {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}[detect_family(dict.fromkeys(keys), name)]
+    except ModelError as ex:  # an SDXL refiner, or no text encoder keys: say what it is instead
+        return "SDXL refiner (not supported)" if "SDXL" in str(ex) else "unknown (no text encoder keys)"

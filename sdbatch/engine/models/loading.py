@@ -1,4 +1,4 @@
-"""Load a model (single file, diffusers folder, cached hub id or builtin:tiny) once per process, offline."""
+"""Load a model (single file, diffusers folder, cached hub id, builtin:tiny or :tiny_xl) once per process, offline."""
 
 from __future__ import annotations
 
@@ -15,10 +15,16 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
 from huggingface_hub import snapshot_download
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from sdbatch.engine.models.checkpoint import file_sha256_short, read_state_dict
-from sdbatch.engine.models.convert import convert_checkpoint, convert_vae_file
+from sdbatch.engine.models.convert import (
+    SDXL_VAE_SCALING_FACTOR,
+    VAE_SCALING_FACTOR,
+    convert_checkpoint,
+    convert_text_encoder,
+    convert_vae_file,
+)
 from sdbatch.engine.models.tiny import ensure_tiny_checkpoint
 from sdbatch.engine.text.tokenizer import PAD_TOKENS, ClipTokenizer
 from sdbatch.errors import ConfigError, ModelError
@@ -26,6 +32,7 @@ from sdbatch.errors import ConfigError, ModelError
 log = logging.getLogger(__name__)
 
 TINY_SOURCE = "builtin:tiny"
+TINY_XL_SOURCE = "builtin:tiny_xl"
 # What from_pretrained reads without a variant comes first, so the hash names the weights in use.
 _WEIGHT_PATTERNS = (
     "diffusion_pytorch_model.safetensors",
@@ -44,13 +51,14 @@ class ModelBundle:
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: ClipTokenizer
-    family: str  # "sd1" | "sd2"
+    family: str  # "sd1" | "sd2" | "sdxl"
     in_channels: int  # UNet input channels: 4, or 9 for inpainting models
     model_name: str  # file stem or folder name (A1111 "Model")
     model_hash: str  # 10 hex of the file's sha256; for a folder, of its UNet weights file
     vae_name: str | None = None  # separate VAE (model.vae) file or folder name; None = the model's own
     vae_hash: str | None = None
     source: str = ""  # the resolved file or folder
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL's OpenCLIP bigG (pooled projection); else None
     # ControlNets loaded for this model (controlnet_files.load_controlnet), released with the bundle
     controlnets: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -113,11 +121,12 @@ def is_cached(bundle: ModelBundle) -> bool:
 
 
 def resolve_source(source: str) -> Path:
-    """The file or folder that model.checkpoint names; builtin:tiny is built on first use."""
-    if source == TINY_SOURCE:
-        return ensure_tiny_checkpoint()
+    """The file or folder that model.checkpoint names; builtin:tiny and builtin:tiny_xl are built on first use."""
+    if source in (TINY_SOURCE, TINY_XL_SOURCE):
+        return ensure_tiny_checkpoint("sdxl" if source == TINY_XL_SOURCE else "sd1")
     if source.startswith("builtin:"):
-        raise ModelError(f"model.checkpoint {source!r} is unknown; the built-in model is {TINY_SOURCE}")
+        raise ModelError(f"model.checkpoint {source!r} is unknown; the built-in models are {TINY_SOURCE} and "
+                         f"{TINY_XL_SOURCE}")
     path = Path(source).expanduser()
     if path.exists():
         return path.resolve()
@@ -171,18 +180,21 @@ def _load(path: Path, vae_path: Path | None, v2: str) -> ModelBundle:
     if path.is_dir():
         bundle = _load_folder(path, v2)
     else:
-        unet, vae, text_encoder, family = convert_checkpoint(
-            read_state_dict(path), path.name, v2=v2, with_vae=vae_path is None
-        )
-        bundle = _bundle(unet, vae, text_encoder, family, PAD_TOKENS[family], path, file_sha256_short(path))
+        state = read_state_dict(path)
+        unet, vae, text_encoder, family = convert_checkpoint(state, path.name, v2=v2, with_vae=vae_path is None)
+        second = convert_text_encoder(state, "sdxl_2", path.name) if family == "sdxl" else None
+        bundle = _bundle(unet, vae, text_encoder, family, PAD_TOKENS[family], path, file_sha256_short(path), second)
     if vae_path is None:
         return bundle
-    vae, name, vae_hash = _load_vae(vae_path)
+    scaling = SDXL_VAE_SCALING_FACTOR if bundle.family == "sdxl" else VAE_SCALING_FACTOR
+    vae, name, vae_hash = _load_vae(vae_path, scaling)
     return dataclasses.replace(bundle, vae=vae, vae_name=name, vae_hash=vae_hash)
 
 
-def _bundle(unet, vae, text_encoder, family: str, pad: str, path: Path, model_hash: str) -> ModelBundle:
+def _bundle(unet, vae, text_encoder, family: str, pad: str, path: Path, model_hash: str,
+            text_encoder_2: CLIPTextModelWithProjection | None = None) -> ModelBundle:
     return ModelBundle(
+        text_encoder_2=text_encoder_2,
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
@@ -221,15 +233,17 @@ def _load_folder(path: Path, v2: str) -> ModelBundle:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
+        second = (CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", local_files_only=True)
+                  if (path / "text_encoder_2").is_dir() else None)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot load the diffusers model: {_first_line(exc)}") from exc
-    # SD2's OpenCLIP text encoder uses gelu; SD1's OpenAI CLIP uses quick_gelu.
-    family = "sd2" if text_encoder.config.hidden_act == "gelu" else "sd1"
-    forced = {"true": "sd2", "false": "sd1"}.get(v2)
+    # SD2's OpenCLIP text encoder uses gelu; SD1's OpenAI CLIP uses quick_gelu; SDXL has a second one.
+    family = "sdxl" if second is not None else "sd2" if text_encoder.config.hidden_act == "gelu" else "sd1"
+    forced = {"true": "sd2", "false": "sd1"}.get(v2) if family != "sdxl" or v2 == "true" else None
     if forced not in (None, family):
         raise ModelError(f"model.v2={v2} but {path} is an {family.upper()} model; set model.v2=auto")
     pad = _folder_pad_token(path / "tokenizer") or PAD_TOKENS[family]
-    return _bundle(unet, vae, text_encoder, family, pad, path, file_sha256_short(weights_file(path / "unet")))
+    return _bundle(unet, vae, text_encoder, family, pad, path, file_sha256_short(weights_file(path / "unet")), second)
 
 
 def _model_files_in(folder: Path) -> str:
@@ -263,10 +277,11 @@ def _folder_pad_token(folder: Path) -> str | None:
     return None
 
 
-def _load_vae(path: Path) -> tuple[AutoencoderKL, str, str]:
-    """(vae, name, hash) from a VAE file, a diffusers VAE folder or a diffusers model folder with vae/."""
+def _load_vae(path: Path, scaling: float) -> tuple[AutoencoderKL, str, str]:
+    """(vae, name, hash) from a VAE file (latent scale ``scaling``: the model family's), a diffusers VAE folder
+    or a diffusers model folder with vae/ (their config says their scale)."""
     if path.is_file():
-        return convert_vae_file(read_state_dict(path), path.name), path.name, file_sha256_short(path)
+        return convert_vae_file(read_state_dict(path), path.name, scaling), path.name, file_sha256_short(path)
     folder = path if (path / "config.json").is_file() else path / "vae"
     if not (folder / "config.json").is_file():
         raise ModelError(
@@ -284,7 +299,8 @@ def _place(
     bundle: ModelBundle, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype
 ) -> ModelBundle:
     """Move to the device and dtypes, inference mode: eval() and no gradients."""
-    for module, module_dtype in ((bundle.unet, dtype), (bundle.text_encoder, dtype), (bundle.vae, vae_dtype)):
+    modules = [(bundle.unet, dtype), (bundle.text_encoder, dtype), (bundle.vae, vae_dtype)]
+    for module, module_dtype in modules + ([(bundle.text_encoder_2, dtype)] if bundle.text_encoder_2 else []):
         # torch's own .to: diffusers' override warns about fp32-only modules even when it lists none
         torch.nn.Module.to(module, device=device, dtype=module_dtype).eval().requires_grad_(False)
     return bundle

@@ -12,9 +12,11 @@ Extended Textual Inversion (XTI) files hold one ``(n, D)`` tensor per cross-atte
 under the 16 keys of :data:`XTI_LAYERS` (kohya ``train_textual_inversion_XTI.py``); see
 :mod:`sdbatch.engine.features.xti`.
 
+- SDXL (kohya, A1111): ``{"clip_l": (n, 768), "clip_g": (n, 1280)}``, kept as one (n, 768 + 1280) tensor whose
+  parts go into SDXL's two text encoders (:func:`register_sdxl`); its width fits no SD1/SD2 model, nor theirs SDXL.
+
 Torch files are read with ``weights_only=True`` (:func:`sdbatch.engine.models.checkpoint.read_object`): code in a
-pickle is refused, never run. SDXL embeddings (``clip_l``/``clip_g``) and embeddings stored inside images
-are refused with a clear error.
+pickle is refused, never run. Embeddings stored inside images are refused with a clear error.
 
 :func:`register` gives an embedding of ``n`` vectors ``n`` new token ids after the vocabulary, grows the
 text encoder's input embeddings (``resize_token_embeddings``) and writes the vectors into those rows. Ids
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -95,8 +97,7 @@ def embedding_vectors(path: Path, data: object) -> torch.Tensor:
     if not isinstance(data, dict):
         raise ModelError(f"{KEY}: {path} holds a {type(data).__name__}, not a Textual Inversion embedding")
     if "clip_l" in data or "clip_g" in data:
-        raise ModelError(f"{KEY}: {path} is an SDXL embedding (clip_l/clip_g vectors); "
-                         "sdbatch runs SD 1.x/2.x models, use an embedding made for them")
+        return _sdxl_vectors(path, data)
     if "string_to_param" in data:  # A1111; the original code pickled a ParameterDict here
         params = data["string_to_param"]
         data = dict(getattr(params, "_parameters", params)) if isinstance(params, dict | torch.nn.Module) else {}
@@ -110,6 +111,17 @@ def embedding_vectors(path: Path, data: object) -> torch.Tensor:
         raise ModelError(f"{KEY}: {path} is not a Textual Inversion embedding: expected string_to_param, "
                          f"emb_params or a single {{token: tensor}} entry, found keys: {keys}")
     return _checked(path, tensor, KEY)
+
+
+def _sdxl_vectors(path: Path, data: dict) -> torch.Tensor:
+    """An SDXL embedding's clip_l and clip_g vectors side by side, (n, D_l + D_g)."""
+    parts = [data.get(k) for k in ("clip_l", "clip_g")]
+    if not all(isinstance(p, torch.Tensor) for p in parts):
+        raise ModelError(f"{KEY}: {path} is an SDXL embedding without both clip_l and clip_g tensors")
+    first, second = (_checked(path, p, KEY) for p in parts)
+    if first.shape[0] != second.shape[0]:
+        raise ModelError(f"{KEY}: {path}: clip_l has {first.shape[0]} vectors but clip_g {second.shape[0]}")
+    return torch.cat([first, second], dim=1)
 
 
 def xti_vectors(path: Path, data: object) -> torch.Tensor:
@@ -147,12 +159,7 @@ def register(text_encoder: torch.nn.Module, embeddings: Sequence[Embedding]) -> 
     An XTI embedding gets 16·n ids: layer ``XTI_LAYERS[b]`` has ids ``[b·n, (b+1)·n)`` of its tuple.
     """
     width = text_encoder.get_input_embeddings().weight.shape[1]
-    for emb in embeddings:
-        if emb.vectors.shape[-1] != width:
-            raise ModelError(
-                f"{XTI_KEY if emb.xti else KEY}: {emb.file} holds vectors of width {emb.vectors.shape[-1]}, but "
-                f"this model's text encoder takes width {width}; an embedding only fits the model family it was "
-                "trained on (SD1: 768, SD2: 1024)")
+    _check_widths(embeddings, width)
     table = _SLOTS.setdefault(text_encoder, {})
     size = text_encoder.get_input_embeddings().weight.shape[0]
     rows = [emb.vectors.reshape(-1, width) for emb in embeddings]
@@ -167,6 +174,29 @@ def register(text_encoder: torch.nn.Module, embeddings: Sequence[Embedding]) -> 
         for r, key in zip(rows, keys, strict=True):
             weight[list(table[key])] = r.to(device=weight.device, dtype=weight.dtype)
     return [table[key] for key in keys]
+
+
+def _check_widths(embeddings: Sequence[Embedding], width: int) -> None:
+    for emb in embeddings:
+        if emb.vectors.shape[-1] != width:
+            raise ModelError(
+                f"{XTI_KEY if emb.xti else KEY}: {emb.file} holds vectors of width {emb.vectors.shape[-1]}, but "
+                f"this model's text encoder takes width {width}; an embedding only fits the model family it was "
+                "trained on (SD1: 768, SD2: 1024, SDXL: clip_l + clip_g = 2048)")
+
+
+def register_sdxl(first: torch.nn.Module, second: torch.nn.Module,
+                  embeddings: Sequence[Embedding]) -> list[tuple[int, ...]]:
+    """:func:`register` for SDXL: each embedding's clip_l part into ``first``, its clip_g part into ``second``.
+
+    Both encoders read the same token ids, so both get the same names in the same order (and so the same ids).
+    """
+    width = first.get_input_embeddings().weight.shape[1]
+    _check_widths(embeddings, width + second.get_input_embeddings().weight.shape[1])
+    ids = register(first, [replace(e, vectors=e.vectors[..., :width]) for e in embeddings])
+    if register(second, [replace(e, vectors=e.vectors[..., width:]) for e in embeddings]) != ids:
+        raise RuntimeError("SDXL's two text encoders gave an embedding different token ids")
+    return ids
 
 
 def _grow(text_encoder: torch.nn.Module, size: int) -> None:

@@ -20,6 +20,12 @@ Extended Textual Inversion (XTI): an XTI name is tokenized to the ids of its fir
 ``block=b`` to :meth:`TextEncoder.encode_batch` swaps in the ids of layer ``XTI_LAYERS[b]``, so the 16
 per-block encodings of :mod:`sdbatch.engine.features.xti` come from 16 calls. Texts without XTI names are the same
 for every block and come from the cache after the first.
+
+SDXL (``text_encoder_2``): the same chunks go through both encoders (CLIP-L with its ids, OpenCLIP bigG with the
+padding after EOS as ``!``, as its tokenizer pads); each gives its penultimate hidden states without the final
+norm, concatenated on the last axis (as diffusers' StableDiffusionXLPipeline and A1111). Weights renormalise each
+encoder's part on its own (A1111 weights each embedder separately). The pooled embedding the UNet's added
+conditioning takes is bigG's projection at EOS of the text's first chunk (A1111: ``zs[0].pooled``).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import Any
 
 import torch
 
-from sdbatch.engine.text.embeddings import XTI_LAYERS, Embedding, register
+from sdbatch.engine.text.embeddings import XTI_LAYERS, Embedding, register, register_sdxl
 from sdbatch.errors import ConfigError
 from sdbatch.prompts.embedding_names import name_pattern, split_names
 from sdbatch.prompts.weighting import is_break, parse_weights
@@ -51,6 +57,8 @@ class EncodedBatch:
     cond: torch.Tensor
     uncond: torch.Tensor | None
     chunks: tuple[int, ...]  # the chunks each row was encoded with; the rest of its 77·n tokens is padding
+    pooled: torch.Tensor | None = None  # SDXL: (B, P) pooled embeddings of the prompts; None for SD1/SD2
+    pooled_uncond: torch.Tensor | None = None  # SDXL: (B, P) of the negatives
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,13 +79,16 @@ class TextEncoder:
     by :meth:`_token_groups`, which splices in their ids, and every id tensor goes through :meth:`_hidden`.
     """
 
-    def __init__(self, tokenizer, text_encoder: torch.nn.Module, cache_size: int = 256) -> None:
+    def __init__(self, tokenizer, text_encoder: torch.nn.Module, cache_size: int = 256,
+                 text_encoder_2: torch.nn.Module | None = None, pad_id_2: int = 0) -> None:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2  # SDXL's OpenCLIP bigG (CLIPTextModelWithProjection), else None
+        self.pad_id_2 = pad_id_2  # its tokenizer's pad id ("!")
         self.max_multiples = 1
         self.normalize = "original"
-        # (text, embeddings, clip_skip, k, normalize, chunk count) → (77·n, D) embedding
-        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        # (text, embeddings, clip_skip, k, normalize, chunk count) → ((77·n, D) embedding, SDXL's pooled or None)
+        self._cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self._token_cache: OrderedDict[tuple, PromptTokens] = OrderedDict()  # (text, k, embeddings) → tokens
         self._ti_ids: dict[str, tuple[int, ...]] = {}  # lowercase name → token ids of its vectors
         self._ti_names: dict[int, str] = {}  # token id → name (first id) or "" (the others), for messages
@@ -93,7 +104,8 @@ class TextEncoder:
 
     def set_embeddings(self, embeddings: Sequence[Embedding]) -> None:
         """Make exactly these (X)TI embeddings active, writing them into the text encoder."""
-        ids = register(self.text_encoder, embeddings)
+        ids = (register(self.text_encoder, embeddings) if self.text_encoder_2 is None
+               else register_sdxl(self.text_encoder, self.text_encoder_2, embeddings))
         self._ti_ids, self._ti_names = {}, {}
         self._xti_maps = [{} for _ in XTI_LAYERS] if any(emb.xti for emb in embeddings) else []
         for emb, all_ids in zip(embeddings, ids, strict=True):
@@ -154,14 +166,16 @@ class TextEncoder:
             self.tokenize(p, k, o, "negative prompt") for p, o in zip(negatives, origins, strict=True)]
         own = _group_chunks(pos, neg, list(groups) if groups is not None else list(range(len(prompts))))
         settings = (clip_skip, k, mode)
-        cond = self._embed_padded(prompts, pos, own, settings, block)
-        uncond = self._embed_padded(negatives, neg, own, settings, block) if negatives is not None else None
-        return EncodedBatch(cond, uncond, tuple(own))
+        cond, pooled = self._embed_padded(prompts, pos, own, settings, block)
+        uncond, pooled_uncond = (self._embed_padded(negatives, neg, own, settings, block) if negatives is not None
+                                 else (None, None))
+        return EncodedBatch(cond, uncond, tuple(own), pooled, pooled_uncond)
 
     def _embed_padded(self, texts: list[str], tokens: list[PromptTokens], own: list[int], settings: tuple,
-                      block: int | None) -> torch.Tensor:
-        """(B, 77·n, D): each text at its own chunk count, then padded to n = max(own) with empty chunks."""
-        rows: list[torch.Tensor | None] = [None] * len(texts)
+                      block: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 77·n, D) and SDXL's (B, P) pooled (else None): each text at its own chunk count, then padded to
+        n = max(own) with empty chunks."""
+        rows: list = [None] * len(texts)
         for count in sorted(set(own)):
             index = [j for j, c in enumerate(own) if c == count]
             embedded = self._embed([texts[j] for j in index], [tokens[j] for j in index], (*settings, count), block)
@@ -169,10 +183,11 @@ class TextEncoder:
                 rows[j] = row
         n = max(own)
         if n > min(own):  # shorter rows: the empty prompt's chunk after their own (masked in the UNet)
-            empty = self._embed([""], [self.tokenize("", settings[1])], (*settings, 1))[0]
-            rows = [torch.cat([row, empty.repeat(n - c, 1)]) if c < n else row
-                    for row, c in zip(rows, own, strict=True)]
-        return torch.stack(rows)
+            empty = self._embed([""], [self.tokenize("", settings[1])], (*settings, 1))[0][0]
+            rows = [(torch.cat([row, empty.repeat(n - c, 1)]), pooled) if c < n else (row, pooled)
+                    for (row, pooled), c in zip(rows, own, strict=True)]
+        pooled = torch.stack([p for _, p in rows]) if self.text_encoder_2 is not None else None
+        return torch.stack([row for row, _ in rows]), pooled
 
     def tokenize(self, text: str, k: int, origin: str = "prompt", what: str = "prompt") -> PromptTokens:
         """Weighted token chunks of ``text``, at most k chunks (cached; a truncation warns when computed)."""
@@ -239,8 +254,9 @@ class TextEncoder:
         return " ".join(parts)
 
     def _embed(self, texts: list[str], tokens: list[PromptTokens], settings: tuple, block: int | None = None,
-               ) -> torch.Tensor:
-        """(B, 77·n, D) for texts; one text-encoder call for all the chunks of the cache misses."""
+               ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(77·n, D) and SDXL's pooled (P,) (else None) of each text; one text-encoder call for all the chunks of
+        the cache misses."""
         clip_skip, _, mode, n = settings
         keys = [(text, self._ti_key, self.network_key, self._xti_block(tok, block), *settings)
                 for text, tok in zip(texts, tokens, strict=True)]
@@ -248,14 +264,23 @@ class TextEncoder:
         missing = {key: tok for key, tok in zip(keys, tokens, strict=True) if key not in found}
         if missing:
             rows = [row for key, tok in missing.items() for row in self._chunk_ids(tok, n, key[3])]
-            hidden = self._hidden(torch.tensor(rows, device=self.text_encoder.device), clip_skip)
+            hidden, pooled = self._hidden(torch.tensor(rows, device=self.text_encoder.device), clip_skip)
             self.encoded += len(missing)
             for j, (key, tok) in enumerate(missing.items()):
                 emb = hidden[j * n : (j + 1) * n].reshape(n * hidden.shape[1], hidden.shape[2])
-                found[key] = apply_weights(emb, _chunk_weights(tok, n), mode)
+                found[key] = (self._weighted(emb, _chunk_weights(tok, n), mode),
+                              None if pooled is None else pooled[j * n])
         for key, emb in found.items():
             _remember(self._cache, key, emb, self._cache_size)
-        return torch.stack([found[key] for key in keys])
+        return [found[key] for key in keys]
+
+    def _weighted(self, emb: torch.Tensor, weights: list[float], mode: str) -> torch.Tensor:
+        """Token weights on emb; SDXL's two encoders' parts each renormalised on their own (as A1111)."""
+        if self.text_encoder_2 is None:
+            return apply_weights(emb, weights, mode)
+        first = self.text_encoder.config.hidden_size
+        return torch.cat([apply_weights(emb[:, :first], weights, mode),
+                          apply_weights(emb[:, first:], weights, mode)], dim=1)
 
     def _chunk_ids(self, tok: PromptTokens, n: int, block: int | None = None) -> list[list[int]]:
         """n rows of 77 ids: BOS + chunk + EOS + pad each; chunks the prompt does not need are empty.
@@ -274,9 +299,36 @@ class TextEncoder:
         return block if any(t in self._xti_maps[0] for chunk in tok.chunks for t in chunk) else None
 
     @torch.no_grad()
-    def _hidden(self, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
-        """Text-encoder output for (N, 77) ids, (N, 77, D); the one place the encoder runs."""
-        out = self.text_encoder(ids, output_hidden_states=clip_skip > 1)
+    def _hidden(self, ids: torch.Tensor, clip_skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text-encoder output for (N, 77) ids, (N, 77, D), and SDXL's pooled (N, P) (None for SD1/SD2); the one
+        place the encoders run."""
+        if self.text_encoder_2 is not None:
+            return self._sdxl_hidden(ids, clip_skip)
+        return self._layer(self.text_encoder, ids, clip_skip), None
+
+    def _sdxl_hidden(self, ids: torch.Tensor, clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both SDXL encoders' hidden states of one layer, un-normed and concatenated, and bigG's pooled.
+
+        SDXL was trained on the penultimate layer: clip_skip 1 and 2 both take it (A1111 ignores clip_skip on SDXL
+        by default), 3 and more skip further (diffusers' clip_skip=n is our n + 2).
+        """
+        eos = (ids == self.tokenizer.eos_id).int().argmax(dim=1, keepdim=True)  # the first EOS of each row
+        ids_2 = torch.where(torch.arange(ids.shape[1], device=ids.device)[None, :] > eos, self.pad_id_2, ids)
+        out_1 = self.text_encoder(ids, output_hidden_states=True)
+        out_2 = self.text_encoder_2(ids_2, output_hidden_states=True)
+        layer = max(clip_skip, 2)
+        layers = len(out_1.hidden_states) - 1
+        if layer > min(layers, len(out_2.hidden_states) - 1):
+            raise ConfigError(f"model.clip_skip={clip_skip} but the text encoders have only {layers} layers")
+        hidden = torch.cat([out_1.hidden_states[-layer], out_2.hidden_states[-layer]], dim=-1)
+        # pooled at the first EOS, as OpenCLIP: transformers' legacy rule (the largest id) would pick an embedding's
+        # token, whose ids come after the vocabulary
+        at_eos = out_2.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), eos[:, 0]]
+        return hidden, self.text_encoder_2.text_projection(at_eos)
+
+    def _layer(self, encoder: torch.nn.Module, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
+        """One CLIP encoder's (N, 77, D) output at clip_skip, the final layer norm applied (SD1/SD2)."""
+        out = encoder(ids, output_hidden_states=clip_skip > 1)
         if clip_skip == 1:
             return out.last_hidden_state  # (N, 77, D), final layer norm applied
         layers = len(out.hidden_states) - 1
@@ -284,7 +336,7 @@ class TextEncoder:
             raise ConfigError(f"model.clip_skip={clip_skip} but the text encoder has only {layers} layers")
         hidden = out.hidden_states[-clip_skip]  # hidden_states[-1] is the last layer's output
         # transformers 5 flattened CLIPTextModel (no .text_model); older releases nest it
-        return getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm(hidden)
+        return getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
 
 
 def _group_chunks(pos: list[PromptTokens], neg: list[PromptTokens], groups: list[int]) -> list[int]:

@@ -19,7 +19,8 @@ import regex
 VOCAB_PATH = Path(__file__).parent / "vocab" / "bpe_simple_vocab_16e6.txt.gz"
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
-PAD_TOKENS = {"sd1": EOS_TOKEN, "sd2": "!"}  # SD2's OpenCLIP tokenizer pads with "!" (id 0)
+# SD2's OpenCLIP tokenizer pads with "!" (id 0); SDXL's first (CLIP-L) tokenizer pads as SD1's, its second as SD2's
+PAD_TOKENS = {"sd1": EOS_TOKEN, "sd2": "!", "sdxl": EOS_TOKEN}
 MODEL_MAX_LENGTH = 77
 _N_MERGES = 49152 - 256 - 2
 _MAX_CACHE = 100_000
