@@ -21,7 +21,7 @@ KEY = "guidance.guide_image"
 
 def assign_guides(jobs: list[ImageJob], spec: RunSpec, start: int = 0) -> list[ImageJob]:
     """Image k (counting from `start`) takes group k % groups of the guide images, one image per model."""
-    if spec.guidance.name != "controlnet" or not jobs:
+    if spec.guidance.name not in ("controlnet", "lllite") or not jobs:
         return jobs
     groups = guide_groups(spec)
     return [dataclasses.replace(job, guide_images=groups[(start + k) % len(groups)]) for k, job in enumerate(jobs)]
