@@ -19,6 +19,7 @@ from diffusers.utils.state_dict_utils import (
     convert_unet_state_dict_to_peft,
 )
 from lora_files import make_lora
+from lycoris_files import loha_state, lokr_state
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from sdxl_net_files import kohya_sdxl_lora, lllite_state, tiny_sdxl, unet_inputs
@@ -147,6 +148,30 @@ def test_text_encoder_multiplier_reaches_both_encoders(xl, lora_file):
     assert torch.equal(unet_off["unet"], base["unet"]) and not torch.equal(te_off["unet"], base["unet"])
 
 
+@pytest.mark.parametrize("make", [loha_state, lokr_state])
+@torch.no_grad()
+def test_lycoris_on_sdxl_names(xl, tmp_path, make):
+    names = module_map(xl.unet, xl.text_encoder, xl.text_encoder_2)
+    picked = {n: names[n] for n in ("lora_unet_input_blocks_4_0_in_layers_2", "lora_unet_output_blocks_2_2_conv",
+                                    "lora_unet_middle_block_1_transformer_blocks_1_attn1_to_k",
+                                    "lora_te1_text_model_encoder_layers_0_mlp_fc1",
+                                    "lora_te2_text_model_encoder_layers_0_self_attn_v_proj")}
+    save_file(make(picked), str(tmp_path / "lyco.safetensors"))
+    base, before = outputs(xl), {id(m): m.weight.clone() for m in names.values()}
+    patch = NetworkPatch(xl.unet, xl.text_encoder, [load_lora(tmp_path / "lyco.safetensors")], strict=True,
+                         text_encoder_2=xl.text_encoder_2)
+    patch.hook()
+    hooked = outputs(xl)
+    patch.merge([1.0])
+    merged = outputs(xl)
+    changed = {id(m) for m in names.values() if not torch.equal(m.weight, before[id(m)])}
+    patch.remove()
+    assert changed == {id(m) for m in picked.values()}
+    for name in base:
+        assert (hooked[name] - base[name]).abs().max() > 1e-3, name
+        torch.testing.assert_close(merged[name], hooked[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
 def test_wrong_family_lora_is_one_line(xl, sd1_components, tmp_path, lora_file):
     unet, _vae, text_encoder = sd1_components
     sd1 = make_lora(tmp_path / "sd1_style.safetensors", unet, text_encoder)
@@ -263,6 +288,16 @@ def test_lllite_ratio_switches_it_off(xl, lllite_file, tmp_path):
         out = [model(x, 500, Conditioning(embeddings=emb, rows=rows, step=s, steps=4)) for s in range(4)]
     patch.restore()
     assert [torch.equal(o, base) for o in out] == [False, False, False, True]  # 2/4 <= 0.5: still on
+
+
+def test_lllite_map_follows_smaller_latents():
+    cond_map = torch.arange(2 * 3 * 8 * 6, dtype=torch.float32).view(2, 3, 8, 6)
+    assert torch.equal(lllite_feature._as_tokens(cond_map, 48), cond_map.flatten(2).transpose(1, 2))
+    smaller = lllite_feature._as_tokens(cond_map, 12)  # Deep Shrink / Gradual Latent: a 4x3 grid
+    want = torch.nn.functional.interpolate(cond_map, size=(4, 3), mode="bilinear", align_corners=False)
+    assert torch.equal(smaller, want.flatten(2).transpose(1, 2))
+    with pytest.raises(ModelError, match="sees 13 tokens"):
+        lllite_feature._as_tokens(cond_map, 13)
 
 
 def test_lllite_bad_files_are_one_line(xl, sd1_components, lllite_file, tmp_path):
