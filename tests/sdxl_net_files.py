@@ -14,6 +14,8 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from sdbatch.engine.models.tiny_lora import random_factors
+
 TE_WIDTH, TE2_WIDTH, TIME_DIM = 32, 32, 8
 
 
@@ -53,17 +55,7 @@ def unet_inputs(batch: int = 2, size: int = 8, seed: int = 1) -> tuple[torch.Ten
 def kohya_sdxl_lora(path: Path, modules: dict[str, torch.nn.Module], rank: int = 4, alpha: float = 2.0,
                     seed: int = 0, scale: float = 0.3) -> Path:
     """A kohya LoRA file with random lora_down/lora_up/alpha for these modules (kohya name → module)."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, module in modules.items():
-        if isinstance(module, torch.nn.Conv2d):
-            down, up = (rank, module.in_channels, *module.kernel_size), (module.out_channels, rank, 1, 1)
-        else:
-            down, up = (rank, module.in_features), (module.out_features, rank)
-        state[f"{name}.lora_down.weight"] = torch.randn(down, generator=gen) * scale
-        state[f"{name}.lora_up.weight"] = torch.randn(up, generator=gen) * scale
-        state[f"{name}.alpha"] = torch.tensor(alpha)
-    save_file(state, str(path))
+    save_file(random_factors(modules, rank=rank, alpha=alpha, seed=seed, scale=scale), str(path))
     return path
 
 

@@ -27,10 +27,10 @@ from sdxl_net_files import kohya_sdxl_lora, lllite_state, tiny_sdxl, unet_inputs
 from sdbatch.config.guidance_schema import GuidanceConfig, Preprocess
 from sdbatch.config.lllite_schema import LLLiteSettings, LLLiteUnit
 from sdbatch.engine.core.model_fn import Conditioning
-from sdbatch.engine.core.rows import Rows
+from sdbatch.engine.core.rows import Rows, calling
 from sdbatch.engine.features import lllite as lllite_feature
 from sdbatch.engine.features.lllite import LLLitePatch, with_lllite
-from sdbatch.engine.features.lora_network import NetworkPatch, load_lora, module_map
+from sdbatch.engine.features.lora_network import ROW_MULTIPLIERS, NetworkPatch, load_lora, module_map
 from sdbatch.engine.models.lllite_files import load_lllite
 from sdbatch.engine.models.sdxl_names import sgm_paths
 from sdbatch.errors import ConfigError, ModelError
@@ -146,6 +146,23 @@ def test_text_encoder_multiplier_reaches_both_encoders(xl, lora_file):
     for name in ("te1", "te2", "pooled"):
         assert torch.equal(te_off[name], base[name]) and not torch.equal(unet_off[name], base[name]), name
     assert torch.equal(unet_off["unet"], base["unet"]) and not torch.equal(te_off["unet"], base["unet"])
+
+
+@torch.no_grad()
+def test_per_image_unet_multipliers_on_sdxl(xl, lora_file):
+    x, emb, added = unet_inputs(2, 8)
+    call = lambda: xl.unet(x, 500, emb, added_cond_kwargs=added).sample  # noqa: E731
+    base = call()
+    patch = NetworkPatch(xl.unet, xl.text_encoder, [load_lora(lora_file)], text_encoder_2=xl.text_encoder_2)
+    patch.hook()
+    full = call()
+    rows = Rows.of_images(2).with_image_data(**{ROW_MULTIPLIERS: torch.tensor([[0.0], [1.0]])})
+    with calling(rows):
+        mixed = call()
+    patch.remove()
+    torch.testing.assert_close(mixed[0], base[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(mixed[1], full[1], atol=1e-5, rtol=1e-5)
+    assert (full[1] - base[1]).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("make", [loha_state, lokr_state])

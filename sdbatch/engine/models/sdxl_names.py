@@ -25,34 +25,32 @@ _TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0"
 def _block_prefixes(unet: torch.nn.Module) -> dict[str, tuple[str, bool]]:
     """diffusers module prefix → (SGM prefix, is a resnet) for every block-level module of the UNet."""
     prefixes: dict[str, tuple[str, bool]] = {}
-    n = 1  # input_blocks.0 is conv_in
-    for i, block in enumerate(unet.down_blocks):
-        attentions = getattr(block, "attentions", None)
-        for j in range(len(block.resnets)):
-            prefixes[f"down_blocks.{i}.resnets.{j}"] = (f"input_blocks.{n}.0", True)
-            if attentions is not None:
-                prefixes[f"down_blocks.{i}.attentions.{j}"] = (f"input_blocks.{n}.1", False)
-            n += 1
-        if block.downsamplers is not None:
-            prefixes[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{n}.0.op", False)
-            n += 1
+    _layers(prefixes, unet.down_blocks, "down_blocks", "input_blocks", 1)  # input_blocks.0 is conv_in
     prefixes["mid_block.resnets.0"] = ("middle_block.0", True)
     for j, _ in enumerate(getattr(unet.mid_block, "attentions", None) or ()):
         prefixes[f"mid_block.attentions.{j}"] = (f"middle_block.{1 + 2 * j}", False)
         prefixes[f"mid_block.resnets.{j + 1}"] = (f"middle_block.{2 + 2 * j}", True)
-    n = 0
-    for i, block in enumerate(unet.up_blocks):
-        attentions = getattr(block, "attentions", None)
-        for j in range(len(block.resnets)):
-            prefixes[f"up_blocks.{i}.resnets.{j}"] = (f"output_blocks.{n}.0", True)
-            if attentions is not None:
-                prefixes[f"up_blocks.{i}.attentions.{j}"] = (f"output_blocks.{n}.1", False)
-            n += 1
-        if block.upsamplers is not None:  # in the block's last layer, after its resnet (and attention)
-            slot = 2 if attentions is not None else 1
-            prefixes[f"up_blocks.{i}.upsamplers.0.conv"] = (f"output_blocks.{n - 1}.{slot}.conv", False)
+    _layers(prefixes, unet.up_blocks, "up_blocks", "output_blocks", 0)
     prefixes.update({path: (sgm, False) for path, sgm in _TOP.items()})
     return prefixes
+
+
+def _layers(prefixes: dict[str, tuple[str, bool]], blocks: torch.nn.ModuleList, side: str, sgm: str, n: int) -> None:
+    """One SGM layer (resnet at .0, attention at .1) per resnet of each block, from layer n on; a downsampler is
+    a layer of its own (``op``), an upsampler the last layer's next slot."""
+    for i, block in enumerate(blocks):
+        attentions = getattr(block, "attentions", None)
+        for j in range(len(block.resnets)):
+            prefixes[f"{side}.{i}.resnets.{j}"] = (f"{sgm}.{n}.0", True)
+            if attentions is not None:
+                prefixes[f"{side}.{i}.attentions.{j}"] = (f"{sgm}.{n}.1", False)
+            n += 1
+        if getattr(block, "downsamplers", None) is not None:
+            prefixes[f"{side}.{i}.downsamplers.0.conv"] = (f"{sgm}.{n}.0.op", False)
+            n += 1
+        if getattr(block, "upsamplers", None) is not None:
+            slot = 2 if attentions is not None else 1
+            prefixes[f"{side}.{i}.upsamplers.0.conv"] = (f"{sgm}.{n - 1}.{slot}.conv", False)
 
 
 def sgm_paths(unet: torch.nn.Module) -> dict[str, str]:
