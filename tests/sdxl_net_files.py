@@ -6,12 +6,20 @@ twin of sdbatch.engine.models.tiny lands; it is the only builder, so swapping it
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from diffusers import UNet2DConditionModel
-from safetensors.torch import save_file
+from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
+from diffusers.utils.state_dict_utils import (
+    StateDictType,
+    convert_state_dict_to_diffusers,
+    convert_state_dict_to_peft,
+    convert_unet_state_dict_to_peft,
+)
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from sdbatch.engine.models.tiny_lora import random_factors
@@ -86,3 +94,26 @@ def lllite_state(unet: torch.nn.Module, cond_dim: int = 8, mlp_dim: int = 8, see
             state[f"{name}.{part}.weight"] = torch.randn(weight, generator=gen) * scale
             state[f"{name}.{part}.bias"] = torch.randn(bias, generator=gen) * scale
     return state
+
+
+def diffusers_merged(xl, path: Path, scale: float):
+    """A copy of the models (unet, text_encoder, text_encoder_2 attributes) with the file merged the way
+    diffusers' SDXL LoRA loader resolves it: W += scale · up·down (scale = α/r, the same for every module); and
+    how many modules it resolved. Without peft (load_lora_weights needs it) the merge is done here."""
+    state, _alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(load_file(str(path)), unet_config=xl.unet.config)
+    merged = copy.deepcopy(xl)
+    sides = {"unet": (merged.unet, ""), "text_encoder": (merged.text_encoder, "text_model."),
+             "text_encoder_2": (merged.text_encoder_2, "")}
+    count = 0
+    for prefix, (model, drop) in sides.items():
+        part = {k.removeprefix(prefix + "."): v for k, v in state.items() if k.split(".")[0] == prefix}
+        part = (convert_unet_state_dict_to_peft(part) if prefix == "unet"
+                else convert_state_dict_to_peft(convert_state_dict_to_diffusers(part, StateDictType.DIFFUSERS_OLD)))
+        for key in [k for k in part if k.endswith(".lora_A.weight")]:
+            module = model.get_submodule(key.removesuffix(".lora_A.weight").removeprefix(drop))
+            down, up = part[key], part[key.replace("lora_A", "lora_B")]
+            delta = torch.einsum("or,ri...->oi...", up.flatten(1), down) * scale
+            with torch.no_grad():
+                module.weight += delta.reshape(module.weight.shape)
+            count += 1
+    return merged, count

@@ -4,25 +4,17 @@ and wrong-layout errors, LLLite's config keys and records."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
-from diffusers.utils.state_dict_utils import (
-    StateDictType,
-    convert_state_dict_to_diffusers,
-    convert_state_dict_to_peft,
-    convert_unet_state_dict_to_peft,
-)
 from lora_files import make_lora
 from lycoris_files import loha_state, lokr_state
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from sdxl_net_files import kohya_sdxl_lora, lllite_state, tiny_sdxl, unet_inputs
+from sdxl_net_files import diffusers_merged, kohya_sdxl_lora, lllite_state, tiny_sdxl, unet_inputs
 
 from sdbatch.config.guidance_schema import GuidanceConfig, Preprocess
 from sdbatch.config.lllite_schema import LLLiteSettings, LLLiteUnit
@@ -92,30 +84,9 @@ def test_sgm_names_cover_every_layer_once(xl):
     assert names["lora_te1_text_model_encoder_layers_0_self_attn_q_proj"] is te1[0].self_attn.q_proj
 
 
-def diffusers_merged(xl, path: Path):
-    """The models with the file merged the way diffusers' SDXL LoRA loader resolves it (W += α/r · up·down)."""
-    state, _alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(load_file(str(path)), unet_config=xl.unet.config)
-    merged = copy.deepcopy(xl)
-    sides = {"unet": (merged.unet, ""), "text_encoder": (merged.text_encoder, "text_model."),
-             "text_encoder_2": (merged.text_encoder_2, "")}
-    count = 0
-    for prefix, (model, drop) in sides.items():
-        part = {k.removeprefix(prefix + "."): v for k, v in state.items() if k.split(".")[0] == prefix}
-        part = (convert_unet_state_dict_to_peft(part) if prefix == "unet"
-                else convert_state_dict_to_peft(convert_state_dict_to_diffusers(part, StateDictType.DIFFUSERS_OLD)))
-        for key in [k for k in part if k.endswith(".lora_A.weight")]:
-            module = model.get_submodule(key.removesuffix(".lora_A.weight").removeprefix(drop))
-            down, up = part[key], part[key.replace("lora_A", "lora_B")]
-            delta = torch.einsum("or,ri...->oi...", up.flatten(1), down) * (ALPHA / RANK)
-            with torch.no_grad():
-                module.weight += delta.reshape(module.weight.shape)
-            count += 1
-    return merged, count
-
-
 @torch.no_grad()
 def test_sdxl_lora_equals_diffusers_conversion(xl, lora_file):
-    reference, converted = diffusers_merged(xl, lora_file)
+    reference, converted = diffusers_merged(xl, lora_file, ALPHA / RANK)
     lora = load_lora(lora_file)
     assert converted == len(lora.modules)  # diffusers resolved every module of the file
     want, base = outputs(reference), outputs(xl)
