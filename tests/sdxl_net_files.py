@@ -96,19 +96,26 @@ def lllite_state(unet: torch.nn.Module, cond_dim: int = 8, mlp_dim: int = 8, see
     return state
 
 
+def diffusers_peft(xl, path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A kohya SDXL LoRA file as diffusers' SDXL loader converts it: PEFT keys (``<module path>.lora_A.weight``)
+    per model ("unet", "text_encoder", "text_encoder_2"), as load_lora_weights hands them to peft."""
+    state, _alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(load_file(str(path)), unet_config=xl.unet.config)
+    out = {}
+    for prefix in ("unet", "text_encoder", "text_encoder_2"):
+        part = {k.removeprefix(prefix + "."): v for k, v in state.items() if k.split(".")[0] == prefix}
+        out[prefix] = (convert_unet_state_dict_to_peft(part) if prefix == "unet" else
+                       convert_state_dict_to_peft(convert_state_dict_to_diffusers(part, StateDictType.DIFFUSERS_OLD)))
+    return out
+
+
 def diffusers_merged(xl, path: Path, scale: float):
     """A copy of the models (unet, text_encoder, text_encoder_2 attributes) with the file merged the way
     diffusers' SDXL LoRA loader resolves it: W += scale · up·down (scale = α/r, the same for every module); and
     how many modules it resolved. Without peft (load_lora_weights needs it) the merge is done here."""
-    state, _alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(load_file(str(path)), unet_config=xl.unet.config)
     merged = copy.deepcopy(xl)
-    sides = {"unet": (merged.unet, ""), "text_encoder": (merged.text_encoder, "text_model."),
-             "text_encoder_2": (merged.text_encoder_2, "")}
     count = 0
-    for prefix, (model, drop) in sides.items():
-        part = {k.removeprefix(prefix + "."): v for k, v in state.items() if k.split(".")[0] == prefix}
-        part = (convert_unet_state_dict_to_peft(part) if prefix == "unet"
-                else convert_state_dict_to_peft(convert_state_dict_to_diffusers(part, StateDictType.DIFFUSERS_OLD)))
+    for prefix, part in diffusers_peft(xl, path).items():
+        model, drop = getattr(merged, prefix), "text_model." if prefix == "text_encoder" else ""
         for key in [k for k in part if k.endswith(".lora_A.weight")]:
             module = model.get_submodule(key.removesuffix(".lora_A.weight").removeprefix(drop))
             down, up = part[key], part[key.replace("lora_A", "lora_B")]

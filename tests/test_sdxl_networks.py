@@ -14,7 +14,7 @@ from lora_files import make_lora
 from lycoris_files import loha_state, lokr_state
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from sdxl_net_files import diffusers_merged, kohya_sdxl_lora, lllite_state, tiny_sdxl, unet_inputs
+from sdxl_net_files import diffusers_merged, diffusers_peft, kohya_sdxl_lora, lllite_state, tiny_sdxl, unet_inputs
 
 from sdbatch.config.guidance_schema import GuidanceConfig, Preprocess
 from sdbatch.config.lllite_schema import LLLiteSettings, LLLiteUnit
@@ -101,6 +101,24 @@ def test_sdxl_lora_equals_diffusers_conversion(xl, lora_file):
         torch.testing.assert_close(hooked[name], want[name], atol=1e-4, rtol=1e-4, msg=name)
         torch.testing.assert_close(merged[name], want[name], atol=1e-4, rtol=1e-4, msg=name)
     assert all(torch.equal(a, b) for a, b in zip(outputs(xl).values(), base.values(), strict=True))
+
+
+@torch.no_grad()
+def test_diffusers_format_sdxl_lora_equals_kohya(xl, lora_file, tmp_path):
+    peft = {f"{prefix}.{key}": value for prefix, part in diffusers_peft(xl, lora_file).items()
+            for key, value in part.items()}
+    peft |= {key.replace(".lora_A.weight", ".alpha"): torch.tensor(ALPHA) for key in peft if "lora_A" in key}
+    save_file(peft, str(tmp_path / "peft.safetensors"))
+    weights, models = {}, (xl.unet, xl.text_encoder, xl.text_encoder_2)
+    for path in (lora_file, tmp_path / "peft.safetensors"):  # strict: every module of the file is matched
+        patch = NetworkPatch(xl.unet, xl.text_encoder, [load_lora(path)], strict=True, text_encoder_2=xl.text_encoder_2)
+        patch.merge([1.0])
+        weights[path] = [p.clone() for model in models for p in model.parameters()]
+        patch.remove()
+    peft_file = load_lora(tmp_path / "peft.safetensors")
+    assert peft_file.diffusers_keys and len(peft_file.modules) == len(load_lora(lora_file).modules)
+    for kohya, diffusers in zip(*weights.values(), strict=True):
+        torch.testing.assert_close(diffusers, kohya, atol=1e-6, rtol=1e-6)
 
 
 @torch.no_grad()

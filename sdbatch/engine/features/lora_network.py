@@ -12,7 +12,8 @@ multiplier, UNet modules its UNet multiplier (A1111's ``<lora:NAME:TE:UNET>``).
 
 On SDXL (a second text encoder) the kohya names are SDXL's: ``lora_unet_`` with the UNet's SGM block names
 (:mod:`sdbatch.engine.models.sdxl_names`), ``lora_te1_`` for CLIP-L and ``lora_te2_`` for OpenCLIP-bigG; both
-encoders take the text-encoder multiplier. A file of the other family matches nothing and says which it is for.
+encoders take the text-encoder multiplier; a diffusers/PEFT SDXL file's names are renamed to those. A file of the
+other family matches nothing and says which it is for.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from sdbatch.engine.features.lora_updates import (
     weight_output,
 )
 from sdbatch.engine.models.checkpoint import SAFETENSORS_SUFFIX, file_sha256_short, read_state_dict
-from sdbatch.engine.models.sdxl_names import kohya_unet_names
+from sdbatch.engine.models.sdxl_names import kohya_unet_names, sgm_paths
 from sdbatch.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ _DIFFUSERS_ROLES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_
                     "lora_magnitude_vector.weight": "lora_magnitude_vector",
                     "lora_magnitude_vector": "lora_magnitude_vector"}
 # diffusers/PEFT key prefix → (kohya prefix, path prefix to drop so both transformers layouts give one name)
-_DIFFUSERS_PREFIXES = {"unet.": (UNET_PREFIX, ""), "text_encoder.": (TE_PREFIX, "text_model.")}
+_DIFFUSERS_PREFIXES = {"unet.": (UNET_PREFIX, ""), "text_encoder.": (TE_PREFIX, "text_model."),
+                       "text_encoder_2.": (SDXL_TE_PREFIXES[1], "text_model.")}
 # the row-contract data with each image's UNet multipliers, (images, networks): images of one UNet call with
 # other multipliers (hooked mode) get their own; without it every row gets set_multipliers'
 ROW_MULTIPLIERS = "lora_multipliers"
@@ -73,6 +75,8 @@ class LoraFile:
     path: str  # resolved path
     hash: str  # A1111 "addnet" short hash (see addnet_hash)
     modules: dict[str, Update] = field(repr=False)  # by kohya module name: LoraModule, LohaModule, LokrModule
+    # read from diffusers/PEFT keys: its UNet names are diffusers module paths (SDXL renames them to SGM's)
+    diffusers_keys: bool = False
 
 
 _cache: OrderedDict[tuple[str, int, int], LoraFile] = OrderedDict()
@@ -108,7 +112,9 @@ def _read_lora(path: Path) -> LoraFile:
     state = read_state_dict(path)  # ModelError for a corrupt file or an unsafe pickle
     _loads += 1
     modules = _parse_modules(path, state)
-    return LoraFile(name=path.stem, path=str(path), hash=addnet_hash(path), modules=modules)
+    diffusers_keys = any(key.startswith(tuple(_DIFFUSERS_PREFIXES)) for key in state)
+    return LoraFile(name=path.stem, path=str(path), hash=addnet_hash(path), modules=modules,
+                    diffusers_keys=diffusers_keys)
 
 
 def addnet_hash(path: str | Path) -> str:
@@ -208,8 +214,10 @@ class NetworkPatch:
         self._count = len(loras)
         self._deltas: dict[str, list[_Delta]] = {}
         family = "SD1/SD2" if text_encoder_2 is None else "SDXL"
+        renames = _sdxl_renames(unet) if text_encoder_2 is not None and any(f.diffusers_keys for f in loras) else {}
         for index, lora in enumerate(loras):
-            for name, update in _matched(lora, self._targets, strict, family).items():
+            modules = _renamed(lora.modules, renames) if lora.diffusers_keys and renames else lora.modules
+            for name, update in _matched(lora, modules, self._targets, strict, family).items():
                 factors = fit(lora.path, name, update, self._targets[name])
                 self._deltas.setdefault(name, []).append(_Delta(index, update, factors))
         self.touches_text_encoder = any(not name.startswith(UNET_PREFIX) for name in self._deltas)
@@ -316,10 +324,28 @@ def _side(name: str) -> int:
     return 1 if name.startswith(UNET_PREFIX) else 0
 
 
-def _matched(lora: LoraFile, targets: dict[str, torch.nn.Module], strict: bool, family: str) -> dict[str, Update]:
+def _sdxl_renames(unet: torch.nn.Module) -> dict[str, str]:
+    """A diffusers/PEFT file's names on SDXL → kohya SDXL names: UNet module paths → SGM names, CLIP-L's
+    ``text_encoder.`` (read as lora_te_) → lora_te1_."""
+    renames = {UNET_PREFIX + path.replace(".", "_"): UNET_PREFIX + sgm.replace(".", "_")
+               for path, sgm in sgm_paths(unet).items()}
+    return renames | {TE_PREFIX: SDXL_TE_PREFIXES[0]}
+
+
+def _renamed(modules: dict[str, Update], renames: dict[str, str]) -> dict[str, Update]:
+    def name(old: str) -> str:
+        if old.startswith(TE_PREFIX):
+            return renames[TE_PREFIX] + old.removeprefix(TE_PREFIX)
+        return renames.get(old, old)
+
+    return {name(old): update for old, update in modules.items()}
+
+
+def _matched(lora: LoraFile, modules: dict[str, Update], targets: dict[str, torch.nn.Module], strict: bool,
+             family: str) -> dict[str, Update]:
     """The file's modules that exist in the models; the rest raise (strict) or are skipped with one warning."""
-    missing = [name for name in lora.modules if name not in targets]
-    total = len(lora.modules)
+    missing = [name for name in modules if name not in targets]
+    total = len(modules)
     if len(missing) == total:
         own = family_of(missing)
         if own is not None and own != family:
@@ -333,7 +359,7 @@ def _matched(lora: LoraFile, targets: dict[str, torch.nn.Module], strict: bool, 
         if strict:
             raise ModelError(f"{what}; set network.strict=false to skip them")
         log.warning("%s; skipped <network.strict=false>", what)
-    matched = {name: module for name, module in lora.modules.items() if name in targets}
+    matched = {name: module for name, module in modules.items() if name in targets}
     unet = sum(name.startswith(UNET_PREFIX) for name in matched)
     kinds = ", ".join(sorted({kind(update) for update in matched.values()}))
     log.info("LoRA %s: %d UNet and %d text-encoder modules (%s)", lora.name, unet, len(matched) - unet, kinds)
