@@ -120,7 +120,7 @@ class LLLitePatch:
 
         def hook(target: torch.nn.Module, args: tuple) -> tuple | None:
             call = self._call
-            if call is None or call.weights[index] == 0:
+            if call is None or call.weights[index] == 0 or not args:  # diffusers calls q/k/v with x positionally
                 return None
             x = args[0]
             cond = call.tokens(index, name, x.shape[1]).to(module.up[0].weight.dtype)
