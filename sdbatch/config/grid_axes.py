@@ -220,9 +220,10 @@ def grid_axes(spec: RunSpec) -> list[Axis]:
 
 
 def _check_guidance_axis(spec: RunSpec, axis: Axis, name: str) -> None:
-    """guidance.weights sweeps ControlNet weights: it needs guidance=controlnet and at most one value per model."""
-    if spec.guidance.name != "controlnet":
-        raise ConfigError(f"grid.{name}=guidance.weights needs guidance=controlnet with guidance.models")
+    """guidance.weights sweeps ControlNet weights (LLLite multipliers): it needs guidance=controlnet (or lllite)
+    and at most one value per model."""
+    if spec.guidance.name not in ("controlnet", "lllite"):
+        raise ConfigError(f"grid.{name}=guidance.weights needs guidance=controlnet or lllite with guidance.models")
     count = len(spec.guidance.models)
     for value in axis.values:
         if len(parse_value(axis, value, name)) > count:

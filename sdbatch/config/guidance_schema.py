@@ -21,7 +21,7 @@ from sdbatch.errors import ConfigError
 if TYPE_CHECKING:
     from sdbatch.config.spec import RunSpec
 
-GUIDANCE_OPTIONS = ("none", "controlnet")
+GUIDANCE_OPTIONS = ("none", "controlnet", "lllite")  # lllite: sdbatch.config.lllite_schema
 COMBINE_MODES = ("sum", "alternate")
 CANNY_DEFAULT = (63, 191)  # the reference's thresholds
 EXTRA = "pip install 'sdbatch[controlnet]'"  # OpenCV for canny
@@ -139,6 +139,10 @@ class GuidanceConfig:
                 raise ConfigError("highres.disable_controlnet=true needs guidance=controlnet (there is no "
                                   "ControlNet to switch off); drop the key or add guidance=controlnet")
             return
+        if self.name == "lllite":
+            from sdbatch.config import lllite_schema  # imports this module: imported on use
+
+            return lllite_schema.check(self, spec)
         if not self.models:
             raise ConfigError("guidance=controlnet needs guidance.models=[FILE, ...] (ControlNet files or folders)")
         if self.guide_image is None:
@@ -169,8 +173,13 @@ class GuidanceConfig:
             _check_unit(unit, i)
         return units
 
-    def for_image(self, given: None, job: PlannedImage) -> ControlNetSettings | None:
-        """Every image of a guidance=controlnet run gets the run's settings (its guide images travel per image)."""
+    def for_image(self, given: None, job: PlannedImage) -> Any:
+        """Every image of a guidance=controlnet (or lllite) run gets the run's settings (its guide images travel
+        per image): ControlNetSettings, LLLiteSettings or None."""
+        if self.name == "lllite":
+            from sdbatch.config import lllite_schema
+
+            return lllite_schema.settings(self)
         if self.name != "controlnet":
             return None
         return ControlNetSettings(self.units(), self.combine, self.guess_mode, self.save_hints)

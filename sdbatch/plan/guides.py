@@ -32,7 +32,7 @@ def assign_guides(jobs: list[ImageJob], spec: RunSpec, start: int = 0) -> list[I
             image_size(image, GUIDED_KEY)
         jobs = [dataclasses.replace(job, guided_image=str(targets[(start + k) % len(targets)]))
                 for k, job in enumerate(jobs)]
-    if spec.guidance.name != "controlnet":
+    if spec.guidance.name not in ("controlnet", "lllite"):
         return jobs
     groups = guide_groups(spec)
     return [dataclasses.replace(job, guide_images=groups[(start + k) % len(groups)]) for k, job in enumerate(jobs)]

@@ -185,8 +185,8 @@ class ControlNet(Feature):
         return LoadedControlNets(tuple(nets))
 
     def batch_hooks(self, ctx: BatchContext) -> BatchHooks | None:
-        settings: ControlNetSettings | None = ctx.key.features.get(self.name)
-        if settings is None:
+        settings = ctx.key.features.get(self.name)
+        if not isinstance(settings, ControlNetSettings):  # none, or guidance=lllite's settings
             return None
         device = ctx.engine.placement.device
         units = [Unit(unit, loaded.model,

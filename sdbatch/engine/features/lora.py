@@ -25,11 +25,12 @@ class RunNetworks:
     precalc: the deltas go into the weights again whenever a batch's multipliers differ from the last.
     """
 
-    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, network: NetworkConfig) -> None:
+    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, network: NetworkConfig,
+                 text_encoder_2: torch.nn.Module | None = None) -> None:
         self.files: list[LoraFile] = [load_lora(lora_path(lora.path)) for lora in network.loras]
         self.mode = network.mode
         self.defaults = network.multipliers()
-        self._patch = NetworkPatch(unet, text_encoder, self.files, strict=network.strict)
+        self._patch = NetworkPatch(unet, text_encoder, self.files, strict=network.strict, text_encoder_2=text_encoder_2)
         self._in_weights: tuple[float, ...] | None = None  # multipliers merged into the weights now
         self.current: tuple = self.defaults  # the multipliers set by the last apply()
         if self.mode == "hooked":
@@ -102,7 +103,8 @@ class Lora(Feature):
     def patch(self, engine, run: RunSpec) -> RunNetworks | None:
         if not run.network.loras:
             return None
-        return RunNetworks(engine.bundle.unet, engine.bundle.text_encoder, run.network)
+        bundle = engine.bundle  # an SDXL bundle has a second text encoder: SDXL names, both encoders patched
+        return RunNetworks(bundle.unet, bundle.text_encoder, run.network, getattr(bundle, "text_encoder_2", None))
 
     def batch_hooks(self, ctx: BatchContext) -> BatchHooks | None:
         nets = ctx.patches.get(self.name)

@@ -9,6 +9,11 @@ writes it into the weights (one merge, or one per batch for pre-calculation), ke
 bit-exactly. A plain LoRA hooks as up(down(x)); every other update hooks as the module's own op with its weight
 change (ΔW, or DoRA's W' − W), made once per device. Text-encoder modules take each network's text-encoder
 multiplier, UNet modules its UNet multiplier (A1111's ``<lora:NAME:TE:UNET>``).
+
+On SDXL (a second text encoder) the kohya names are SDXL's: ``lora_unet_`` with the UNet's SGM block names
+(:mod:`sdbatch.engine.models.sdxl_names`), ``lora_te1_`` for CLIP-L and ``lora_te2_`` for OpenCLIP-bigG; both
+encoders take the text-encoder multiplier; a diffusers/PEFT SDXL file's names are renamed to those. A file of the
+other family matches nothing and says which it is for.
 """
 
 from __future__ import annotations
@@ -37,19 +42,24 @@ from sdbatch.engine.features.lora_updates import (
     weight_output,
 )
 from sdbatch.engine.models.checkpoint import SAFETENSORS_SUFFIX, file_sha256_short, read_state_dict
+from sdbatch.engine.models.sdxl_names import kohya_unet_names, sgm_paths
 from sdbatch.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_text_model_"  # kohya names keep transformers 4's ``text_model.`` level
+SDXL_TE_PREFIXES = ("lora_te1_text_model_", "lora_te2_text_model_")  # CLIP-L, OpenCLIP-bigG
+_SDXL_UNET_BLOCKS = tuple(UNET_PREFIX + b for b in ("input_blocks_", "middle_block_", "output_blocks_",
+                                                    "time_embed_", "label_emb_", "out_"))
 # diffusers/PEFT key suffix → the kohya suffix of the same tensor
 _DIFFUSERS_ROLES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
                     "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight", "alpha": "alpha",
                     "lora_magnitude_vector.weight": "lora_magnitude_vector",
                     "lora_magnitude_vector": "lora_magnitude_vector"}
 # diffusers/PEFT key prefix → (kohya prefix, path prefix to drop so both transformers layouts give one name)
-_DIFFUSERS_PREFIXES = {"unet.": (UNET_PREFIX, ""), "text_encoder.": (TE_PREFIX, "text_model.")}
+_DIFFUSERS_PREFIXES = {"unet.": (UNET_PREFIX, ""), "text_encoder.": (TE_PREFIX, "text_model."),
+                       "text_encoder_2.": (SDXL_TE_PREFIXES[1], "text_model.")}
 # the row-contract data with each image's UNet multipliers, (images, networks): images of one UNet call with
 # other multipliers (hooked mode) get their own; without it every row gets set_multipliers'
 ROW_MULTIPLIERS = "lora_multipliers"
@@ -65,6 +75,8 @@ class LoraFile:
     path: str  # resolved path
     hash: str  # A1111 "addnet" short hash (see addnet_hash)
     modules: dict[str, Update] = field(repr=False)  # by kohya module name: LoraModule, LohaModule, LokrModule
+    # read from diffusers/PEFT keys: its UNet names are diffusers module paths (SDXL renames them to SGM's)
+    diffusers_keys: bool = False
 
 
 _cache: OrderedDict[tuple[str, int, int], LoraFile] = OrderedDict()
@@ -100,7 +112,9 @@ def _read_lora(path: Path) -> LoraFile:
     state = read_state_dict(path)  # ModelError for a corrupt file or an unsafe pickle
     _loads += 1
     modules = _parse_modules(path, state)
-    return LoraFile(name=path.stem, path=str(path), hash=addnet_hash(path), modules=modules)
+    diffusers_keys = any(key.startswith(tuple(_DIFFUSERS_PREFIXES)) for key in state)
+    return LoraFile(name=path.stem, path=str(path), hash=addnet_hash(path), modules=modules,
+                    diffusers_keys=diffusers_keys)
 
 
 def addnet_hash(path: str | Path) -> str:
@@ -134,7 +148,7 @@ def _parse_modules(path: Path, state: dict[str, torch.Tensor]) -> dict[str, Upda
 
 def _name_and_role(key: str) -> tuple[str, str] | None:
     """(kohya module name, kohya key suffix) of a kohya or diffusers/PEFT key; None for other keys."""
-    if key.startswith("lora_"):  # kohya: lora_unet_..., lora_te_... (and SDXL's lora_te1_/te2_, which never match)
+    if key.startswith("lora_"):  # kohya: lora_unet_..., lora_te_..., SDXL's lora_te1_/lora_te2_
         name, _, suffix = key.partition(".")
         return (name, suffix) if suffix in KNOWN_SUFFIXES else None
     for prefix, (kohya_prefix, drop) in _DIFFUSERS_PREFIXES.items():
@@ -147,15 +161,34 @@ def _name_and_role(key: str) -> tuple[str, str] | None:
     return None
 
 
-def module_map(unet: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Every Linear and Conv2d of the models by kohya name, e.g. lora_te_text_model_encoder_layers_0_mlp_fc1."""
-    targets: dict[str, torch.nn.Module] = {}
-    # transformers 5's CLIPTextModel has no text_model level (encoder.layers...), 4's has; both give one name.
-    for prefix, model, drop in ((UNET_PREFIX, unet, ""), (TE_PREFIX, text_encoder, "text_model.")):
-        for path, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
-                targets[prefix + path.removeprefix(drop).replace(".", "_")] = module
+def module_map(unet: torch.nn.Module, text_encoder: torch.nn.Module,
+               text_encoder_2: torch.nn.Module | None = None) -> dict[str, torch.nn.Module]:
+    """Every Linear and Conv2d of the models by kohya name, e.g. lora_te_text_model_encoder_layers_0_mlp_fc1;
+    with a second text encoder (SDXL) lora_te1_/lora_te2_ names and the UNet's SGM names
+    (lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q)."""
+    if text_encoder_2 is None:
+        targets = _named_layers(UNET_PREFIX, unet, "")
+        return targets | _named_layers(TE_PREFIX, text_encoder, "text_model.")
+    targets = kohya_unet_names(unet, UNET_PREFIX)
+    for prefix, model in zip(SDXL_TE_PREFIXES, (text_encoder, text_encoder_2), strict=True):
+        targets |= _named_layers(prefix, model, "text_model.")
     return targets
+
+
+def _named_layers(prefix: str, model: torch.nn.Module, drop: str) -> dict[str, torch.nn.Module]:
+    # transformers 5's CLIPTextModel has no text_model level (encoder.layers...), 4's has; both give one name.
+    return {prefix + path.removeprefix(drop).replace(".", "_"): module for path, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)}
+
+
+def family_of(names: Sequence[str]) -> str | None:
+    """Which model family kohya module names are for: "SDXL", "SD1/SD2", or None when they tell neither."""
+    if any(n.startswith(("lora_te1_", "lora_te2_", *_SDXL_UNET_BLOCKS)) for n in names):
+        return "SDXL"
+    if any(n.startswith(("lora_te_", UNET_PREFIX + "down_blocks_", UNET_PREFIX + "mid_block_",
+                         UNET_PREFIX + "up_blocks_")) for n in names):
+        return "SD1/SD2"
+    return None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -176,15 +209,18 @@ class NetworkPatch:
     """LoRA networks matched onto a UNet and text encoder; applied by hooks, by merging, or both in turn."""
 
     def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, loras: Sequence[LoraFile],
-                 strict: bool = False) -> None:
-        self._targets = module_map(unet, text_encoder)
+                 strict: bool = False, text_encoder_2: torch.nn.Module | None = None) -> None:
+        self._targets = module_map(unet, text_encoder, text_encoder_2)
         self._count = len(loras)
         self._deltas: dict[str, list[_Delta]] = {}
+        family = "SD1/SD2" if text_encoder_2 is None else "SDXL"
+        renames = _sdxl_renames(unet) if text_encoder_2 is not None and any(f.diffusers_keys for f in loras) else {}
         for index, lora in enumerate(loras):
-            for name, update in _matched(lora, self._targets, strict).items():
+            modules = _renamed(lora.modules, renames) if lora.diffusers_keys and renames else lora.modules
+            for name, update in _matched(lora, modules, self._targets, strict, family).items():
                 factors = fit(lora.path, name, update, self._targets[name])
                 self._deltas.setdefault(name, []).append(_Delta(index, update, factors))
-        self.touches_text_encoder = any(name.startswith(TE_PREFIX) for name in self._deltas)
+        self.touches_text_encoder = any(not name.startswith(UNET_PREFIX) for name in self._deltas)
         self._muls = ((1.0, 1.0),) * self._count  # (text encoder, UNet) per network
         self._merged = False
         self._backups: dict[str, torch.Tensor] = {}  # original weights (CPU), kept from the first merge on
@@ -294,20 +330,42 @@ def _side(name: str) -> int:
     return 1 if name.startswith(UNET_PREFIX) else 0
 
 
-def _matched(lora: LoraFile, targets: dict[str, torch.nn.Module], strict: bool) -> dict[str, Update]:
+def _sdxl_renames(unet: torch.nn.Module) -> dict[str, str]:
+    """A diffusers/PEFT file's names on SDXL → kohya SDXL names: UNet module paths → SGM names, CLIP-L's
+    ``text_encoder.`` (read as lora_te_) → lora_te1_."""
+    renames = {UNET_PREFIX + path.replace(".", "_"): UNET_PREFIX + sgm.replace(".", "_")
+               for path, sgm in sgm_paths(unet).items()}
+    return renames | {TE_PREFIX: SDXL_TE_PREFIXES[0]}
+
+
+def _renamed(modules: dict[str, Update], renames: dict[str, str]) -> dict[str, Update]:
+    def name(old: str) -> str:
+        if old.startswith(TE_PREFIX):
+            return renames[TE_PREFIX] + old.removeprefix(TE_PREFIX)
+        return renames.get(old, old)
+
+    return {name(old): update for old, update in modules.items()}
+
+
+def _matched(lora: LoraFile, modules: dict[str, Update], targets: dict[str, torch.nn.Module], strict: bool,
+             family: str) -> dict[str, Update]:
     """The file's modules that exist in the models; the rest raise (strict) or are skipped with one warning."""
-    missing = [name for name in lora.modules if name not in targets]
-    total = len(lora.modules)
+    missing = [name for name in modules if name not in targets]
+    total = len(modules)
     if len(missing) == total:
+        own = family_of(missing)
+        if own is not None and own != family:
+            raise ModelError(f"LoRA {lora.path} is an {own} LoRA (e.g. {missing[0]}); this model is {family}: "
+                             f"use an {family} LoRA or an {own} model")
         raise ModelError(f"LoRA {lora.path} does not fit this model: none of its {total} modules exist "
-                         f"(e.g. {missing[0]}); is it for SDXL or another architecture?")
+                         f"(e.g. {missing[0]}); is it for another architecture?")
     if missing:
         what = (f"LoRA {lora.path}: {len(missing)} of its {total} modules are not in this model "
                 f"({', '.join(missing[:3])})")
         if strict:
             raise ModelError(f"{what}; set network.strict=false to skip them")
         log.warning("%s; skipped <network.strict=false>", what)
-    matched = {name: module for name, module in lora.modules.items() if name in targets}
+    matched = {name: module for name, module in modules.items() if name in targets}
     unet = sum(name.startswith(UNET_PREFIX) for name in matched)
     kinds = ", ".join(sorted({kind(update) for update in matched.values()}))
     log.info("LoRA %s: %d UNet and %d text-encoder modules (%s)", lora.name, unet, len(matched) - unet, kinds)

@@ -42,9 +42,15 @@ def ensure_tiny_lora() -> Path:
 def random_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, *, rank: int = 4, alpha: float = 2.0,
                 seed: int = 0, scale: float = 0.5) -> dict[str, torch.Tensor]:
     """Seeded random kohya lora_down/lora_up/alpha tensors for the usual target layers of these models."""
+    return random_factors(_targets(unet, text_encoder), rank=rank, alpha=alpha, seed=seed, scale=scale)
+
+
+def random_factors(modules: dict[str, torch.nn.Module], *, rank: int = 4, alpha: float = 2.0, seed: int = 0,
+                   scale: float = 0.5) -> dict[str, torch.Tensor]:
+    """Seeded random kohya lora_down/lora_up/alpha tensors for these modules (kohya name → Linear or Conv2d)."""
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
-    for name, module in _targets(unet, text_encoder).items():
+    for name, module in modules.items():
         if isinstance(module, torch.nn.Conv2d):
             down_shape, up_shape = (rank, module.in_channels, *module.kernel_size), (module.out_channels, rank, 1, 1)
         else:
