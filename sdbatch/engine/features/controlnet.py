@@ -1,7 +1,8 @@
 """ControlNet (guidance=controlnet): each model's residuals, from the image's hint, added to the UNet's skips.
 
 A UNet-call wrapper inside CFG: it sees the stacked CFG rows and the plain 4-channel latents (outside the 9-channel
-inpainting input), runs every active ControlNet on them and hands the summed residuals to the UNet call as
+inpainting input), runs every active ControlNet on them (on SDXL with each row's pooled text and size values, as
+the UNet gets them) and hands the summed residuals to the UNet call as
 diffusers' `down_block_additional_residuals` / `mid_block_additional_residual`. Which models act at a call follows
 diffusers' rule (`ControlUnit.active`): `sum` adds every active model's residuals as diffusers' multi-ControlNet
 and A1111 do; `alternate` lets model `step % count` act alone, the reference tool's behaviour.
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from sdbatch.config.guidance_schema import ControlNetSettings, ControlUnit
 from sdbatch.config.spec import RunSpec
 from sdbatch.engine.core.contract import BatchContext, BatchHooks, Feature
-from sdbatch.engine.core.model_fn import CHUNK_TOKENS, Conditioning, ModelFn
+from sdbatch.engine.core.model_fn import CHUNK_TOKENS, SIZE_VALUES, Conditioning, ModelFn
 from sdbatch.engine.core.rows import PROMPT, TEXT_CHUNKS, TEXT_TOKENS, Rows
 from sdbatch.engine.features.deep_shrink import active_depth, shrunk_input
 from sdbatch.engine.guide.hints import hint_image, hint_tensor
@@ -124,16 +125,26 @@ def _residuals(unit: Unit, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
     """One model's residuals for every row of the call; rows it does not see (guess mode) get zeros."""
     hints = _hint_rows(unit.hints, call.rows, x).to(unit.dtype)
     x, emb, shrink = x.to(unit.dtype), cond.embeddings.to(unit.dtype), call.shrink
+    added = cond.added.to(x.device, unit.dtype) if cond.added is not None else None
     parts = []
     for index, tokens in call.groups:
         rows_x, rows_emb, rows_hint = (x, emb, hints) if index is None else (x[index], emb[index], hints[index])
         with shrunk_input(unit.net.down_blocks[shrink[0]], shrink[1]) if shrink else contextlib.nullcontext():
             down, mid = unit.net(rows_x, t, encoder_hidden_states=rows_emb[:, :tokens], controlnet_cond=rows_hint,
-                                 conditioning_scale=unit.settings.weight, guess_mode=guess, return_dict=False)
+                                 conditioning_scale=unit.settings.weight, guess_mode=guess, return_dict=False,
+                                 **_added_kwargs(added, index))
         if index is None:
             return list(down), mid
         parts.append((index, list(down), mid))
     return _scatter(parts, len(call.rows))
+
+
+def _added_kwargs(added: torch.Tensor | None, index: torch.Tensor | None) -> dict:
+    """SDXL's added conditioning (pooled text, size values) of the call's rows, as the UNet gets it; {} on SD1/SD2."""
+    if added is None:
+        return {}
+    rows = added if index is None else added[index]
+    return {"added_cond_kwargs": {"text_embeds": rows[:, :-SIZE_VALUES], "time_ids": rows[:, -SIZE_VALUES:]}}
 
 
 def _row_groups(rows: Rows, length: int, guess: bool) -> list[tuple[torch.Tensor | None, int]]:
