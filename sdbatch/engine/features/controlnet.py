@@ -5,7 +5,9 @@ inpainting input), runs every active ControlNet on them (on SDXL with each row's
 the UNet gets them) and hands the summed residuals to the UNet call as
 diffusers' `down_block_additional_residuals` / `mid_block_additional_residual`. Which models act at a call follows
 diffusers' rule (`ControlUnit.active`): `sum` adds every active model's residuals as diffusers' multi-ControlNet
-and A1111 do; `alternate` lets model `step % count` act alone, the reference tool's behaviour.
+and A1111 do; `mean` averages them element-wise, per residual tensor (gen_img's SDXL ControlNet meant to average,
+but its `torch.mean(torch.stack(...))` has no dim and collapses every residual to one scalar); `alternate` lets
+model `step % count` act alone, the reference tool's SD1/SD2 behaviour.
 
 Hints are per image (each image's guide images, preprocessed at the pass's size), gathered per row. The
 ControlNet call is split by each row's own text length, because diffusers' ControlNetModel takes no attention
@@ -76,7 +78,7 @@ def batch_hints(jobs: Sequence[ImageJob], index: int, unit: ControlUnit, width: 
 
 
 def with_controlnet(units: list[Unit], settings: ControlNetSettings, deep_shrink) -> ModelFn:
-    """The UNet-call wrapper: the active units' residuals, summed, passed to the inner call."""
+    """The UNet-call wrapper: the active units' residuals, summed (or averaged), passed to the inner call."""
 
     def wrap(inner: ModelFn) -> ModelFn:
         def model(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -91,6 +93,8 @@ def with_controlnet(units: list[Unit], settings: ControlNetSettings, deep_shrink
             for unit in acting:
                 res = _residuals(unit, x, t, cond, call, settings.guess_mode)
                 total = res if total is None else _add(total, res)
+            if settings.combine == "mean" and len(acting) > 1:
+                total = [d / len(acting) for d in total[0]], total[1] / len(acting)
             extra = {"down_block_additional_residuals": total[0], "mid_block_additional_residual": total[1]}
             return inner(x, t, replace(cond, unet_kwargs={**cond.unet_kwargs, **extra}))
 

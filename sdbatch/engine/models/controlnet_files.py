@@ -79,7 +79,7 @@ def _resolve(path: str, bundle: ModelBundle, key: str) -> Path:
     if path == TINY_CONTROLNET:
         return ensure_tiny_controlnet(bundle).resolve()
     if path.startswith("builtin:"):
-        raise ModelError(f"{key}={path} is unknown; the built-in ControlNet is {TINY_CONTROLNET} (for model=tiny)")
+        raise ModelError(f"{key}={path} is unknown; the built-in ControlNet is {TINY_CONTROLNET} (for model=tiny and tiny_xl)")
     file = Path(path).expanduser()
     if not file.exists():
         raise ModelError(f"{key}={path}: no such file; give a ControlNet .safetensors/.pth file or a diffusers "
@@ -204,6 +204,7 @@ def _read_folder(folder: Path, bundle: ModelBundle, where: str) -> ControlNetMod
     """
     try:
         config = ControlNetModel.load_config(folder, local_files_only=True)
+        _check_family(config, bundle, where)  # another family's config may not even build with these defaults
         with torch.device("meta"):
             model = ControlNetModel.from_config(config)
     except (OSError, ValueError, TypeError) as exc:
@@ -222,17 +223,23 @@ def _assign(model: ControlNetModel, state: Mapping[str, torch.Tensor], where: st
 
 def _check_fit(config: Mapping, bundle: ModelBundle, where: str) -> None:
     """Refuse a ControlNet of another family or architecture than the model's, before its weights are used."""
-    unet, context = bundle.unet.config, config["cross_attention_dim"]
-    family = controlnet_family(config)
-    if family != bundle.family or context != unet.cross_attention_dim:
-        advice = f"trained for {bundle.family.upper()}" if family != bundle.family else "made for this model"
-        raise ModelError(f"{where} is a ControlNet for {family.upper()} (context {context}), but the model is "
-                         f"{bundle.family.upper()} (context {unet.cross_attention_dim}); use a ControlNet {advice}")
+    _check_family(config, bundle, where)
+    unet = bundle.unet.config
     theirs = (list(config["block_out_channels"]), config["layers_per_block"])
     ours = (list(unet.block_out_channels), unet.layers_per_block)
     if theirs != ours:
         raise ModelError(f"{where} does not fit the model's UNet: its widths {theirs[0]} x{theirs[1]} blocks, "
                          f"the UNet's {ours[0]} x{ours[1]}; use a ControlNet made for this model")
+
+
+def _check_family(config: Mapping, bundle: ModelBundle, where: str) -> None:
+    """Refuse a ControlNet of another family (or text width) than the model's, naming both."""
+    context, ours = config.get("cross_attention_dim"), bundle.unet.config.cross_attention_dim
+    family = controlnet_family(config)
+    if family != bundle.family or context != ours:
+        advice = f"trained for {bundle.family.upper()}" if family != bundle.family else "made for this model"
+        raise ModelError(f"{where} is a ControlNet for {family.upper()} (context {context}), but the model is "
+                         f"{bundle.family.upper()} (context {ours}); use a ControlNet {advice}")
 
 
 def controlnet_family(config: Mapping) -> str:
