@@ -213,7 +213,8 @@ def _check_model(model: str, key: str) -> None:
     """A model file or folder that does not exist fails before anything loads (builtin:tiny is built on use)."""
     if model.startswith("builtin:"):
         if model != "builtin:tiny":
-            raise ConfigError(f"{key}={model} is unknown; the built-in ControlNet is builtin:tiny (for model=tiny and tiny_xl)")
+            raise ConfigError(f"{key}={model} is unknown; the built-in ControlNet is builtin:tiny "
+                              "(for model=tiny and tiny_xl)")
         return
     if not Path(model).expanduser().exists():
         raise ConfigError(f"{key}: no such file or folder {model}; give a ControlNet .safetensors/.pth file or a "

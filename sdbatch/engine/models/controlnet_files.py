@@ -1,12 +1,14 @@
-"""Load ControlNets offline, once per model: lllyasviel's SD 1.x/2.x files, difference files, diffusers folders and
-diffusers-layout single files (SD 1.x/2.x and SDXL).
+"""Load ControlNets offline, once per model: lllyasviel's SD 1.x/2.x files, difference files, and diffusers
+folders and diffusers-layout single files (SD 1.x/2.x and SDXL).
 
 The format is read from the tensors, never from the file name: ``control_model.*`` keys are the original
 layout (converted with the config read from their shapes), a ``difference`` key marks offsets from the base
 UNet, a folder with config.json is diffusers', and a file of diffusers' keys is built on the model's UNet config
 (diffusers' ``ControlNetModel.from_unet``) with the hint encoder and transformer depths read from its shapes:
-diffusers' own single-file loader wants a hub config, which we cannot fetch offline. A ControlNet is kept in its model's bundle, on the UNet's
-device and dtype, so it is released together with the model when the model cache drops it.
+diffusers' own single-file loader wants a hub config, which we cannot fetch offline.
+
+A ControlNet is kept in its model's bundle, on the UNet's device and dtype, so it is released together with the
+model when the model cache drops it.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def _resolve(path: str, bundle: ModelBundle, key: str) -> Path:
     if path == TINY_CONTROLNET:
         return ensure_tiny_controlnet(bundle).resolve()
     if path.startswith("builtin:"):
-        raise ModelError(f"{key}={path} is unknown; the built-in ControlNet is {TINY_CONTROLNET} (for model=tiny and tiny_xl)")
+        raise ModelError(f"{key}={path} is unknown; the built-in ControlNet is {TINY_CONTROLNET} "
+                         "(for model=tiny and tiny_xl)")
     file = Path(path).expanduser()
     if not file.exists():
         raise ModelError(f"{key}={path}: no such file; give a ControlNet .safetensors/.pth file or a diffusers "
