@@ -24,9 +24,8 @@ from test_sdxl import _pipeline
 
 from sdbatch.config.guidance_schema import GuidanceConfig
 from sdbatch.engine.models.controlnet_files import load_controlnet
-from sdbatch.engine.models.export import controlnet_to_ldm, save_controlnet, save_single_file
+from sdbatch.engine.models.export import controlnet_to_ldm, save_controlnet
 from sdbatch.engine.models.loading import load_models
-from sdbatch.engine.models.tiny import build_tiny_components
 from sdbatch.errors import ModelError
 
 torch.set_num_threads(1)
@@ -38,23 +37,10 @@ FP32 = {"device": torch.device("cpu"), "dtype": torch.float32, "vae_dtype": torc
 
 
 @pytest.fixture(scope="module")
-def xl_components():
-    """(unet, vae, text_encoder, text_encoder_2) of the tiny SDXL from seed 0, as test_sdxl.py builds them."""
-    return build_tiny_components("sdxl", 0)
-
-
-@pytest.fixture(scope="module")
-def xl_file(tmp_path_factory, xl_components) -> Path:
-    unet, vae, text, text_2 = xl_components
-    return save_single_file(tmp_path_factory.mktemp("xl") / "tiny-sdxl.safetensors", unet, vae, text, "sdxl",
-                            text_encoder_2=text_2)
-
-
-@pytest.fixture(scope="module")
-def xl_nets(xl_components, tmp_path_factory) -> dict:
+def xl_nets(sdxl_components, tmp_path_factory) -> dict:
     """Two tiny SDXL ControlNets (a: a diffusers folder, b: a diffusers single file) and four guide images."""
     folder = tmp_path_factory.mktemp("xl-controlnets")
-    unet = xl_components[0]
+    unet = sdxl_components[0]
     a, b = tiny_controlnet(unet, seed=1), tiny_controlnet(unet, seed=2)
     a.save_pretrained(folder / "cn-a")
     b_file = folder / "cn-b.safetensors"
@@ -86,35 +72,35 @@ def xl_reference(components, tmp: Path, nets: list, guides: list[tuple], sampler
     return [np.asarray(im) for im in out.images]
 
 
-def test_sdxl_controlnet_parity_with_diffusers(xl_nets, xl_components, xl_file, tmp_path) -> None:
+def test_sdxl_controlnet_parity_with_diffusers(xl_nets, sdxl_components, sdxl_file, tmp_path) -> None:
     guides = [(xl_nets["guides"][0],), (xl_nets["guides"][1],)]
-    expected = xl_reference(xl_components, tmp_path, [xl_nets["a"]], guides)
-    got = controlnet_ours(xl_spec(xl_file, [xl_nets["a_path"]]), guides)
+    expected = xl_reference(sdxl_components, tmp_path, [xl_nets["a"]], guides)
+    got = controlnet_ours(xl_spec(sdxl_file, [xl_nets["a_path"]]), guides)
     assert max_diff(got, expected) <= 1
-    plain = controlnet_ours(spec(xl_file, steps=STEPS), [(), ()])
+    plain = controlnet_ours(spec(sdxl_file, steps=STEPS), [(), ()])
     assert max_diff(got, plain) > 8  # the ControlNet really acts
 
 
-def test_two_sdxl_controlnets_sum_and_mean_parity_with_multi_controlnet(xl_nets, xl_components, xl_file,
+def test_two_sdxl_controlnets_sum_and_mean_parity_with_multi_controlnet(xl_nets, sdxl_components, sdxl_file,
                                                                         tmp_path) -> None:
     """sum is diffusers' MultiControlNet; mean averages each residual element-wise, which is MultiControlNet with
     the weights divided by the number of models (gen_img's SDXL code meant this, but collapsed it to a scalar)."""
     guides = [(xl_nets["guides"][0], xl_nets["guides"][2])] * 2  # diffusers: the same hints for every prompt
     models = [xl_nets["a_path"], xl_nets["b_path"]]
     for combine, scales in (("sum", [0.8, 0.6]), ("mean", [0.4, 0.3])):
-        expected = xl_reference(xl_components, tmp_path, [xl_nets["a"], xl_nets["b"]], guides,
+        expected = xl_reference(sdxl_components, tmp_path, [xl_nets["a"], xl_nets["b"]], guides,
                                 controlnet_conditioning_scale=scales)
-        got = controlnet_ours(xl_spec(xl_file, models, weights=[0.8, 0.6], combine=combine), guides)
+        got = controlnet_ours(xl_spec(sdxl_file, models, weights=[0.8, 0.6], combine=combine), guides)
         assert max_diff(got, expected) <= 1, combine
 
 
 @pytest.mark.slow
-def test_sdxl_guess_mode_and_start_ratio_parity(xl_nets, xl_components, xl_file, tmp_path) -> None:
+def test_sdxl_guess_mode_and_start_ratio_parity(xl_nets, sdxl_components, sdxl_file, tmp_path) -> None:
     guides = [(xl_nets["guides"][0], xl_nets["guides"][2])] * 2  # diffusers: the same hints for every prompt
     nets, models = [xl_nets["a"], xl_nets["b"]], [xl_nets["a_path"], xl_nets["b_path"]]
-    expected = xl_reference(xl_components, tmp_path, nets, guides, "euler_a", guess_mode=True,
+    expected = xl_reference(sdxl_components, tmp_path, nets, guides, "euler_a", guess_mode=True,
                             control_guidance_start=[0.0, 0.3], control_guidance_end=[0.5, 1.0])
-    got = controlnet_ours(xl_spec(xl_file, models, "euler_a", guess_mode=True, start=[0.0, 0.3],
+    got = controlnet_ours(xl_spec(sdxl_file, models, "euler_a", guess_mode=True, start=[0.0, 0.3],
                                   ratios=[0.5, 1.0]), guides)
     assert max_diff(got, expected) <= 1
 
@@ -127,9 +113,9 @@ def _error(path, bundle) -> str:
     return message
 
 
-def test_wrong_family_and_original_layout_are_one_line_errors(xl_nets, xl_file, sd1_components, sd1_single_file,
+def test_wrong_family_and_original_layout_are_one_line_errors(xl_nets, sdxl_file, sd1_components, sd1_single_file,
                                                              tmp_path) -> None:
-    xl, sd1 = load_models(str(xl_file), **FP32), load_models(str(sd1_single_file), **FP32)
+    xl, sd1 = load_models(str(sdxl_file), **FP32), load_models(str(sd1_single_file), **FP32)
     sd1_cn = save_controlnet(tiny_controlnet(sd1_components[0], seed=1), tmp_path / "cn-sd1.safetensors")
     assert _error(sd1_cn, xl) == (f"guidance.models[1]={sd1_cn} is a ControlNet for SD1 (context 32), but the model "
                                   "is SDXL (context 96); use a ControlNet trained for SDXL")
