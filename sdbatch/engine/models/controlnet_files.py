@@ -155,8 +155,7 @@ def _unet_like_config(unet: Mapping) -> dict:
 
 def _shape_config(state: Mapping[str, torch.Tensor]) -> dict:
     """What a diffusers ControlNet's weights tell of its config: the family's markers (added embedding, context
-    width, projection kind), the hint encoder's widths and each level's transformer depth (SDXL's "small" and
-    "mid" ControlNets have shallower ones than the UNet)."""
+    width, projection kind), the hint encoder's widths and each level's transformer depth."""
     blocks = sorted({int(k.split(".")[1]) for k in state if k.startswith("down_blocks.")})
     depth = [1 + max((int(k.split(".")[5]) for k in state
                       if k.startswith(f"down_blocks.{i}.attentions.0.transformer_blocks.")), default=0)
