@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdbatch.config.clip_vision_schema import ClipVisionConfig
 from sdbatch.config.deep_shrink_schema import DeepShrinkConfig
 from sdbatch.config.gradual_latent_schema import GradualLatentConfig
 from sdbatch.config.guidance_schema import GuidanceConfig
@@ -212,6 +213,7 @@ class RunSpec:
     gradual_latent: GradualLatentConfig = field(default_factory=GradualLatentConfig)
     regions: RegionsConfig = field(default_factory=RegionsConfig)  # Attention Couple's region masks
     sdxl: SdxlConfig = field(default_factory=SdxlConfig)  # SDXL's size conditioning
+    clip_vision: ClipVisionConfig = field(default_factory=ClipVisionConfig)  # SDXL img2img: init image embedding
     prompt: Any = None  # a string or a list of strings; in-prompt options (--w 768 --n ...) allowed
     negative_prompt: str = ""  # default negative prompt (a line's --n replaces it)
     # A1111's Prompt S/R: the first of prompt_sr_words is replaced by prompt_sr in every prompt and negative

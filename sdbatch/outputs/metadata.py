@@ -183,6 +183,7 @@ def _a1111_fields(params: Mapping[str, Any]) -> dict[str, Any]:
         "Hires upscaler": hires.get("upscaler_name"),
         **_controlnet_fields(params),
         "Guidance": _guided_field(params),
+        "CLIP-Vision": _clip_vision_field(params),
         "Lora hashes": _lora_hashes(params),
         "TI hashes": _ti_hashes(params),
         "Version": f"sdbatch {params.get('sdbatch_version', __version__)}",
@@ -214,6 +215,15 @@ def _guided_field(params: Mapping[str, Any]) -> str | None:
     """`Guidance: clip 100` for guided sampling (sdbatch's own key; A1111 has none)."""
     guided = params.get("guided")
     return f"{guided['kind']} {_number(float(guided['scale']))}" if guided else None
+
+
+def _clip_vision_field(params: Mapping[str, Any]) -> str | None:
+    """`CLIP-Vision: "NAME [HASH], 0.5"`: CLIP-Vision conditioning's model and strength (sdbatch's own key: A1111
+    has no CLIP-Vision conditioning); the folder's path when the model's name is not recorded."""
+    entry = params.get("clip_vision")
+    if not entry:
+        return None
+    return f"{_model_label(entry)}, {_number(float(entry['strength']))}"
 
 
 def _module(preprocess: str) -> str:
