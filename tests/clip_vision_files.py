@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 
 def write_clip_vision(folder: Path, projection_dim: int, seed: int = 0) -> Path:
@@ -18,4 +18,12 @@ def write_clip_vision(folder: Path, projection_dim: int, seed: int = 0) -> Path:
     with torch.no_grad():  # a random projection gives embeddings of about unit size; SDXL's pooled text is ~10×
         model.visual_projection.weight.mul_(8)
     model.save_pretrained(folder)
+    return folder
+
+
+def write_text_model(folder: Path) -> Path:
+    """A CLIPTextModelWithProjection folder: a transformers model folder that is not an image encoder."""
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            vocab_size=100, projection_dim=32)
+    CLIPTextModelWithProjection(config).save_pretrained(folder)
     return folder

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from clip_vision_files import write_clip_vision
+import yaml
+from clip_vision_files import write_clip_vision, write_text_model
 from engine_helpers import init_images, max_diff, run_images, spec
 from hydra import compose, initialize_config_dir
 from PIL import Image
@@ -50,7 +51,7 @@ def files(tmp_path_factory, suite_cache) -> dict:
     """The image encoder (projection 32, the tiny SDXL's pooled width), one projecting to 16, two init images."""
     tmp = tmp_path_factory.mktemp("clip_vision")
     return {"model": write_clip_vision(tmp / "vision", POOLED), "narrow": write_clip_vision(tmp / "narrow", 16),
-            "images": init_images(tmp, [1, 2]), "tmp": tmp}
+            "text": write_text_model(tmp / "text"), "images": init_images(tmp, [1, 2]), "tmp": tmp}
 
 
 def _spec(files: dict, strength: float | None, steps: int = 4):
@@ -115,6 +116,8 @@ def test_run_records_the_model_and_strength(files, tmp_path) -> None:
     entry = lines[0]["clip_vision"]
     assert entry["strength"] == 0.5 and entry["name"] == "vision" and len(entry["hash"]) == 10
     assert Path(entry["file"]) == files["model"].resolve() and entry["model"] == str(files["model"])
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text(encoding="utf-8"))
+    assert config["model_hashes"][entry["file"]] == entry["hash"]
     params = read_png_params(tmp_path / "run" / lines[0]["file"])
     assert f'CLIP-Vision: "vision [{entry["hash"][:8]}], 0.5"' in params["parameters"]
     assert params["sdbatch"]["clip_vision"] == entry
@@ -142,6 +145,7 @@ def _bad(files: dict, tmp_path: Path, sd1: Path) -> list[tuple[list[str], str]]:
          "clip_vision.model: CLIP-Vision conditioning replaces SDXL's pooled text embedding"),
         (["model=tiny_xl", *base, f"clip_vision.model={files['narrow']}"],
          "projects images to 16 values but this SDXL model's pooled text embedding has 32"),
+        (["model=tiny_xl", *base, f"clip_vision.model={files['text']}"], "is not a CLIPVisionModelWithProjection"),
     ]
 
 

@@ -62,7 +62,8 @@ def test_every_feature_module_is_found_in_order() -> None:
     features = all_features()
     names = [f.name for f in features]
     assert set(names) == {"txt2img", "img2img", "inpaint", "highres", "cfg", "deep_shrink", "gradual_latent",
-                          "lora", "xti", "guidance", "guidance_hints", "attention_couple", "guided"}
+                          "lora", "xti", "guidance", "guidance_hints", "attention_couple", "guided", "lllite",
+                          "clip_vision"}
     assert all(isinstance(f, Feature) for f in features) and len(set(names)) == len(names)
     order = {f.name: f.order for f in features}
     # UNet wrappers: Deep Shrink innermost, then the 9-channel inpainting input, CFG outermost
@@ -73,6 +74,8 @@ def test_every_feature_module_is_found_in_order() -> None:
     assert order["cfg"] < order["guided"]
     # Attention Couple's parts are encoded inside LoRA's per-multiplier encode; its attention sits inside CFG
     assert order["attention_couple"] < order["lora"] and order["attention_couple"] < order["cfg"]
+    # CLIP-Vision replaces the pooled embedding of the conditioning LoRA assembles
+    assert order["lora"] < order["clip_vision"]
     # start steps: the providers before Gradual Latent's reduced start; encode: XTI inside LoRA
     assert max(order["txt2img"], order["img2img"], order["inpaint"]) < order["gradual_latent"]
     assert order["xti"] < order["lora"]

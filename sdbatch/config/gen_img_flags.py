@@ -127,7 +127,8 @@ FLAGS: tuple[Flag, ...] = (
     _flag("mask_path", "mask_image", status=RULE, aliases=("mask_image",),
           note="with (unmerged) networks: regions.mask and network.regional=true, as in gen_img"),
     _flag("strength", "strength", type=float, note="also Highres. fix's stage 2 (highres.strength), as in gen_img"),
-    _unsupported("clip_vision_strength", _SDXL, type=float),
+    _unsupported("clip_vision_strength", "it downloads its CLIP-Vision model at run time; run sdbatch with model=sdxl, "
+                 "a local clip_vision.model folder and clip_vision.strength (see the README)", type=float),
     *(_unsupported(name, _SDXL, type=int) for name in (
         "original_height", "original_width", "original_height_negative", "original_width_negative",
         "crop_top", "crop_left")),

@@ -221,6 +221,8 @@ class Engine:
             hashes[self.bundle.vae_name] = self.bundle.vae_hash
         hashes.update({e.file: e.hash for e in (*self.info.embeddings, *self.info.xti_embeddings)})
         hashes.update({c.file: c.hash for c in (*self.info.controlnets, *self.info.guide_models)})
+        for patch in (self._session.patches.values() if self._session is not None else ()):
+            hashes.update(getattr(patch, "model_files", {}))  # other models a feature loaded (CLIP-Vision's)
         return hashes
 
 

@@ -45,6 +45,11 @@ class ClipVisionPatch:
                 self._embeds[_image_key(job)] = row
         return torch.stack([self._embeds[_image_key(job)] for job in jobs])
 
+    @property
+    def model_files(self) -> dict[str, str]:
+        """The run's config.yaml lists the folder with its hash among the models in use."""
+        return {self.model.folder: self.model.hash}
+
     def restore(self) -> None:
         self._embeds.clear()
 
@@ -71,6 +76,7 @@ def with_image_pool(cond: Conditioning, pooled: torch.Tensor) -> Conditioning:
 
 class ClipVision(Feature):
     name = NAME
+    order = 70  # encode: outside LoRA's (60), so the prompt rows it assembles get the image embedding last
 
     def patch(self, engine, run: RunSpec) -> ClipVisionPatch | None:
         if run.clip_vision.model is None:

@@ -8,6 +8,7 @@ variant of the processor is used because torchvision is not a dependency.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -64,15 +65,21 @@ def load_clip_vision(path: str, device: torch.device, key: str) -> ClipVisionMod
     return _cache[cache_key]
 
 
-def _load(folder: Path, device: torch.device, key: str) -> ClipVisionModel:
-    from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
-
+def _projection(folder: Path) -> dict[str, int]:
+    """A whole CLIPModel folder (laion's CLIP-ViT-bigG-14 as downloaded) keeps projection_dim at its top level and
+    transformers would read the vision tower's default (512) instead: pass it on, as the reference does (1280)."""
     try:
-        module = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as ex:
-        first = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
-        raise ModelError(f"{key}: cannot load {folder} as a CLIPVisionModelWithProjection ({first}); "
-                         f"{DOWNLOAD}") from None
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # from_pretrained says what is wrong
+    top = config.get("projection_dim") if "vision_config" in config else None
+    return {"projection_dim": int(top)} if isinstance(top, int) else {}
+
+
+def _load(folder: Path, device: torch.device, key: str) -> ClipVisionModel:
+    from transformers import CLIPImageProcessorPil
+
+    module = _vision_module(folder, key)
     module.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
     has_config = (folder / "preprocessor_config.json").is_file()
     # without a preprocessor_config.json: CLIP's defaults (224, bicubic, centre crop, OpenAI mean/std)
@@ -80,3 +87,32 @@ def _load(folder: Path, device: torch.device, key: str) -> ClipVisionModel:
                  else CLIPImageProcessorPil())
     return ClipVisionModel(module, processor, int(module.config.projection_dim), folder.name, str(folder),
                            short_hash(folder, "clip_vision"))
+
+
+def _vision_module(folder: Path, key: str) -> torch.nn.Module:
+    """The folder's CLIPVisionModelWithProjection; ModelError when it cannot load or lacks weights (transformers
+    would start them at random: every embedding would be noise)."""
+    from transformers import CLIPVisionModelWithProjection
+    from transformers.utils import logging as hf_logging
+
+    # transformers' progress bar and load report (a whole CLIPModel's text tower is "unexpected") would break
+    # the one-line errors on stderr: quiet while loading, and say what matters ourselves
+    bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        module, info = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True,
+                                                                     output_loading_info=True, **_projection(folder))
+    except (OSError, ValueError, KeyError, RuntimeError) as ex:
+        first = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
+        raise ModelError(f"{key}: cannot load {folder} as a CLIPVisionModelWithProjection ({first}); "
+                         f"{DOWNLOAD}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+    missing = [name for name in info.get("missing_keys", ()) if "position_ids" not in name]
+    if missing:
+        raise ModelError(f"{key}: {folder} is not a CLIPVisionModelWithProjection ({len(missing)} weights missing, "
+                         f"e.g. {sorted(missing)[0]}); {DOWNLOAD}")
+    return module
