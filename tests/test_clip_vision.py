@@ -17,14 +17,13 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from test_bad_config import CONF, _one_error_line
 from test_run import SMALL, run_cli
+from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
 from sdbatch.config.clip_vision_schema import ClipVisionConfig
 from sdbatch.config.resolve import resolve
 from sdbatch.engine.core.conditioning import BatchText
 from sdbatch.engine.core.engine import get_engine
-from sdbatch.engine.core.model_fn import SIZE_VALUES
 from sdbatch.engine.features.clip_vision import with_image_pool
-from sdbatch.engine.models.clip_vision import load_clip_vision
 from sdbatch.errors import SdbatchError
 from sdbatch.plan.batching import Batch, BatchKey
 from sdbatch.plan.planner import plan
@@ -86,20 +85,38 @@ def test_strength_zero_is_img2img_with_a_zero_prompt_pool(files, monkeypatch) ->
     assert max_diff(zero, plain) > 0
 
 
-def test_the_image_embedding_replaces_only_the_prompt_pool(files) -> None:
-    """The conditioning itself: prompt rows get image_embeds × strength; negative rows and size values keep theirs."""
-    run_spec = _spec(files, 0.5)
-    lines = [PromptLine(p, "blurry", "t", init_image=str(i)) for p, i in zip(PROMPTS, files["images"], strict=True)]
-    jobs = plan(run_spec, lines, base_seed=0)
-    engine = get_engine(run_spec.model, run_spec.perf)
-    text = BatchText(engine.text, tuple(jobs), None, 1, torch.device("cpu"))
-    plain = text.encode()
-    model = load_clip_vision(str(files["model"]), torch.device("cpu"), "k")
-    expected = model.embed([Image.open(path).convert("RGB") for path in files["images"]]) * 0.5  # at their size
-    cond = with_image_pool(plain, expected)
-    assert torch.equal(cond.added[:, :POOLED], expected)
-    assert torch.equal(cond.added[:, -SIZE_VALUES:], plain.added[:, -SIZE_VALUES:])
-    assert cond.negative_added is plain.negative_added and cond.embeddings is plain.embeddings
+def _pools_seen(run_spec, files: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text_embeds, time_ids): the added conditioning of the UNet's first call for images 0 and 1 in one batch."""
+    seen = []
+
+    def hook(module, args, kwargs) -> None:
+        if not seen:
+            added = kwargs["added_cond_kwargs"]
+            seen.append((added["text_embeds"].clone(), added["time_ids"].clone()))
+
+    handle = get_engine(run_spec.model, run_spec.perf).bundle.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        _images(run_spec, files, [0, 1])
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_the_unet_sees_the_image_embedding_on_the_prompt_rows_only(files) -> None:
+    """With sampler.negative_scale (three CFG parts: negative, prompt, real unconditional): the prompt rows get
+    image_embeds × strength, computed here with transformers' own processor and model; the negative and ""
+    rows keep their text pools."""
+    with_scale = {"sampler": dataclasses.replace(_spec(files, None).sampler, negative_scale=2.0)}
+    plain, plain_sizes = _pools_seen(dataclasses.replace(_spec(files, None, steps=2), **with_scale), files)
+    got, sizes = _pools_seen(dataclasses.replace(_spec(files, 0.5, steps=2), **with_scale), files)
+    model = CLIPVisionModelWithProjection.from_pretrained(files["model"]).eval()
+    images = [Image.open(path).convert("RGB") for path in files["images"]]  # 64², the images' own size
+    with torch.no_grad():
+        expected = model(**CLIPImageProcessorPil()(images=images, return_tensors="pt")).image_embeds * 0.5
+    assert got.shape == (6, POOLED)
+    torch.testing.assert_close(got[2:4], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[:2], plain[:2]) and torch.equal(got[4:], plain[4:])
+    assert not torch.allclose(plain[2:4], expected) and torch.equal(sizes, plain_sizes)
 
 
 def test_strength_changes_the_image_and_batches_equal_images_alone(files) -> None:
