@@ -1,6 +1,7 @@
 """Attention Couple (A AND B) and regional LoRA (network.regional) on SDXL, on the tiny SDXL twin (tiny_xl): one
 part equals the plain image, the prompt rows' pooled embedding is the last part's (the reference's choice), masks,
-batching, the features it combines with, SDXL LoRA bound to regions (both text encoders), and run.py."""
+batching, the features it combines with (ControlNet-LLLite included), SDXL LoRA bound to regions (both text
+encoders), and run.py."""
 
 from __future__ import annotations
 
@@ -124,17 +125,26 @@ def test_a_batch_mixing_regional_and_plain_images_equals_each_alone(masks, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("feature", ["img2img", "inpaint", "highres", "deep_shrink", "gradual_latent", "lora"])
-def test_attention_couple_with_other_features(feature, masks, loras, tmp_path) -> None:
+@pytest.mark.parametrize("feature", ["img2img", "inpaint", "highres", "deep_shrink", "gradual_latent", "lora",
+                                     "lllite"])
+def test_attention_couple_with_other_features(feature, masks, loras, xl_engine, tmp_path) -> None:
+    from safetensors.torch import save_file
+    from sdxl_net_files import lllite_state
+
     from sdbatch.config.deep_shrink_schema import DeepShrinkConfig
     from sdbatch.config.gradual_latent_schema import GradualLatentConfig
+    from sdbatch.config.guidance_schema import GuidanceConfig
     from sdbatch.config.highres_schema import HighresConfig
 
     init = tmp_path / "init.png"
+    if feature == "lllite":
+        save_file(lllite_state(xl_engine.bundle.unet), str(tmp_path / "lllite.safetensors"))
     Image.fromarray((np.random.default_rng(0).random((S, S, 3)) * 255).astype(np.uint8)).save(init)
     extra = {"img2img": {"init_image": str(init), "strength": 0.7},
              "inpaint": {"init_image": str(init), "mask_image": masks["r_only"], "strength": 0.9},
              "lora": {"network": _net(loras["all"], False)},
+             "lllite": {"guidance": GuidanceConfig(name="lllite", models=[str(tmp_path / "lllite.safetensors")],
+                                                   guide_image=masks["rg"])},
              "highres": {"highres": HighresConfig(name="on", steps=3, scale=0.5), "width": 96, "height": 96},
              "deep_shrink": {"deep_shrink": DeepShrinkConfig(depth_1=1, timesteps_1=0)},
              "gradual_latent": {"gradual_latent": GradualLatentConfig(timesteps=900, every_n_steps=2),
@@ -143,7 +153,7 @@ def test_attention_couple_with_other_features(feature, masks, loras, tmp_path) -
                        **extra)
     plain, _ = _run(tmp_path, "plain", prompt=A, seed=2, **extra)
     assert max_diff(regional, plain) > 1
-    if feature in ("highres", "gradual_latent"):  # the sizes change on the way: A AND A is still A
+    if feature in ("highres", "gradual_latent", "lllite"):  # sizes change; LLLite sees the couple's rows
         same, _ = _run(tmp_path, "same", prompt=f"{A} AND {A}", seed=2, regions=RegionsConfig(mask=masks["rg"]),
                        **extra)
         assert max_diff(same, plain) <= 1
