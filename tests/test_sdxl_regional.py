@@ -106,6 +106,15 @@ def test_the_pooled_embedding_is_the_last_parts() -> None:
     assert max_diff([image(f"{A} AND {B} :0")], [plain]) > 8
 
 
+def test_size_options_reach_a_couple(tmp_path) -> None:
+    """The image's size values (time ids) go with every row of a couple call, as without AND."""
+    sizes = " --ow 256 --oh 32 --nw 48 --d 9"
+    images, lines = _run(tmp_path, "sizes", prompt=[f"{A} AND {A}{sizes}", f"{A}{sizes}", f"{A} AND {A} --d 9"], seed=4,
+                         batch_size=3)
+    assert max_diff(images[:1], images[1:2]) <= 1 and max_diff(images[:1], images[2:]) > 3
+    assert lines[0]["regions"] is not None
+
+
 def test_a_full_region_and_an_empty_one(masks) -> None:
     """Part 1 red everywhere, part 2's green channel empty: an empty region covers the whole image (README), so
     this is the unmasked couple; a real split differs from both."""
@@ -114,13 +123,15 @@ def test_a_full_region_and_an_empty_one(masks) -> None:
     assert max_diff([image(f"{A} AND {B}", masks["rg"])], [unmasked]) > 1
 
 
-def test_a_batch_mixing_regional_and_plain_images_equals_each_alone(masks, tmp_path) -> None:
-    prompts = [f"{A} AND {B}", A, f"{B} :0.5 AND {A} AND a cat"]
-    regions = RegionsConfig(mask=masks["rg"])
-    together, lines = _run(tmp_path, "three", prompt=prompts, seed=5, batch_size=3, regions=regions,
-                           sampler="euler_a")
-    alone, _ = _run(tmp_path, "one", prompt=prompts, seed=5, batch_size=1, regions=regions, sampler="euler_a")
+def test_a_batch_mixing_regional_and_plain_images_equals_each_alone(masks, loras, tmp_path) -> None:
+    """With a regional SDXL LoRA (both text encoders and the UNet) and per-image multipliers."""
+    prompts = [f"{A} AND {B} --am 0.5", A, f"{B} :0.5 AND {A} AND a cat"]
+    same = {"prompt": prompts, "seed": 5, "regions": RegionsConfig(mask=masks["rg"]), "sampler": "euler_a",
+            "network": _net(loras["all"], True)}
+    together, lines = _run(tmp_path, "three", batch_size=3, **same)
+    alone, _ = _run(tmp_path, "one", batch_size=1, **same)
     assert max_diff(together, alone) <= 1
+    assert lines[0]["network_muls"] == [0.5] and lines[0]["regions"]["parts"][0]["network"] == "xl-all"
     assert lines[1]["regions"] is None and [p["weight"] for p in lines[2]["regions"]["parts"]] == [0.5, 1.0, 1.0]
 
 
