@@ -1,4 +1,4 @@
-"""Shared test fixtures: tiny seeded SD1/SD2 models as modules, single files and a diffusers folder."""
+"""Shared test fixtures: tiny seeded SD1/SD2/SDXL models as modules, single files and a diffusers folder."""
 
 from __future__ import annotations
 
@@ -36,6 +36,20 @@ def sd1_components():
 def sd2_components():
     """(unet, vae, text_encoder): tiny SD2-layout modules (linear proj, gelu) from seed 0. Do not modify."""
     return build_tiny_components("sd2", SEED)
+
+
+@pytest.fixture(scope="session")
+def sdxl_components():
+    """(unet, vae, text_encoder, text_encoder_2): the tiny SDXL twin from seed 0. Shared: do not modify."""
+    return build_tiny_components("sdxl", SEED)
+
+
+@pytest.fixture(scope="session")
+def sdxl_file(tmp_path_factory, sdxl_components) -> Path:
+    """Path of ``sdxl_components`` as an original-layout SDXL .safetensors single file."""
+    unet, vae, text, text_2 = sdxl_components
+    path = tmp_path_factory.mktemp("sdxl_file") / "tiny-sdxl.safetensors"
+    return save_single_file(path, unet, vae, text, "sdxl", text_encoder_2=text_2)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """Tiny SDXL-layout models and random kohya SDXL LoRA / ControlNet-LLLite files for the SDXL network tests.
 
-`tiny_sdxl` stands in for the SDXL bundle (UNet, CLIP-L, OpenCLIP-bigG with projection) until the tiny SDXL
-twin of sdbatch.engine.models.tiny lands; it is the only builder, so swapping it is one function.
+`tiny_sdxl` has real SDXL's three UNet levels (no attention, then attention with 1 and 2 transformer blocks), which
+the built-in tiny_xl (two levels, for speed) does not: kohya's SDXL block names and LLLite's module selection
+depend on them, so the name-mapping tests run on this layout.
 """
 
 from __future__ import annotations

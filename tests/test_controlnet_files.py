@@ -152,28 +152,36 @@ def test_other_width_is_refused(sd1, tmp_path):
     assert "does not fit the model's UNet: its widths [64, 64] x1 blocks, the UNet's [32, 64] x1" in _error(path, sd1)
 
 
-def test_sdxl_controlnets_are_refused(cn, sd1, files, tmp_path):
+def test_original_layout_sdxl_and_sdxl_configs_on_sd1_are_refused(cn, sd1, files, tmp_path):
     path = tmp_path / "xl.safetensors"
     extra = {"control_model.label_emb.0.0.weight": torch.zeros(4, 4)}
     safetensors.torch.save_file({**controlnet_to_ldm(cn), **extra}, str(path))
-    assert "is an SDXL ControlNet; sdbatch runs SD 1.x and 2.x models only" in _error(path, sd1)
+    assert "is an SDXL ControlNet in the original (non-diffusers) layout, which sdbatch does not read; use a " \
+           "diffusers-format SDXL ControlNet" in _error(path, sd1)
     folder = tmp_path / "xl-diffusers"
     cn.save_pretrained(folder)
     config = (folder / "config.json").read_text().replace('"addition_embed_type": null', '"addition_embed_type": '
                                                           '"text_time"')
     (folder / "config.json").write_text(config)
-    assert "is an SDXL ControlNet" in _error(folder, sd1)
+    assert "is a ControlNet for SDXL (context 32), but the model is SD1" in _error(folder, sd1)
 
 
-@pytest.mark.parametrize("what", ["lora", "checkpoint", "diffusers_weights"])
+def test_diffusers_single_file_loads_like_its_folder(cn, sd1, files, tmp_path):
+    path = tmp_path / "cn-weights.safetensors"
+    safetensors.torch.save_file(cn.state_dict(), str(path))
+    loaded = load_controlnet(str(path), sd1, KEY)
+    assert loaded.kind == "diffusers"
+    torch.testing.assert_close(loaded.model.state_dict(), load_controlnet(str(files["diffusers"]), sd1,
+                                                                          KEY).model.state_dict(), atol=0, rtol=0)
+    assert {k: _plain(loaded.model.config[k]) for k in FIELDS} == {k: _plain(cn.config[k]) for k in FIELDS}
+
+
+@pytest.mark.parametrize("what", ["lora", "checkpoint"])
 def test_a_file_that_is_not_a_controlnet_is_refused(what, cn, sd1, sd1_components, sd1_single_file, tmp_path):
     if what == "lora":
         path, hint = make_lora(tmp_path / "style.safetensors", sd1_components[0]), "it is a LoRA"
-    elif what == "checkpoint":
-        path, hint = sd1_single_file, "it is a whole Stable Diffusion checkpoint"
     else:
-        path, hint = tmp_path / "cn-weights.safetensors", "give its folder, with config.json"
-        safetensors.torch.save_file(cn.state_dict(), str(path))
+        path, hint = sd1_single_file, "it is a whole Stable Diffusion checkpoint"
     message = _error(path, sd1)
     assert message.startswith(f"{KEY}={path} is not a ControlNet: no control_model.* keys; ") and hint in message
 
@@ -253,4 +261,4 @@ def test_builtin_tiny_is_built_once_and_always_the_same(tmp_path, monkeypatch, s
     assert all(p.abs().max() > 0 for p in zero_convs)  # it acts: its outputs are not zero convolutions
     assert all(out.abs().max() > 0 for out in _outputs(loaded.model))
     message = _error(TINY_CONTROLNET, sd1)
-    assert "builtin:tiny is the tiny ControlNet of model=tiny, not of tiny-sd1" in message
+    assert "builtin:tiny is the tiny ControlNet of model=tiny and model=tiny_xl, not of tiny-sd1" in message

@@ -17,8 +17,7 @@ from sdbatch.config.highres_schema import HighresConfig
 from sdbatch.config.sdxl_schema import SdxlConfig
 from sdbatch.engine.core.engine import get_engine
 from sdbatch.engine.core.scheduler_factory import make_scheduler
-from sdbatch.engine.models.export import save_diffusers_folder, save_single_file
-from sdbatch.engine.models.tiny import build_tiny_components
+from sdbatch.engine.models.export import save_diffusers_folder
 from sdbatch.engine.text.tokenizer import write_hf_tokenizer_files
 from sdbatch.errors import ConfigError, ModelError
 from sdbatch.plan.batching import Batch, BatchKey
@@ -40,19 +39,6 @@ OURS = SdxlConfig(original_size=[96, 128], crop=[8, 16], target_size=[64, 80])
 NEGATIVE_SIZES = {**SIZES, "negative_original_size": (48, 64), "negative_crops_coords_top_left": (8, 16),
                   "negative_target_size": (72, 56)}
 OURS_NEGATIVE = dataclasses.replace(OURS, negative_original_size=[48, 64], negative_target_size=[72, 56])
-
-
-@pytest.fixture(scope="module")
-def sdxl_components():
-    """(unet, vae, text_encoder, text_encoder_2): the tiny SDXL twin from seed 0. Shared: do not modify."""
-    return build_tiny_components("sdxl", 0)
-
-
-@pytest.fixture(scope="module")
-def sdxl_file(tmp_path_factory, sdxl_components) -> Path:
-    unet, vae, text, text_2 = sdxl_components
-    path = tmp_path_factory.mktemp("sdxl_file") / "tiny-sdxl.safetensors"
-    return save_single_file(path, unet, vae, text, "sdxl", text_encoder_2=text_2)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from sdbatch.config.spec import RunSpec
 
 GUIDANCE_OPTIONS = ("none", "controlnet", "lllite")  # lllite: sdbatch.config.lllite_schema
-COMBINE_MODES = ("sum", "alternate")
+COMBINE_MODES = ("sum", "mean", "alternate")
 CANNY_DEFAULT = (63, 191)  # the reference's thresholds
 EXTRA = "pip install 'sdbatch[controlnet]'"  # OpenCV for canny
 
@@ -89,7 +89,7 @@ class ControlNetSettings:
     """An image's ControlNet settings (the same for every image of a batch: part of the batch key)."""
 
     units: tuple[ControlUnit, ...]
-    combine: str = "sum"  # sum | alternate
+    combine: str = "sum"  # sum | mean | alternate
     guess_mode: bool = False
     save_hints: bool = False
 
@@ -125,7 +125,9 @@ class GuidanceConfig:
     weights: list[float] = field(default_factory=list)  # per model: residual multiplier (default 1)
     start: list[float] = field(default_factory=list)  # per model: fraction of steps where it starts (default 0)
     ratios: list[float] = field(default_factory=list)  # per model: fraction of steps where it stops (default 1)
-    combine: str = "sum"  # sum: add the active models' residuals; alternate: model step % count acts
+    # sum: add the acting models' residuals; mean: their element-wise average (what gen_img's SDXL ControlNet
+    # meant to do); alternate: model step % count acts
+    combine: str = "sum"
     guess_mode: bool = False  # "control is more important": no control residuals on the unconditional rows
     save_hints: bool = False  # also write each image's preprocessed hints (NAME-hint0.png, ...)
 
@@ -148,7 +150,7 @@ class GuidanceConfig:
         if self.guide_image is None:
             raise ConfigError("guidance=controlnet needs guidance.guide_image=FILE_OR_FOLDER (the hint images)")
         if self.combine not in COMBINE_MODES:
-            raise ConfigError(f"guidance.combine={self.combine!r} is not valid; choose sum or alternate")
+            raise ConfigError(f"guidance.combine={self.combine!r} is not valid; choose sum, mean or alternate")
         if spec.model.xti_embeddings:
             raise ConfigError("guidance=controlnet cannot be combined with model.xti_embeddings (per-block text "
                               "for the ControlNet's blocks is not supported); use model.textual_inversion instead")
@@ -211,7 +213,8 @@ def _check_model(model: str, key: str) -> None:
     """A model file or folder that does not exist fails before anything loads (builtin:tiny is built on use)."""
     if model.startswith("builtin:"):
         if model != "builtin:tiny":
-            raise ConfigError(f"{key}={model} is unknown; the built-in ControlNet is builtin:tiny (for model=tiny)")
+            raise ConfigError(f"{key}={model} is unknown; the built-in ControlNet is builtin:tiny "
+                              "(for model=tiny and tiny_xl)")
         return
     if not Path(model).expanduser().exists():
         raise ConfigError(f"{key}: no such file or folder {model}; give a ControlNet .safetensors/.pth file or a "

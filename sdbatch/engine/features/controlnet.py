@@ -1,10 +1,13 @@
 """ControlNet (guidance=controlnet): each model's residuals, from the image's hint, added to the UNet's skips.
 
 A UNet-call wrapper inside CFG: it sees the stacked CFG rows and the plain 4-channel latents (outside the 9-channel
-inpainting input), runs every active ControlNet on them and hands the summed residuals to the UNet call as
+inpainting input), runs every active ControlNet on them (on SDXL with each row's pooled text and size values, as
+the UNet gets them) and hands the summed residuals to the UNet call as
 diffusers' `down_block_additional_residuals` / `mid_block_additional_residual`. Which models act at a call follows
 diffusers' rule (`ControlUnit.active`): `sum` adds every active model's residuals as diffusers' multi-ControlNet
-and A1111 do; `alternate` lets model `step % count` act alone, the reference tool's behaviour.
+and A1111 do; `mean` averages them element-wise, per residual tensor (gen_img's SDXL ControlNet meant to average,
+but its `torch.mean(torch.stack(...))` has no dim and collapses every residual to one scalar); `alternate` lets
+model `step % count` act alone, the reference tool's SD1/SD2 behaviour.
 
 Hints are per image (each image's guide images, preprocessed at the pass's size), gathered per row. The
 ControlNet call is split by each row's own text length, because diffusers' ControlNetModel takes no attention
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from sdbatch.config.guidance_schema import ControlNetSettings, ControlUnit
 from sdbatch.config.spec import RunSpec
 from sdbatch.engine.core.contract import BatchContext, BatchHooks, Feature
-from sdbatch.engine.core.model_fn import CHUNK_TOKENS, Conditioning, ModelFn
+from sdbatch.engine.core.model_fn import CHUNK_TOKENS, SIZE_VALUES, Conditioning, ModelFn
 from sdbatch.engine.core.rows import PROMPT, TEXT_CHUNKS, TEXT_TOKENS, Rows
 from sdbatch.engine.features.deep_shrink import active_depth, shrunk_input
 from sdbatch.engine.guide.hints import hint_image, hint_tensor
@@ -75,7 +78,7 @@ def batch_hints(jobs: Sequence[ImageJob], index: int, unit: ControlUnit, width: 
 
 
 def with_controlnet(units: list[Unit], settings: ControlNetSettings, deep_shrink) -> ModelFn:
-    """The UNet-call wrapper: the active units' residuals, summed, passed to the inner call."""
+    """The UNet-call wrapper: the active units' residuals, summed (or averaged), passed to the inner call."""
 
     def wrap(inner: ModelFn) -> ModelFn:
         def model(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -90,6 +93,8 @@ def with_controlnet(units: list[Unit], settings: ControlNetSettings, deep_shrink
             for unit in acting:
                 res = _residuals(unit, x, t, cond, call, settings.guess_mode)
                 total = res if total is None else _add(total, res)
+            if settings.combine == "mean" and len(acting) > 1:
+                total = [d / len(acting) for d in total[0]], total[1] / len(acting)
             extra = {"down_block_additional_residuals": total[0], "mid_block_additional_residual": total[1]}
             return inner(x, t, replace(cond, unet_kwargs={**cond.unet_kwargs, **extra}))
 
@@ -124,16 +129,26 @@ def _residuals(unit: Unit, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
     """One model's residuals for every row of the call; rows it does not see (guess mode) get zeros."""
     hints = _hint_rows(unit.hints, call.rows, x).to(unit.dtype)
     x, emb, shrink = x.to(unit.dtype), cond.embeddings.to(unit.dtype), call.shrink
+    added = cond.added.to(x.device, unit.dtype) if cond.added is not None else None
     parts = []
     for index, tokens in call.groups:
         rows_x, rows_emb, rows_hint = (x, emb, hints) if index is None else (x[index], emb[index], hints[index])
         with shrunk_input(unit.net.down_blocks[shrink[0]], shrink[1]) if shrink else contextlib.nullcontext():
             down, mid = unit.net(rows_x, t, encoder_hidden_states=rows_emb[:, :tokens], controlnet_cond=rows_hint,
-                                 conditioning_scale=unit.settings.weight, guess_mode=guess, return_dict=False)
+                                 conditioning_scale=unit.settings.weight, guess_mode=guess, return_dict=False,
+                                 **_added_kwargs(added, index))
         if index is None:
             return list(down), mid
         parts.append((index, list(down), mid))
     return _scatter(parts, len(call.rows))
+
+
+def _added_kwargs(added: torch.Tensor | None, index: torch.Tensor | None) -> dict:
+    """SDXL's added conditioning (pooled text, size values) of the call's rows, as the UNet gets it; {} on SD1/SD2."""
+    if added is None:
+        return {}
+    rows = added if index is None else added[index]
+    return {"added_cond_kwargs": {"text_embeds": rows[:, :-SIZE_VALUES], "time_ids": rows[:, -SIZE_VALUES:]}}
 
 
 def _row_groups(rows: Rows, length: int, guess: bool) -> list[tuple[torch.Tensor | None, int]]:

@@ -1,9 +1,14 @@
-"""Load SD 1.x/2.x ControlNets offline, once per model: lllyasviel's files, difference files, diffusers folders.
+"""Load ControlNets offline, once per model: lllyasviel's SD 1.x/2.x files, difference files, and diffusers
+folders and diffusers-layout single files (SD 1.x/2.x and SDXL).
 
 The format is read from the tensors, never from the file name: ``control_model.*`` keys are the original
 layout (converted with the config read from their shapes), a ``difference`` key marks offsets from the base
-UNet, and a folder with config.json is diffusers'. A ControlNet is kept in its model's bundle, on the UNet's
-device and dtype, so it is released together with the model when the model cache drops it.
+UNet, a folder with config.json is diffusers', and a file of diffusers' keys is built on the model's UNet config
+(diffusers' ``ControlNetModel.from_unet``) with the hint encoder and transformer depths read from its shapes:
+diffusers' own single-file loader wants a hub config, which we cannot fetch offline.
+
+A ControlNet is kept in its model's bundle, on the UNet's device and dtype, so it is released together with the
+model when the model cache drops it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from sdbatch.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-SDXL_CONTEXT = 2048  # SDXL's two text encoders together; SD1 has 768, SD2 1024
+DIFFUSERS_KEY = "controlnet_cond_embedding.conv_in.weight"  # a tensor only diffusers' ControlNet layout has
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -76,7 +81,8 @@ def _resolve(path: str, bundle: ModelBundle, key: str) -> Path:
     if path == TINY_CONTROLNET:
         return ensure_tiny_controlnet(bundle).resolve()
     if path.startswith("builtin:"):
-        raise ModelError(f"{key}={path} is unknown; the built-in ControlNet is {TINY_CONTROLNET} (for model=tiny)")
+        raise ModelError(f"{key}={path} is unknown; the built-in ControlNet is {TINY_CONTROLNET} "
+                         "(for model=tiny and tiny_xl)")
     file = Path(path).expanduser()
     if not file.exists():
         raise ModelError(f"{key}={path}: no such file; give a ControlNet .safetensors/.pth file or a diffusers "
@@ -109,8 +115,10 @@ def _load(file: Path, bundle: ModelBundle, key: str) -> LoadedControlNet:
 
 
 def _read_file(file: Path, bundle: ModelBundle, where: str) -> tuple[ControlNetModel, str]:
-    """(model, kind) of an original-layout ControlNet file, plain or difference."""
+    """(model, kind) of a ControlNet file: original layout, plain or difference, or diffusers' layout."""
     state = read_state_dict(file)  # weights_only: a pickle that holds code is refused unread
+    if DIFFUSERS_KEY in state:
+        return _diffusers_file(state, bundle, where), "diffusers"
     control = _control_state(state, where)
     kind = "difference" if DIFFERENCE_KEY in state else "original"
     try:
@@ -123,6 +131,50 @@ def _read_file(file: Path, bundle: ModelBundle, where: str) -> tuple[ControlNetM
                          "ControlNet") from exc
 
 
+def _diffusers_file(state: dict[str, torch.Tensor], bundle: ModelBundle, where: str) -> ControlNetModel:
+    """A single file of diffusers' ControlNet keys, on the model's UNet config (checked against its shapes)."""
+    config = {**_unet_like_config(bundle.unet.config), **_shape_config(state)}
+    _check_fit(config, bundle, where)
+    with torch.device("meta"):
+        model = ControlNetModel.from_config(config)
+    _assign(model, state, where, "the weights do not fit the model's UNet; use a ControlNet made for this model")
+    return model
+
+
+def _unet_like_config(unet: Mapping) -> dict:
+    """The ControlNet config diffusers' ``ControlNetModel.from_unet`` derives from a UNet config."""
+    keys = ("encoder_hid_dim", "encoder_hid_dim_type", "addition_embed_type", "addition_time_embed_dim",
+            "transformer_layers_per_block", "in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types",
+            "only_cross_attention", "block_out_channels", "layers_per_block", "downsample_padding",
+            "mid_block_scale_factor", "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim",
+            "attention_head_dim", "num_attention_heads", "use_linear_projection", "class_embed_type",
+            "num_class_embeds", "upcast_attention", "resnet_time_scale_shift",
+            "projection_class_embeddings_input_dim", "mid_block_type")
+    return {k: unet[k] for k in keys if k in unet}
+
+
+def _shape_config(state: Mapping[str, torch.Tensor]) -> dict:
+    """What a diffusers ControlNet's weights tell of its config: the family's markers (added embedding, context
+    width, projection kind), the hint encoder's widths and each level's transformer depth."""
+    blocks = sorted({int(k.split(".")[1]) for k in state if k.startswith("down_blocks.")})
+    depth = [1 + max((int(k.split(".")[5]) for k in state
+                      if k.startswith(f"down_blocks.{i}.attentions.0.transformer_blocks.")), default=0)
+             for i in blocks]
+    steps = {int(k.split(".")[2]): v.shape[0] for k, v in state.items()  # the odd blocks change the width
+             if k.startswith("controlnet_cond_embedding.blocks.") and k.endswith(".weight")}
+    hint = [state[DIFFUSERS_KEY].shape[0], *(steps[i] for i in sorted(steps) if i % 2)]
+    context = next((v.shape[1] for k, v in state.items() if k.endswith("attn2.to_k.weight")), None)
+    proj = next((v.ndim for k, v in state.items() if k.endswith(".proj_in.weight")), None)
+    config = {"conditioning_embedding_out_channels": tuple(hint), "transformer_layers_per_block": tuple(depth),
+              "conditioning_channels": state[DIFFUSERS_KEY].shape[1],
+              "addition_embed_type": "text_time" if "add_embedding.linear_1.weight" in state else None}
+    if context is not None:
+        config["cross_attention_dim"] = context
+    if proj is not None:
+        config["use_linear_projection"] = proj == 2
+    return config
+
+
 def _control_state(state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     """The ControlNet's tensors without their prefix; some files store them without ``control_model.``."""
     control = strip(state, CONTROLNET_PREFIX)
@@ -131,7 +183,9 @@ def _control_state(state: dict[str, torch.Tensor], where: str) -> dict[str, torc
     if not control:
         raise ModelError(f"{where} is not a ControlNet: no {CONTROLNET_PREFIX}* keys{_what_it_is(state)}")
     if any(k.startswith("label_emb.") for k in control):
-        raise ModelError(f"{where} is an SDXL ControlNet; sdbatch runs SD 1.x and 2.x models only")
+        raise ModelError(f"{where} is an SDXL ControlNet in the original (non-diffusers) layout, which sdbatch does "
+                         "not read; use a diffusers-format SDXL ControlNet (a folder with config.json, or its "
+                         ".safetensors)")
     return control
 
 
@@ -141,8 +195,6 @@ def _what_it_is(state: Mapping[str, torch.Tensor]) -> str:
         return "; it is a whole Stable Diffusion checkpoint (that is model.checkpoint)"
     if any(".lora_down." in k or ".lora_up." in k or k.startswith(("lora_unet_", "lora_te_")) for k in state):
         return "; it is a LoRA (that goes in network.loras)"
-    if "controlnet_cond_embedding.conv_in.weight" in state:
-        return "; it is the weights file of a diffusers ControlNet: give its folder, with config.json"
     return ""
 
 
@@ -154,28 +206,27 @@ def _read_folder(folder: Path, bundle: ModelBundle, where: str) -> ControlNetMod
     """
     try:
         config = ControlNetModel.load_config(folder, local_files_only=True)
-        _refuse_sdxl(config, where)  # an SDXL config may not even build with this architecture's defaults
+        _check_family(config, bundle, where)  # another family's config may not even build with these defaults
         with torch.device("meta"):
             model = ControlNetModel.from_config(config)
     except (OSError, ValueError, TypeError) as exc:
         raise ModelError(f"{where}: cannot read its config.json as a ControlNet: {_first_line(exc)}") from exc
     _check_fit(model.config, bundle, where)
-    try:
-        model.load_state_dict(read_state_dict(weights_file(folder)), strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ModelError(f"{where}: the weights do not fit its config.json: {_first_line(exc)}") from exc
+    _assign(model, read_state_dict(weights_file(folder)), where, "the weights do not fit its config.json")
     return model
+
+
+def _assign(model: ControlNetModel, state: Mapping[str, torch.Tensor], where: str, problem: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{where}: {problem}: {_first_line(exc)}") from exc
 
 
 def _check_fit(config: Mapping, bundle: ModelBundle, where: str) -> None:
     """Refuse a ControlNet of another family or architecture than the model's, before its weights are used."""
-    _refuse_sdxl(config, where)
-    unet, context = bundle.unet.config, config["cross_attention_dim"]
-    family = "sd2" if config["use_linear_projection"] else "sd1"  # SD2 projects attention with Linear
-    if family != bundle.family or context != unet.cross_attention_dim:
-        advice = f"trained for {bundle.family.upper()}" if family != bundle.family else "made for this model"
-        raise ModelError(f"{where} is a ControlNet for {family.upper()} (context {context}), but the model is "
-                         f"{bundle.family.upper()} (context {unet.cross_attention_dim}); use a ControlNet {advice}")
+    _check_family(config, bundle, where)
+    unet = bundle.unet.config
     theirs = (list(config["block_out_channels"]), config["layers_per_block"])
     ours = (list(unet.block_out_channels), unet.layers_per_block)
     if theirs != ours:
@@ -183,6 +234,19 @@ def _check_fit(config: Mapping, bundle: ModelBundle, where: str) -> None:
                          f"the UNet's {ours[0]} x{ours[1]}; use a ControlNet made for this model")
 
 
-def _refuse_sdxl(config: Mapping, where: str) -> None:
-    if config.get("addition_embed_type") == "text_time" or config.get("cross_attention_dim") == SDXL_CONTEXT:
-        raise ModelError(f"{where} is an SDXL ControlNet; sdbatch runs SD 1.x and 2.x models only")
+def _check_family(config: Mapping, bundle: ModelBundle, where: str) -> None:
+    """Refuse a ControlNet of another family (or text width) than the model's, naming both."""
+    context, ours = config.get("cross_attention_dim"), bundle.unet.config.cross_attention_dim
+    family = controlnet_family(config)
+    if family != bundle.family or context != ours:
+        advice = f"trained for {bundle.family.upper()}" if family != bundle.family else "made for this model"
+        raise ModelError(f"{where} is a ControlNet for {family.upper()} (context {context}), but the model is "
+                         f"{bundle.family.upper()} (context {ours}); use a ControlNet {advice}")
+
+
+def controlnet_family(config: Mapping) -> str:
+    """sdxl (the "text_time" added embedding of pooled text and sizes), sd2 (attention projected with Linear),
+    or sd1."""
+    if config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return "sd2" if config.get("use_linear_projection") else "sd1"
