@@ -1,7 +1,7 @@
 """Attention Couple (A AND B) and regional LoRA (network.regional) on SDXL, on the tiny SDXL twin (tiny_xl): one
 part equals the plain image, the prompt rows' pooled embedding is the last part's (the reference's choice), masks,
-batching, the features it combines with (ControlNet-LLLite included), SDXL LoRA bound to regions (both text
-encoders), and run.py."""
+batching, the features it combines with (ControlNet and ControlNet-LLLite included), SDXL LoRA bound to regions
+(both text encoders), and run.py."""
 
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def test_a_batch_mixing_regional_and_plain_images_equals_each_alone(masks, loras
 
 @pytest.mark.slow
 @pytest.mark.parametrize("feature", ["img2img", "inpaint", "highres", "deep_shrink", "gradual_latent", "lora",
-                                     "lllite"])
+                                     "lllite", "controlnet"])
 def test_attention_couple_with_other_features(feature, masks, loras, xl_engine, tmp_path) -> None:
     from safetensors.torch import save_file
     from sdxl_net_files import lllite_state
@@ -156,6 +156,8 @@ def test_attention_couple_with_other_features(feature, masks, loras, xl_engine, 
              "lora": {"network": _net(loras["all"], False)},
              "lllite": {"guidance": GuidanceConfig(name="lllite", models=[str(tmp_path / "lllite.safetensors")],
                                                    guide_image=masks["rg"])},
+             "controlnet": {"guidance": GuidanceConfig(name="controlnet", models=["builtin:tiny"],
+                                                       guide_image=masks["rg"])},
              "highres": {"highres": HighresConfig(name="on", steps=3, scale=0.5), "width": 96, "height": 96},
              "deep_shrink": {"deep_shrink": DeepShrinkConfig(depth_1=1, timesteps_1=0)},
              "gradual_latent": {"gradual_latent": GradualLatentConfig(timesteps=900, every_n_steps=2),
