@@ -11,6 +11,12 @@ which is why it costs much less than one UNet pass per part (A1111's composable 
 Region masks (`regions.mask`) are resized to each attention's size from the image-size mask, keyed by shape
 (the reference keyed them by area: 64×32 and 32×64 collided), so Deep Shrink, Gradual Latent and Highres. fix
 sizes all get their own. Without a mask every part covers the whole image.
+
+SDXL: each part's encoding has its own pooled embedding, but the UNet takes one added conditioning per row (it
+goes into the timestep embedding, not the attention). The prompt rows take the **last** part's pooled embedding,
+as the reference's sdxl_gen_img.py does in regional mode; the negative and unconditional rows their own, and every
+row its CFG part's size values (time ids), as without AND. With network.regional the last part's text, and so its
+pooled embedding, is encoded with the last part's network alone.
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ import torch.nn.functional as F
 from sdbatch.engine.core.contract import BatchContext, BatchHooks, Encode, Feature
 from sdbatch.engine.core.model_fn import CHUNK_TOKENS, Conditioning, ModelFn
 from sdbatch.engine.core.rows import PROMPT, REGIONAL_NETWORKS, TEXT_CHUNKS, TEXT_TOKENS, Rows, calling, current
-from sdbatch.errors import ConfigError
 from sdbatch.plan.jobs import ImageJob
 from sdbatch.prompts.couple import split_parts
 from sdbatch.prompts.extra_networks import strip_tags
@@ -47,6 +52,7 @@ class Couple:
     tokens: int
     aspect: float  # image height / width, to read an attention's (h, w) from its length
     _at: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    _shares: torch.Tensor | None = None
 
     def at(self, rows: Rows, h: int, w: int) -> torch.Tensor:
         """(images, parts, h·w) every image's normalised blend weights at an (h, w) attention, resized once per
@@ -56,6 +62,12 @@ class Couple:
             small = F.interpolate(full, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
             self._at[(h, w)] = normalise(small.flatten(2))
         return self._at[(h, w)]
+
+    def shares(self, rows: Rows) -> torch.Tensor:
+        """(images, parts) each part's share of every image: the mean of its blend weight at the image size."""
+        if self._shares is None:
+            self._shares = normalise(rows.per_image[WEIGHTS].flatten(2)).mean(dim=-1)
+        return self._shares
 
     def weights_at(self, rows: Rows, length: int, index: torch.Tensor) -> torch.Tensor:
         """(len(index), parts, length) normalised blend weights of rows `index` at an attention of `length`."""
@@ -67,7 +79,9 @@ class Couple:
 @dataclass
 class RegionalNetworks:
     """network.regional: LoRA i acts only in the region of part i (its blend weight, at each module's size), and
-    in the cross-attention's keys and values only for the rows attending to part i."""
+    in the cross-attention's keys and values only for the rows attending to part i. A layer without pixels (the
+    time embedding, SDXL's pooled-text-and-size embedding) takes the network scaled by part i's share of the
+    image (the reference gave them 1/parts, its fallback for any size without a mask)."""
 
     couple: Couple
 
@@ -76,6 +90,11 @@ class RegionalNetworks:
             chosen = [float(part == PROMPT and region == network) for part, region in zip(rows.part, rows.region,
                                                                                         strict=True)]
             return torch.tensor(chosen, device=output.device, dtype=output.dtype).view(-1, 1, 1)
+        if output.dim() == 2:  # (rows, C): a time or size embedding (LyCORIS, SDXL's add_embedding) has no pixels
+            shares = self.couple.shares(rows)
+            share = shares[:, network] if network < shares.shape[1] else torch.ones_like(shares[:, 0])
+            images = torch.tensor(rows.image, device=share.device)
+            return share.index_select(0, images).to(output.device, output.dtype).unsqueeze(-1)
         spatial = output.dim() == 4
         h, w = output.shape[-2:] if spatial else attention_size(output.shape[1], self.couple.aspect)
         weights = self._part_weights(rows, h, w, network).to(output.device, output.dtype)  # (rows, h·w)
@@ -112,39 +131,60 @@ def encode_parts(ctx: BatchContext, parts: list[tuple], nets=None) -> Conditioni
     batch's chunk count; the negative (and unconditional) rows repeated once per part, so CFG stacks them.
 
     `nets` (network.regional): part k is encoded with LoRA k alone, and the negative without any network.
+    SDXL: the prompt rows' added conditioning is the last part's pooled embedding (the reference's choice).
     """
     text, n, count = ctx.text, len(parts[0]), len(ctx.jobs)
 
-    def encode(prompts: list[str], network: int | None) -> tuple[torch.Tensor, tuple[int, ...], torch.Tensor]:
+    def encode(prompts: list[str], network: int | None) -> _Encoded:
         with _text_networks(ctx, nets, network):
             done = text.text.encode_texts(prompts, None, clip_skip=text.clip_skip, origins=text.origins[:count])
             empty = text.text.encode_texts([""], None, clip_skip=text.clip_skip).cond
-        return done.cond, done.chunks, empty
+        return _Encoded(done.cond, done.chunks, empty, done.pooled)
 
     encoded = [encode([strip_tags(image_parts[k].text) for image_parts in parts], k) for k in range(n)]
     unguided = text.negatives is None
     negative = None if unguided else encode(text.negatives[:count], None)
-    chunks = [max(e[1][j] for e in encoded + ([] if unguided else [negative])) for j in range(count)]
+    chunks = [max(e.chunks[j] for e in encoded + ([] if unguided else [negative])) for j in range(count)]
     tokens = max(chunks) * CHUNK_TOKENS
-    packed = torch.cat([_padded(e, tokens) for e in encoded], dim=1)
+    packed = torch.cat([e.padded(tokens) for e in encoded], dim=1)
     rows = Rows.of_images(count)
     if len(set(chunks)) > 1:
         rows = rows.with_image_data(**{TEXT_CHUNKS: torch.tensor(chunks)}).with_call_data(**{TEXT_TOKENS: tokens})
-    cond = Conditioning(embeddings=packed, negative=None if unguided else _padded(negative, tokens).repeat(1, n, 1),
-                        cfg_scales=text.cfg_scales, rows=rows)
+    sizes = text.time_ids  # SDXL's (prompt, negative) size values; None for SD1/SD2
+    cond = Conditioning(embeddings=packed, negative=None if unguided else negative.padded(tokens).repeat(1, n, 1),
+                        cfg_scales=text.cfg_scales, rows=rows, added=encoded[-1].added(sizes, 0),
+                        negative_added=None if unguided else negative.added(sizes, 1))
     if text.three_parts:
-        uncond = _padded(encode([""] * count, None), tokens).repeat(1, n, 1)
-        cond = dataclasses.replace(cond, uncond=uncond, negative_scale=text.negative_scale)
+        uncond = encode([""] * count, None)
+        cond = dataclasses.replace(cond, uncond=uncond.padded(tokens).repeat(1, n, 1),
+                                   negative_scale=text.negative_scale, uncond_added=uncond.added(sizes, 0))
     return cond
 
 
-def _padded(encoded: tuple, tokens: int) -> torch.Tensor:
-    """Embeddings padded with the empty prompt's chunk to `tokens` (as the encoder pads shorter texts)."""
-    embeddings, _, empty = encoded
-    missing = (tokens - embeddings.shape[1]) // CHUNK_TOKENS
-    if not missing:
-        return embeddings
-    return torch.cat([embeddings, empty.expand(embeddings.shape[0], -1, -1).repeat(1, missing, 1)], dim=1)
+@dataclass(frozen=True)
+class _Encoded:
+    """One encoding of the batch's texts: embeddings, chunks per row, the empty prompt's chunk (the padding), and
+    SDXL's pooled embeddings (None for SD1/SD2)."""
+
+    embeddings: torch.Tensor
+    chunks: tuple[int, ...]
+    empty: torch.Tensor
+    pooled: torch.Tensor | None
+
+    def padded(self, tokens: int) -> torch.Tensor:
+        """Embeddings padded with the empty prompt's chunk to `tokens` (as the encoder pads shorter texts)."""
+        missing = (tokens - self.embeddings.shape[1]) // CHUNK_TOKENS
+        if not missing:
+            return self.embeddings
+        pad = self.empty.expand(self.embeddings.shape[0], -1, -1).repeat(1, missing, 1)
+        return torch.cat([self.embeddings, pad], dim=1)
+
+    def added(self, sizes: tuple[torch.Tensor, torch.Tensor] | None, side: int) -> torch.Tensor | None:
+        """SDXL's added conditioning of these rows: pooled text, then the size values of `side` (0 prompt,
+        1 negative, as BatchText gives them); None for SD1/SD2."""
+        if sizes is None or self.pooled is None:
+            return None
+        return torch.cat([self.pooled, sizes[side].to(self.pooled)], dim=1)
 
 
 @contextlib.contextmanager
@@ -261,9 +301,6 @@ class AttentionCouple(Feature):
     def batch_hooks(self, ctx: BatchContext) -> BatchHooks | None:
         if ctx.key.and_parts < 2:
             return None
-        if ctx.engine.bundle.family == "sdxl":  # its parts would need SDXL's pooled text each: not written yet
-            raise ConfigError(f"{ctx.jobs[0].origin}: Attention Couple (' AND ' in a prompt) does not run on SDXL "
-                              "models yet; write the prompt without AND")
         parts = [split_parts(job.prompt, job.origin) for job in ctx.jobs]
         weights = part_weights(ctx.jobs, parts, ctx.key.width, ctx.key.height, ctx.engine.placement.device)
 

@@ -29,7 +29,8 @@ from sdbatch.config.lllite_schema import NAME, LLLiteSettings
 from sdbatch.config.spec import RunSpec
 from sdbatch.engine.core.contract import BatchContext, BatchHooks, Feature
 from sdbatch.engine.core.model_fn import Conditioning, ModelFn
-from sdbatch.engine.core.rows import Rows
+from sdbatch.engine.core.rows import Rows, current
+from sdbatch.engine.features.attention_couple import COUPLE
 from sdbatch.engine.features.controlnet import batch_hints
 from sdbatch.engine.guide.hints import hint_tensor
 from sdbatch.engine.models.lllite_files import LLLiteFile, LLLiteModule, load_lllite, targets
@@ -46,13 +47,19 @@ class _Call:
     weights: Sequence[float]
     maps: Maps
     rows: torch.Tensor  # each row's image index
-    _tokens: dict[tuple[int, str, int], torch.Tensor] = field(default_factory=dict)
+    # Attention Couple calls the cross-attention with its own rows (the prompt rows once per part): then the
+    # hooks read the rows of the module's call (`rows.current()`), not the UNet call's
+    coupled: bool = False
+    _tokens: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def tokens(self, index: int, name: str, count: int) -> torch.Tensor:
         """(rows, count, C): the module's conditioning of each row's image as `count` tokens."""
-        key = (index, name, count)
+        inner = current() if self.coupled else None
+        images = None if inner is None else inner.image
+        key = (index, name, count, images)
         if key not in self._tokens:
-            self._tokens[key] = _as_tokens(self.maps[index][name], count).index_select(0, self.rows)
+            rows = self.rows if images is None else torch.tensor(images, device=self.rows.device)
+            self._tokens[key] = _as_tokens(self.maps[index][name], count).index_select(0, rows)
         return self._tokens[key]
 
 
@@ -103,7 +110,7 @@ class LLLitePatch:
     def acting(self, weights: Sequence[float], maps: Maps, rows: Rows) -> Iterator[None]:
         """The hooks add the files (at these multipliers) for the calls inside this block."""
         device = next(iter(maps[0].values())).device
-        self._call = _Call(weights, maps, torch.tensor(rows.image, device=device))
+        self._call = _Call(weights, maps, torch.tensor(rows.image, device=device), coupled=COUPLE in rows.per_call)
         try:
             yield
         finally:
