@@ -100,3 +100,5 @@ class ModelInfo:
     networks: tuple[NetworkRef, ...] = ()  # network.loras of the run, in order (an image's network_muls match)
     controlnets: tuple[ControlNetRef, ...] = ()  # guidance.models of the run, in order
     regional_networks: bool = False  # network.regional: network i acts in the region of AND part i
+    tome_ratio: float = 0.0  # perf.tome_ratio of the run (0 = off)
+    deepcache: tuple[int, int] | None = None  # (perf.deepcache.interval, .branch) of the run; None = off

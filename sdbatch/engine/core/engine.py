@@ -89,12 +89,14 @@ class Engine:
             self.set_textual_inversion(run.model.textual_inversion, run.model.xti_embeddings)
             self.info = dataclasses.replace(self.info, networks=_refs(session.patches, "refs"),
                                             controlnets=_refs(session.patches, "controlnet_refs"),
-                                            regional_networks=run.network.regional)
+                                            regional_networks=run.network.regional,
+                                            tome_ratio=run.perf.tome_ratio, deepcache=_deepcache(run.perf))
             yield session
         finally:
             self._session = None
             self.text.network_key = ()
-            self.info = dataclasses.replace(self.info, networks=(), controlnets=(), regional_networks=False)
+            self.info = dataclasses.replace(self.info, networks=(), controlnets=(), regional_networks=False,
+                                            tome_ratio=0.0, deepcache=None)
             session.close()
 
     @property
@@ -235,6 +237,12 @@ def _refs(patches: dict[str, Patch], kind: str) -> tuple:
     """The run's references of one kind (outputs record them): what the patches say they are, in patch order.
     `refs`: LoRA networks; `controlnet_refs`: ControlNet models."""
     return tuple(ref for patch in patches.values() for ref in getattr(patch, kind, ()))
+
+
+def _deepcache(perf: PerfConfig) -> tuple[int, int] | None:
+    """The run's DeepCache (interval, branch) for the outputs' record; None when off (interval 1)."""
+    cache = perf.deepcache
+    return (cache.interval, cache.branch) if cache.interval > 1 else None
 
 
 def _v_prediction(setting: str, family: str) -> bool:
