@@ -154,30 +154,6 @@ def test_token_merging_acts_at_full_resolution_only_and_comes_off(unet4) -> None
     assert _no_patches_left(unet4) and torch.equal(_steps(unet4, _plain(unet4), steps=1)[0], plain)
 
 
-BAD = [
-    (["perf.tome_ratio=0.95"], "perf.tome_ratio must be from 0 (off) to 0.9 (A1111's bound), got 0.95"),
-    (["perf.tome_ratio=-0.1"], "perf.tome_ratio must be from 0 (off) to 0.9"),
-    (["perf.tome_ratio=nan"], "perf.tome_ratio must be"),
-    (["perf.deepcache.interval=0"], "perf.deepcache.interval must be >= 1 (1 = off), got 0"),
-    (["perf.deepcache.branch=-1"], "perf.deepcache.branch must be >= 0"),
-    (["perf.deepcache.interval=3", "deep_shrink.depth_1=1"], "perf.deepcache.interval > 1 cannot be combined with "
-                                                              "Deep Shrink"),
-    (["perf.tome_ratio=0.5", "network=lora", "network.loras=[{path: 'builtin:tiny-lora'}]", "network.regional=true"],
-     "perf.tome_ratio cannot be combined with network.regional"),
-]
-
-
-@pytest.mark.parametrize(("overrides", "needle"), BAD, ids=[" ".join(o) for o, _ in BAD])
-def test_bad_value_is_refused_naming_the_key(overrides, needle) -> None:
-    from test_bad_config import CONF, compose, initialize_config_dir, plan_run, resolve
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=_args(overrides))
-    with pytest.raises(SdbatchError) as caught:
-        plan_run(resolve(cfg), base_seed=0)
-    assert needle in str(caught.value) and "\n" not in str(caught.value)
-
-
 @pytest.mark.parametrize(("perf", "needle"), [
     (PerfConfig(deepcache=DeepCacheConfig(interval=2, branch=99)), "perf.deepcache.branch=99: this model's UNet has"),
     (PerfConfig(deepcache=DeepCacheConfig(interval=2)), "cannot be combined with Deep Shrink"),
