@@ -87,6 +87,7 @@ BAD = [
     (["perf.deepcache.branch=-1"], "perf.deepcache.branch must be >= 0"),
     (["perf.deepcache.interval=3", "deep_shrink.depth_1=1"], "perf.deepcache.interval > 1 cannot be combined with "
                                                               "Deep Shrink"),
+    (["perf.deepcache.interval=2", "perf.compile=true"], "perf.deepcache.interval cannot be combined with perf.comp"),
     (["perf.tome_ratio=0.5", LORA, TINY_LORA, "network.regional=true"],
      "perf.tome_ratio cannot be combined with network.regional"),
     # a cell that only fails with a prompt line's own options: named at planning, still before any model loads

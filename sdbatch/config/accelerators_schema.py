@@ -45,6 +45,10 @@ def check(perf: PerfConfig, spec: RunSpec) -> None:
         raise ConfigError(f"perf.deepcache.interval must be >= 1 (1 = off), got {cache.interval}")
     if cache.branch < 0:
         raise ConfigError(f"perf.deepcache.branch must be >= 0 (0 = DeepCache's default), got {cache.branch}")
+    if perf.compile and (ratio or cache.interval > 1):
+        key = "perf.tome_ratio" if ratio else "perf.deepcache.interval"
+        raise ConfigError(f"{key} cannot be combined with perf.compile yet: the compiled UNet graph is not "
+                          f"checked to see the accelerator's hooks come and go; set perf.compile=false")
     if cache.interval > 1 and spec.deep_shrink.depth_1 is not None:
         raise ConfigError(deepcache_with_deep_shrink())
 
