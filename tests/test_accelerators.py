@@ -191,3 +191,10 @@ def test_with_highres_negative_scale_lora_and_inpainting(model, tmp_path, perf) 
     inpainted, _ = _images(tmp_path, _spec(model, perf, init_image=str(init), mask_image=str(mask)), "inpaint")
     assert len(inpainted) == 2
     assert _no_patches_left(get_engine(run.model, PerfConfig()).bundle.unet)
+
+
+def test_token_merging_says_when_it_merged_nothing(sd1_single_file, tmp_path, caplog) -> None:
+    """The tiny SD1 model has attention only below full resolution: the run warns instead of ignoring the key."""
+    with caplog.at_level("WARNING"):
+        run_images(spec(sd1_single_file, steps=2, perf=TOME, prompt="a cat"), tmp_path / "run")
+    assert "token merging merged nothing in this run" in caplog.text and "<perf.tome_ratio=0.5>" in caplog.text

@@ -16,6 +16,7 @@ image's CFG part) is merged on its own tokens alone, so a batch gives the images
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -26,6 +27,8 @@ from diffusers.models.attention import BasicTransformerBlock
 
 from sdbatch.config.spec import RunSpec
 from sdbatch.engine.core.contract import Feature
+
+log = logging.getLogger(__name__)
 
 CELL = 2  # sx = sy = 2: one destination token per 2×2 cell of the latent
 
@@ -89,17 +92,23 @@ class _State:
     ratio: float
     size: tuple[int, int] = (0, 0)
     pair: tuple[Merge, Merge] | None = None
+    merged: int = 0  # self-attention calls merged in the run
+    calls: int = 0  # UNet calls in the run
 
 
 @dataclass
 class TokenMerging:
     """The run's patch: forward hooks on the UNet, every transformer block and its attn1; restore() removes them."""
 
+    state: _State
     handles: list[Any] = field(default_factory=list)
 
     def restore(self) -> None:
         while self.handles:
             self.handles.pop().remove()
+        if self.state.calls and not self.state.merged:  # a model without attention at full resolution
+            log.warning("token merging merged nothing in this run: this model's UNet has no self-attention at the "
+                        "latent's full resolution <perf.tome_ratio=%g>", self.state.ratio)
 
 
 def _first(args: tuple, kwargs: dict, name: str) -> torch.Tensor:
@@ -109,16 +118,18 @@ def _first(args: tuple, kwargs: dict, name: str) -> torch.Tensor:
 def apply(unet: torch.nn.Module, ratio: float) -> TokenMerging:
     """Hook token merging into `unet`'s self-attention at full resolution; the patch's restore() undoes it."""
     state = _State(ratio)
-    patch = TokenMerging()
+    patch = TokenMerging(state)
 
     def note_size(module, args, kwargs):
         state.size = tuple(_first(args, kwargs, "sample").shape[-2:])
+        state.calls += 1
 
     def plan_block(module, args, kwargs):
         tokens = _first(args, kwargs, "hidden_states")
         height, width = state.size
         full = tokens.dim() == 3 and tokens.shape[1] == height * width  # the latent's own resolution only
         state.pair = matching(tokens, height, width, state.ratio) if full else None
+        state.merged += full
 
     def merge_input(module, args, kwargs):
         if state.pair is None:
