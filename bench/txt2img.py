@@ -12,7 +12,12 @@ passes, "single file → ready" load times, peak memory per phase and the pixel 
     python bench/txt2img.py --full --device cuda --batch-size 8 --compile --json out.json  # one configuration
 
 --compile and --channels-last set perf.compile / perf.channels_last for sdbatch only: diffusers stays eager, the
-baseline. --json writes the key numbers (seconds, it/s, images/s, ratio) for scripts such as bench/gpu.sh.
+baseline. --tome RATIO and --deepcache INTERVAL[,BRANCH] add sdbatch with that accelerator (perf.tome_ratio,
+perf.deepcache.*) to the alternating rounds, and print its ratio to diffusers and the mean absolute pixel
+difference of its images to sdbatch's exact ones (the price in pixels):
+
+    python bench/txt2img.py --size 512 --images 2 --batch-size 1 --tome 0.5 --deepcache 3
+ --json writes the key numbers (seconds, it/s, images/s, ratio) for scripts such as bench/gpu.sh.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from sdbatch import __version__  # noqa: E402
+from sdbatch.config.accelerators_schema import DeepCacheConfig  # noqa: E402
 from sdbatch.config.resolve import to_plain  # noqa: E402
 from sdbatch.config.spec import (  # noqa: E402
     GuidanceConfig,
@@ -342,6 +348,40 @@ def run_sdbatch(engine: Engine, batches: list[Batch]) -> list[Image.Image]:
     return [image for batch in batches for image in engine.run_batch(batch)]
 
 
+def run_accelerated(engine: Engine, spec: RunSpec, batches: list[Batch]) -> list[Image.Image]:
+    """The batches in a session of `spec`, as the runner makes them: the accelerators' patch and hooks apply."""
+    with engine.session(spec):
+        return run_sdbatch(engine, batches)
+
+
+def accelerated_specs(args: argparse.Namespace, spec: RunSpec) -> dict[str, RunSpec]:
+    """The sdbatch systems with one accelerator each, by label (--tome, --deepcache); none without them."""
+    out = {}
+    if args.tome:
+        out[f"tome {args.tome:g}"] = dataclasses.replace(spec, perf=dataclasses.replace(spec.perf,
+                                                                                        tome_ratio=args.tome))
+    if args.deepcache:
+        interval, branch = args.deepcache
+        cache = DeepCacheConfig(interval=interval, branch=branch)
+        out[f"deepcache {interval},{branch}"] = dataclasses.replace(spec, perf=dataclasses.replace(spec.perf,
+                                                                                                   deepcache=cache))
+    return out
+
+
+def mean_abs_diff(a: list[Image.Image], b: list[Image.Image]) -> float:
+    """Mean absolute difference in 0-255 levels over all images and channels."""
+    return float(np.mean([np.abs(np.asarray(x).astype(int) - np.asarray(y).astype(int)).mean()
+                          for x, y in zip(a, b, strict=True)]))
+
+
+def accelerator_numbers(rounds: list[Round], images: dict[str, list[Image.Image]]) -> dict[str, dict[str, float]]:
+    """Per accelerated system: best seconds, ratio to diffusers' best, mean abs pixel difference to exact sdbatch."""
+    baseline = best(rounds, "diffusers").seconds
+    return {name: {"seconds": best(rounds, name).seconds, "ratio": best(rounds, name).seconds / baseline,
+                   "mean_abs_diff": mean_abs_diff(images[name], images["sdbatch"])}
+            for name in images if name not in ("sdbatch", "diffusers")}
+
+
 def run_diffusers(pipe: Any, batches: list[Batch]) -> list[Image.Image]:
     """A plain StableDiffusionPipeline loop over the same batches: same prompts, seeds and settings."""
     images = []
@@ -424,10 +464,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=STEPS, help=f"DDIM steps (default {STEPS})")
     p.add_argument("--compile", action="store_true", help="perf.compile=true for sdbatch (diffusers stays eager)")
     p.add_argument("--channels-last", action="store_true", help="perf.channels_last=true for sdbatch")
+    p.add_argument("--tome", type=float, default=0.0, metavar="RATIO",
+                   help="also time sdbatch with perf.tome_ratio=RATIO (token merging)")
+    p.add_argument("--deepcache", type=_interval_branch, metavar="INTERVAL[,BRANCH]",
+                   help="also time sdbatch with perf.deepcache.interval (and .branch, default 0)")
     p.add_argument("--json", type=Path, help="also write the key numbers to this JSON file")
     p.add_argument("--model-dir", type=Path,
                    help="keep the built model in this folder and reuse it in later runs (same widths and --seed)")
     return p.parse_args(argv)
+
+
+def _interval_branch(text: str) -> tuple[int, int]:
+    interval, _, branch = text.partition(",")
+    return int(interval), int(branch or 0)
 
 
 def warm_up(engine: Engine, pipe: Any, spec: RunSpec, steps: int) -> None:
@@ -461,7 +510,7 @@ def stop_reason(args: argparse.Namespace, done: int, last_pair: float) -> str | 
 
 def alternate(args: argparse.Namespace, runs: dict[str, Callable[[], list[Image.Image]]], timers: Timers,
               memory: Memory, device: torch.device) -> tuple[list[Round], dict[str, list[Image.Image]], str]:
-    """Timed rounds (sdbatch, diffusers), (sdbatch, diffusers), ... until stop_reason gives a reason."""
+    """Timed rounds (sdbatch, [accelerated sdbatch ...,] diffusers), ... until stop_reason gives a reason."""
     rounds: list[Round] = []
     images: dict[str, list[Image.Image]] = {}
     reason = None
@@ -469,8 +518,8 @@ def alternate(args: argparse.Namespace, runs: dict[str, Callable[[], list[Image.
         for system, fn in runs.items():
             result, images[system] = timed_round(system, fn, timers, memory, device)
             rounds.append(result)
-            print(f"  round {(len(rounds) + 1) // 2} {system:9s} {result.seconds:7.2f} s", flush=True)
-        reason = stop_reason(args, len(rounds) // 2, rounds[-1].seconds + rounds[-2].seconds)
+            print(f"  round {(len(rounds) - 1) // len(runs) + 1} {system:9s} {result.seconds:7.2f} s", flush=True)
+        reason = stop_reason(args, len(rounds) // len(runs), sum(r.seconds for r in rounds[-len(runs):]))
     return rounds, images, reason
 
 
@@ -521,14 +570,17 @@ def main(argv: list[str] | None = None) -> None:
             sizes = " and one of ".join(map(str, sorted({len(b.jobs) for b in batches}, reverse=True)))
             print(f"untimed warm-up: one batch of {sizes} at {args.warmup_steps} step(s) through each ...", flush=True)
             warm_up(engine, pipe, spec, args.warmup_steps)
-        runs = {"sdbatch": lambda: run_sdbatch(engine, batches), "diffusers": lambda: run_diffusers(pipe, batches)}
+        runs = {"sdbatch": lambda: run_sdbatch(engine, batches)}
+        for name, accelerated in accelerated_specs(args, spec).items():
+            runs[name] = (lambda s: lambda: run_accelerated(engine, s, batches))(accelerated)
+        runs["diffusers"] = lambda: run_diffusers(pipe, batches)
         rounds, images, facts["stopped"] = alternate(args, runs, timers, memory, placement.device)
         facts["runner"] = runner_outputs(engine, spec, batches, images["sdbatch"], Path(tmp) / "run")
         facts["same_scheduler"] = same_scheduler(pipe)
         facts["mapped"] = (facts["mapped_after_load"], file_rss_mib(facts["path"]))
         report(args, placement, rounds, images, memory, facts)
         if args.json:
-            write_json(args.json, args, placement, rounds, len(batches))
+            write_json(args.json, args, placement, rounds, len(batches), accelerator_numbers(rounds, images))
 
 
 def sha256_seconds(path: Path) -> float:
@@ -555,7 +607,8 @@ def key_numbers(args: argparse.Namespace, precision: str, rounds: list[Round], b
     out: dict[str, Any] = {
         "full": args.full, "tiny": args.tiny, "device": args.device, "precision": precision, "size": args.size,
         "steps": args.steps, "batch": args.batch_size, "images": args.images, "batches": batches,
-        "compile": args.compile, "channels_last": args.channels_last, "rounds": len(rounds) // 2,
+        "compile": args.compile, "channels_last": args.channels_last,
+        "rounds": sum(r.system == "diffusers" for r in rounds),
     }
     for system in ("sdbatch", "diffusers"):
         seconds = best(rounds, system).seconds
@@ -565,8 +618,9 @@ def key_numbers(args: argparse.Namespace, precision: str, rounds: list[Round], b
 
 
 def write_json(path: Path, args: argparse.Namespace, placement: Placement, rounds: list[Round],
-               batches: int) -> None:
-    numbers = key_numbers(args, placement.precision, rounds, batches)
+               batches: int, accelerators: dict[str, dict[str, float]]) -> None:
+    numbers = {**key_numbers(args, placement.precision, rounds, batches), **({"accelerators": accelerators}
+                                                                             if accelerators else {})}
     path.write_text(json.dumps(numbers, indent=1) + "\n")
 
 
@@ -580,7 +634,7 @@ def _pct(x: float) -> str:
 
 def report(args: argparse.Namespace, placement: Placement, rounds: list[Round],
            images: dict[str, list[Image.Image]], memory: Memory, info: dict[str, Any]) -> None:
-    n = len(rounds) // 2
+    n = len(rounds) // len(images)
     s, d = best(rounds, "sdbatch"), best(rounds, "diffusers")
     sd_load, df_load = info["loads"]
     print()
@@ -594,7 +648,7 @@ def report(args: argparse.Namespace, placement: Placement, rounds: list[Round],
           + _perf_label(args))
     warm = (f"untimed warm-up of each ({args.warmup_steps} step, batch {args.batch_size}), then "
             if args.warmup_steps else "")
-    print(f"schedule: {warm}{n} alternating round(s) of sdbatch then diffusers, best of each reported; "
+    print(f"schedule: {warm}{n} alternating round(s) of {', then '.join(images)}, best of each reported; "
           f"stopped: {info['stopped']}")
     print()
     print("| | sdbatch | diffusers | sdbatch / diffusers |")
@@ -607,7 +661,13 @@ def report(args: argparse.Namespace, placement: Placement, rounds: list[Round],
     print(f"| load, single file → ready | {sd_load:.2f} s | {df_load:.2f} s | {sd_load / df_load:.2f} |")
     for phase, label in (("load", "load"), ("generate", "generate")):
         print(f"| peak memory, {label} | {_mem(memory, f'{phase} sdbatch')} | {_mem(memory, f'{phase} diffusers')} | |")
+    for name, numbers in accelerator_numbers(rounds, images).items():
+        print(f"| sdbatch with {name}, wall | {numbers['seconds']:.1f} s | {d.seconds:.1f} s | "
+              f"{numbers['ratio']:.2f} |")
     print()
+    for name, numbers in accelerator_numbers(rounds, images).items():
+        print(f"{name}: mean absolute pixel difference to sdbatch's exact images {numbers['mean_abs_diff']:.2f} "
+              "levels of 255 (the price of the speed)")
     print("rounds: " + ", ".join(f"{r.system} {r.seconds:.1f} s" for r in rounds))
     print(f"runner's extra cost after the engine (config.yaml + {args.images} PNGs with metadata + manifest): "
           f"{info['runner']:.2f} s ({_pct(info['runner'] / s.seconds)} of sdbatch's wall time)")

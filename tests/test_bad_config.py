@@ -79,6 +79,17 @@ BAD = [
     # output files
     (["output.format=gif"], "output.format='gif' is not valid; choose one of: png, webp, jpg"),
     (["output.quality=0"], "output.quality must be from 1 to 100"),
+    # the accelerators
+    (["perf.tome_ratio=0.95"], "perf.tome_ratio must be from 0 (off) to 0.9 (A1111's bound), got 0.95"),
+    (["perf.tome_ratio=-0.1"], "perf.tome_ratio must be from 0 (off) to 0.9"),
+    (["perf.tome_ratio=nan"], "perf.tome_ratio must be"),
+    (["perf.deepcache.interval=0"], "perf.deepcache.interval must be >= 1 (1 = off), got 0"),
+    (["perf.deepcache.branch=-1"], "perf.deepcache.branch must be >= 0"),
+    (["perf.deepcache.interval=3", "deep_shrink.depth_1=1"], "perf.deepcache.interval > 1 cannot be combined with "
+                                                              "Deep Shrink"),
+    (["perf.deepcache.interval=2", "perf.compile=true"], "perf.deepcache.interval cannot be combined with perf.comp"),
+    (["perf.tome_ratio=0.5", LORA, TINY_LORA, "network.regional=true"],
+     "perf.tome_ratio cannot be combined with network.regional"),
     # a cell that only fails with a prompt line's own options: named at planning, still before any model loads
     (["prompt='a cat --s 2'", "grid.x='sampler:ddim,plms'"], "grid.x=sampler:plms for prompt: sampler plms needs"),
     (["prompt='a cat --h 4096'", "grid.x='width:64,8192'"], "grid.x=width:8192 for prompt: 8192x4096 is"),

@@ -63,11 +63,12 @@ def test_every_feature_module_is_found_in_order() -> None:
     names = [f.name for f in features]
     assert set(names) == {"txt2img", "img2img", "inpaint", "highres", "cfg", "deep_shrink", "gradual_latent",
                           "lora", "xti", "guidance", "guidance_hints", "attention_couple", "guided", "lllite",
-                          "clip_vision"}
+                          "clip_vision", "token_merging", "deepcache"}
     assert all(isinstance(f, Feature) for f in features) and len(set(names)) == len(names)
     order = {f.name: f.order for f in features}
-    # UNet wrappers: Deep Shrink innermost, then the 9-channel inpainting input, CFG outermost
-    assert order["deep_shrink"] < order["inpaint"] < order["cfg"]
+    # UNet wrappers: DeepCache innermost (it decides how the UNet runs), then Deep Shrink, then the 9-channel
+    # inpainting input, CFG outside them (guided sampling alone sits outside CFG)
+    assert order["deepcache"] < order["deep_shrink"] < order["inpaint"] < order["cfg"]
     # ControlNet sees the 4-channel latents and the CFG rows; its saved hints are the final (post-Highres.) size
     assert order["inpaint"] < order["guidance"] < order["cfg"] and order["highres"] < order["guidance_hints"]
     # guided sampling moves the CFG-guided prediction of the image rows: outside CFG

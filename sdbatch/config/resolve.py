@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from sdbatch.config import accelerators_schema
 from sdbatch.config.grid_axes import SEED_LIMIT, axis_key, grid_axes, size_problem
 from sdbatch.config.model_names import resolve_model_names
 from sdbatch.config.sampler_registry import MIN_STEPS, check_zero_terminal_snr, effective_schedule
@@ -180,6 +181,7 @@ def _check(spec: RunSpec) -> None:
     threshold = spec.inpaint.mask_threshold
     if threshold is not None and not 0 < threshold < 1:  # NaN fails this too
         raise ConfigError(f"inpaint.mask_threshold must be in (0, 1), or null for soft (grey) masks; got {threshold}")
+    accelerators_schema.check(spec.perf, spec)
     if spec.perf.vae_batch_size < 0:
         raise ConfigError(f"perf.vae_batch_size must be >= 0 (0 = whole batch), got {spec.perf.vae_batch_size}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", spec.perf.device):

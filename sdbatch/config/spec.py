@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdbatch.config.accelerators_schema import DeepCacheConfig
 from sdbatch.config.clip_vision_schema import ClipVisionConfig
 from sdbatch.config.deep_shrink_schema import DeepShrinkConfig
 from sdbatch.config.gradual_latent_schema import GradualLatentConfig
@@ -150,6 +151,10 @@ class PerfConfig:
     # the largest image (width × height, every stage) a run may ask for: larger sizes are refused before any model
     # loads, since they would run for hours or run out of memory; raise it for really big images
     max_pixels: int = 4096 * 4096
+    # opt-in accelerators, both change pixels (images record them): token merging in the self-attention of the
+    # full-resolution transformer blocks, share of tokens merged from 0 (off) to 0.9 (A1111's "Token merging ratio")
+    tome_ratio: float = 0.0
+    deepcache: DeepCacheConfig = field(default_factory=DeepCacheConfig)  # reuse deep UNet features between steps
 
 
 @dataclass(**_SPEC)

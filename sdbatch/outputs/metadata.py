@@ -59,6 +59,8 @@ def image_params(job: ImageJob, model: ModelInfo, version: str, vae_fallback: Co
         **({"zero_terminal_snr": True} if model.zero_terminal_snr else {}),  # only when set: older records match
         "precision": model.precision,
         "vae_fallback": "fp32" if job.file_name in vae_fallback else None,
+        "tome_ratio": model.tome_ratio or None,  # the accelerators (perf.*): they change pixels; None = off
+        "deepcache": dict(zip(("interval", "branch"), model.deepcache, strict=True)) if model.deepcache else None,
         "origin": job.origin,
         "raw_prompt": job.raw_prompt,
         "clip_prompt": job.clip_prompt,
@@ -176,6 +178,8 @@ def _a1111_fields(params: Mapping[str, Any]) -> dict[str, Any]:
         "VAE": params.get("vae") if has_vae else None,
         "Denoising strength": _denoising_strength(params),
         "Clip skip": clip_skip if clip_skip > 1 else None,
+        "Token merging ratio": _number(params.get("tome_ratio")),  # A1111's key (its hires pass uses it too)
+        "DeepCache": _deepcache(params.get("deepcache")),  # ours: A1111 has no such key
         "RNG": "CPU",  # noise comes from per-image CPU generators (engine/core/noise.py); missing means GPU
         **{key: _number(value) for key, value in a1111_eta(params["sampler"], params.get("eta") or 0.0).items()},
         **_hires_size(params, hires),
@@ -188,6 +192,10 @@ def _a1111_fields(params: Mapping[str, Any]) -> dict[str, Any]:
         "TI hashes": _ti_hashes(params),
         "Version": f"sdbatch {params.get('sdbatch_version', __version__)}",
     }
+
+
+def _deepcache(settings: Mapping[str, Any] | None) -> str | None:
+    return f"interval {settings['interval']}, branch {settings['branch']}" if settings else None
 
 
 def _hires_size(params: Mapping[str, Any], hires: Mapping[str, Any]) -> dict[str, Any]:

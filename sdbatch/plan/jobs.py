@@ -115,3 +115,5 @@ class ModelInfo:
     guide_models: tuple[GuideModelRef, ...] = ()  # guided sampling's model of the run (none or one)
     regional_networks: bool = False  # network.regional: network i acts in the region of AND part i
     zero_terminal_snr: bool = False  # sampler.zero_terminal_snr of the run
+    tome_ratio: float = 0.0  # perf.tome_ratio of the run (0 = off)
+    deepcache: tuple[int, int] | None = None  # (perf.deepcache.interval, .branch) of the run; None = off

@@ -94,13 +94,15 @@ class Engine:
                                             controlnets=_refs(session.patches, "controlnet_refs"),
                                             guide_models=_refs(session.patches, "guide_refs"),
                                             regional_networks=run.network.regional,
-                                            zero_terminal_snr=run.sampler.zero_terminal_snr)
+                                            zero_terminal_snr=run.sampler.zero_terminal_snr,
+                                            tome_ratio=run.perf.tome_ratio, deepcache=_deepcache(run.perf))
             yield session
         finally:
             self._session = None
             self.text.network_key = ()
             self.info = dataclasses.replace(self.info, networks=(), controlnets=(), guide_models=(),
-                                            regional_networks=False, zero_terminal_snr=False)
+                                            regional_networks=False, zero_terminal_snr=False, tome_ratio=0.0,
+                                            deepcache=None)
             session.close()
 
     @property
@@ -249,6 +251,12 @@ def _refs(patches: dict[str, Patch], kind: str) -> tuple:
     """The run's references of one kind (outputs record them): what the patches say they are, in patch order.
     `refs`: LoRA networks; `controlnet_refs`: ControlNet models; `guide_refs`: guided sampling's model."""
     return tuple(ref for patch in patches.values() for ref in getattr(patch, kind, ()))
+
+
+def _deepcache(perf: PerfConfig) -> tuple[int, int] | None:
+    """The run's DeepCache (interval, branch) for the outputs' record; None when off (interval 1)."""
+    cache = perf.deepcache
+    return (cache.interval, cache.branch) if cache.interval > 1 else None
 
 
 def _v_prediction(setting: str, family: str) -> bool:
