@@ -27,7 +27,7 @@ from sdbatch.config.gen_img_flags import FLAGS
 from sdbatch.errors import SdbatchError
 
 PROG = "sdbatch-gen-img"
-_BARE = re.compile(r"[A-Za-z_/~][\w./:~+\-]*", re.ASCII)  # strings Hydra reads as themselves without quotes
+_BARE = re.compile(r"[A-Za-z_/][\w./:+\-]*", re.ASCII)  # strings Hydra reads as themselves without quotes (not ~)
 _KEYWORDS = {"true", "false", "null", "nan", "inf", "yes", "no", "on", "off"}
 
 
