@@ -86,6 +86,14 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
+def halves(path: Path, left: tuple[int, ...], right: tuple[int, ...], size: int = SIZE) -> str:
+    """A size×size region mask whose left half has colour `left` and right half colour `right`."""
+    pixels = np.zeros((size, size, 3), np.uint8)
+    pixels[:, : size // 2], pixels[:, size // 2 :] = left, right
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
 def init_images(folder: Path, seeds: list[int], size: tuple[int, int] = (SIZE, SIZE)) -> list[Path]:
     """Distinct RGB init images (a seeded gradient plus noise) saved as PNG files in folder."""
     paths = []

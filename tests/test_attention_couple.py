@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engine_helpers import max_diff, run_images, spec
+from engine_helpers import halves, max_diff, run_images, spec
 from PIL import Image
 
 from sdbatch.config.regions_schema import RegionsConfig
@@ -31,14 +31,6 @@ torch.set_num_threads(1)
 S = 64
 A, B = "a photo of a red fire truck", "a green forest with tall trees"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def halves(path: Path, left: tuple[int, ...], right: tuple[int, ...]) -> str:
-    """A mask whose left half has colour `left` and right half colour `right`."""
-    pixels = np.zeros((S, S, 3), np.uint8)
-    pixels[:, : S // 2], pixels[:, S // 2 :] = left, right
-    Image.fromarray(pixels).save(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engine_helpers import max_diff, run_images, spec
+from engine_helpers import halves, max_diff, run_images, spec
 from PIL import Image
 from sdxl_net_files import kohya_sdxl_lora
 
@@ -36,19 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 NO_PIXELS = ("time_embed", "label_emb", "emb_layers")  # layers whose outputs are (rows, C)
 
 
-def _mask(path: Path, left: tuple[int, ...], right: tuple[int, ...], size: int = S) -> str:
-    pixels = np.zeros((size, size, 3), np.uint8)
-    pixels[:, : size // 2], pixels[:, size // 2 :] = left, right
-    Image.fromarray(pixels).save(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def masks(tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("xlmasks")
     red, green = (255, 0, 0), (0, 255, 0)
-    return {"rg": _mask(folder / "rg.png", red, green), "red": _mask(folder / "red.png", red, red),
-            "r_only": _mask(folder / "r.png", red, (0, 0, 0))}
+    return {"rg": halves(folder / "rg.png", red, green), "red": halves(folder / "red.png", red, red),
+            "r_only": halves(folder / "r.png", red, (0, 0, 0))}
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +190,7 @@ def test_a_regional_lora_acts_in_its_region(loras, tmp_path) -> None:
     other half. Tiny SDXL mixes the halves more than tiny SD1 (its 16×16 latents go down to 4×4, where
     self-attention and GroupNorm see the whole image), so the bounds are looser than test_attention_couple's."""
     size = 128
-    lr, rl = (_mask(tmp_path / f"{n}.png", a, b, size) for n, a, b in (("lr", (255, 0, 0), (0, 255, 0)),
+    lr, rl = (halves(tmp_path / f"{n}.png", a, b, size) for n, a, b in (("lr", (255, 0, 0), (0, 255, 0)),
                                                                         ("rl", (0, 255, 0), (255, 0, 0))))
 
     def go(name: str, mask: str, **top) -> np.ndarray:
